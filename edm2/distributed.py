@@ -1,0 +1,66 @@
+"""torch.distributed set-up from torchrun's environment, and small rank helpers.
+
+Without torchrun (no WORLD_SIZE in the environment) everything works as a single process of rank 0.
+Under torchrun the backend is nccl when the chosen device is CUDA and gloo otherwise (CPU clusters,
+tests on this machine).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def default_device(device=None) -> torch.device:
+    """`device` when given, else this rank's CUDA device if CUDA is available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count())
+    return torch.device('cpu')
+
+
+def init(device=None) -> torch.device:
+    """Initialise the process group when launched by torchrun; return the device this rank uses."""
+    device = default_device(device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1 and not dist.is_initialized():
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        kwargs = dict(device_id=device) if device.type == 'cuda' else {}
+        dist.init_process_group(backend=backend, init_method='env://', **kwargs)
+    return device
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op for one process); returns it for chaining."""
+    if dist.is_initialized() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,42 @@
+"""Shared test helpers: where the parity fixtures live, and whether their absence skips or fails."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED = pathlib.Path(os.environ.get('EDM2_SHARED_DIR', REPO.parent / 'shared'))
+OFFICIAL = SHARED / 'fixtures' / 'official'
+DETECTORS = SHARED / 'fixtures' / 'detectors'
+
+if str(REPO) not in sys.path:  # the command-line modules live at the top level
+    sys.path.insert(0, str(REPO))
+
+
+def fixture_path(*parts) -> pathlib.Path:
+    """Path of a shared parity fixture; skip the test when it is absent, unless CI requires fixtures."""
+    path = SHARED.joinpath('fixtures', *parts)
+    if not path.exists():
+        if os.environ.get('EDM2_REQUIRE_FIXTURES') == '1':
+            pytest.fail(f'required parity fixture missing: {path}')
+        pytest.skip(f'parity fixture not found: {path}')
+    return path
+
+
+@pytest.fixture
+def official():
+    """Callable: official('main-rgb16.pkl') -> path (skips/fails when missing)."""
+    return lambda name: fixture_path('official', name)
+
+
+@pytest.fixture
+def detectors():
+    return lambda name: fixture_path('detectors', name)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's ~/.cache/edm2 from tests."""
+    monkeypatch.setenv('EDM2_CACHE_DIR', str(tmp_path / 'edm2-cache'))
