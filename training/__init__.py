@@ -1,0 +1,1 @@
+"""What only training needs: datasets, the EDM2 loss, and the training loop (imports edm2, never the reverse)."""
