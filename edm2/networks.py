@@ -1,0 +1,274 @@
+"""The EDM2 U-Net (config G) and its EDM preconditioner (EDM2 paper, appendix B; SPEC section 2).
+
+Module names, constructor arguments and state-dict keys match the published checkpoints, e.g.
+`unet.enc.64x64_conv.weight`, `unet.dec.8x8_in0.attn_qkv.weight`, `logvar_linear.weight`.
+
+Building a published configuration (sizes and shapes live in `configs/networks.toml`):
+
+    >>> from edm2.networks import build_network, network_kwargs
+    >>> network_kwargs('xs', 'img512')      # Precond constructor kwargs
+    {'img_resolution': 64, 'img_channels': 4, 'label_dim': 1000, 'model_channels': 128, ...}
+    >>> net = build_network('s', 'img64', dropout=0.1)   # a Precond
+    >>> net = build_network(dict(img_resolution=16, img_channels=3, label_dim=0, model_channels=32))
+"""
+
+import numpy as np
+import torch
+
+from edm2 import presets
+from edm2.mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
+
+__all__ = ['Block', 'UNet', 'Precond', 'network_kwargs', 'build_network', 'PRECISIONS']
+
+# net.precision -> dtype the U-Net runs in on CUDA (float32 on every other device).
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+class Block(torch.nn.Module):
+    """Residual U-Net block, encoder or decoder flavour, optional 2x resampling and self-attention."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, flavor='enc', resample_mode='keep',
+                 resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0,
+                 res_balance=0.3, attn_balance=0.3, clip_act=256):
+        super().__init__()
+        if flavor not in ('enc', 'dec'):
+            raise ValueError(f'Block flavor must be enc or dec, got {flavor!r}')
+        self.out_channels = out_channels
+        self.flavor = flavor
+        self.resample_filter = list(resample_filter)
+        self.resample_mode = resample_mode
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.dropout = dropout
+        self.res_balance = res_balance
+        self.attn_balance = attn_balance
+        self.clip_act = clip_act
+        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, kernel=[3, 3])
+        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
+        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
+        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads != 0 else None
+        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads != 0 else None
+
+    def forward(self, x, emb):
+        # Main branch (SPEC section 2, steps 1-3).
+        x = resample(x, f=self.resample_filter, mode=self.resample_mode)
+        if self.flavor == 'enc':
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)  # pixel norm: the encoder's residual stream has unit RMS per pixel
+
+        # Residual branch, modulated by the embedding (c = 1 + learned-gain projection of emb).
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = mp_silu(y * c.unsqueeze(2).unsqueeze(3).to(y.dtype))
+        if self.training and self.dropout != 0:
+            y = torch.nn.functional.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+
+        if self.flavor == 'dec' and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, t=self.res_balance)
+
+        # Self-attention with cosine-similarity (pixel-normalised q and k), step 4.
+        if self.num_heads != 0:
+            y = self.attn_qkv(x)
+            # The [heads, channels/head, 3, pixels] order is the one the published weights use.
+            y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
+            q, k, v = normalize(y, dim=2).unbind(3)
+            w = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
+            y = torch.einsum('nhqk,nhck->nhcq', w, v)
+            y = self.attn_proj(y.reshape(*x.shape))
+            x = mp_sum(x, y, t=self.attn_balance)
+
+        if self.clip_act is not None:
+            x = x.clip(-self.clip_act, self.clip_act)  # guards fp16 against rare outliers
+        return x
+
+
+class UNet(torch.nn.Module):
+    """The EDM2 U-Net F(x, c_noise, class_labels) (config G)."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192,
+                 channel_mult=(1, 2, 3, 4), channel_mult_noise=None, channel_mult_emb=None,
+                 num_blocks=3, attn_resolutions=(16, 8), label_balance=0.5, concat_balance=0.5,
+                 **block_kwargs):
+        super().__init__()
+        cblock = [model_channels * x for x in channel_mult]
+        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
+        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+        self.label_balance = label_balance
+        self.concat_balance = concat_balance
+        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+
+        # Embedding of the noise level (and the class).
+        self.emb_fourier = MPFourier(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
+        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim != 0 else None
+
+        # Encoder. The input gets an extra constant channel of ones, which lets the first conv see
+        # the image borders (zero padding would otherwise make them invisible).
+        self.enc = torch.nn.ModuleDict()
+        cout = img_channels + 1
+        for level, channels in enumerate(cblock):
+            res = img_resolution >> level
+            if level == 0:
+                cin = cout
+                cout = channels
+                self.enc[f'{res}x{res}_conv'] = MPConv(cin, cout, kernel=[3, 3])
+            else:
+                self.enc[f'{res}x{res}_down'] = Block(cout, cout, cemb, flavor='enc', resample_mode='down',
+                                                      **block_kwargs)
+            for idx in range(num_blocks):
+                cin = cout
+                cout = channels
+                self.enc[f'{res}x{res}_block{idx}'] = Block(cin, cout, cemb, flavor='enc',
+                                                            attention=(res in attn_resolutions), **block_kwargs)
+
+        # Decoder; each block* consumes one skip connection, last in first out.
+        self.dec = torch.nn.ModuleDict()
+        skips = [getattr(block, 'out_channels') for block in self.enc.values()]
+        for level, channels in reversed(list(enumerate(cblock))):
+            res = img_resolution >> level
+            if level == len(cblock) - 1:
+                self.dec[f'{res}x{res}_in0'] = Block(cout, cout, cemb, flavor='dec', attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = Block(cout, cout, cemb, flavor='dec', **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = Block(cout, cout, cemb, flavor='dec', resample_mode='up',
+                                                    **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin = cout + skips.pop()
+                cout = channels
+                self.dec[f'{res}x{res}_block{idx}'] = Block(cin, cout, cemb, flavor='dec',
+                                                            attention=(res in attn_resolutions), **block_kwargs)
+        self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+
+    def forward(self, x, noise_labels, class_labels):
+        # Embedding, computed in float32 and cast to the working dtype of x.
+        emb = self.emb_noise(self.emb_fourier(noise_labels.to(torch.float32)))
+        if self.emb_label is not None:
+            labels = class_labels.to(torch.float32)
+            # The sqrt(label_dim) factor gives a one-hot row unit RMS.
+            emb = mp_sum(emb, self.emb_label(labels * np.sqrt(labels.shape[1])), t=self.label_balance)
+        emb = mp_silu(emb).to(x.dtype)
+
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for name, block in self.enc.items():
+            x = block(x) if 'conv' in name else block(x, emb)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if 'block' in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = block(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+
+def _jsonable(value):
+    """Tuples -> lists, numpy scalars -> Python, recursively (for init_kwargs and the native format)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class Precond(torch.nn.Module):
+    """EDM preconditioning around the U-Net plus the learned loss uncertainty logvar(sigma).
+
+    D(x; sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) (EDM paper, table 1), with
+    c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd / sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2),
+    c_noise = ln(sigma)/4.
+
+    `precision` ('fp32' | 'fp16' | 'bf16', initially 'fp16' if use_fp16 else 'fp32') selects the dtype
+    F runs in on CUDA unless force_fp32; on other devices F always runs in float32. The output D and
+    logvar are float32 either way.
+    """
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=True, sigma_data=0.5,
+                 logvar_channels=128, **unet_kwargs):
+        super().__init__()
+        self.init_kwargs = _jsonable(dict(img_resolution=img_resolution, img_channels=img_channels,
+                                          label_dim=label_dim, use_fp16=use_fp16, sigma_data=sigma_data,
+                                          logvar_channels=logvar_channels, **unet_kwargs))
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.precision = 'fp16' if use_fp16 else 'fp32'
+        self.sigma_data = sigma_data
+        self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                         **unet_kwargs)
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def unet_dtype(self, device, force_fp32=False):
+        """The dtype F runs in for inputs on `device`."""
+        if force_fp32 or torch.device(device).type != 'cuda':
+            return torch.float32
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'net.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}')
+        return PRECISIONS[self.precision]
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False):
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None  # an unconditional net ignores labels
+        elif class_labels is None:
+            # All-zero label rows query the unconditional branch of a conditional net.
+            class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        dtype = self.unet_dtype(x.device, force_fp32)
+
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.log() / 4
+
+        F_x = self.unet((c_in * x).to(dtype), c_noise.flatten(), class_labels)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if not return_logvar:
+            return D_x
+        logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)
+        return D_x, logvar
+
+
+def network_kwargs(size, shape, **overrides):
+    """Precond constructor kwargs of a published configuration, from `configs/networks.toml`.
+
+    size: 'xxs' | 'xs' | 's' | 'm' | 'l' | 'xl' | 'xxl' (sets model_channels, SPEC section 2);
+    shape: 'img512' (64x64x4 VAE latents, 1000 classes) | 'img64' (64x64x3 pixels, 1000 classes);
+    the [unet] table supplies the other U-Net defaults; `overrides` (e.g. dropout=0.1, label_dim=0)
+    win over all of them. Unknown names raise edm2.presets.PresetError naming the choices.
+    """
+    table = presets.load('networks')
+    sizes = table['sizes']
+    shapes = table['shapes']
+    if str(size).lower() not in sizes:
+        raise presets.PresetError(f'unknown network size {size!r}; choose one of: {", ".join(sizes)}')
+    if shape not in shapes:
+        raise presets.PresetError(f'unknown network shape {shape!r}; choose one of: {", ".join(shapes)}')
+    kwargs = dict(shapes[shape])
+    kwargs['model_channels'] = sizes[str(size).lower()]
+    kwargs.update(table.get('unet', {}))
+    kwargs.update(overrides)
+    return _jsonable(kwargs)
+
+
+def build_network(size_or_kwargs, shape='img512', **overrides):
+    """A fresh Precond: build_network('xs', 'img512', dropout=0.1) or build_network({kwargs...}).
+
+    With a size name the kwargs come from network_kwargs(size, shape, **overrides); with a dict
+    they are used as given (plus overrides). Create it under `torch.device('meta')` to count
+    parameters without allocating memory.
+    """
+    if isinstance(size_or_kwargs, dict):
+        kwargs = dict(size_or_kwargs, **overrides)
+    else:
+        kwargs = network_kwargs(size_or_kwargs, shape, **overrides)
+    return Precond(**kwargs)
