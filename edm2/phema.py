@@ -105,3 +105,261 @@ class PowerFunctionEMA:
             raise ValueError(f'EMA state has stds {list(stds)}, this tracker has {list(self.stds)}')
         for ema, sd in zip(self.emas, state['emas']):
             ema.load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Post-hoc reconstruction (EDM2 paper, section 3.3 and appendix C.3; SPEC section 4).
+
+class PhemaError(ValueError):
+    """A one-line, user-facing problem with the inputs or the requested outputs of a reconstruction."""
+
+
+def kimg_to_nimg(kimg):
+    """Images seen for a snapshot labelled `kimg`: training times are multiples of the batch (SPEC section 3),
+    and the published trainer labels them images//1000, so readers round up to the 1024-image grid."""
+    return ((int(kimg) * 1000 + 999) // 1024) * 1024
+
+
+def profile_inner(t_a, gamma_a, t_b, gamma_b):
+    """<a, b> = integral of the product of two unit-mass power-function profiles (broadcasting, float64).
+
+    Profile (t, gamma) has density (gamma+1) tau^gamma / t^(gamma+1) on [0, t]; integrating the product
+    over [0, min(t_a, t_b)] gives (SPEC section 4)
+    (gamma_a+1)(gamma_b+1) (t_a/t_b)^e / ((gamma_a+gamma_b+1) max(t_a, t_b)), e = gamma_b if t_a < t_b else -gamma_a.
+    """
+    t_a, gamma_a, t_b, gamma_b = (np.asarray(v, dtype=np.float64) for v in (t_a, gamma_a, t_b, gamma_b))
+    e = np.where(t_a < t_b, gamma_b, -gamma_a)
+    return (gamma_a + 1) * (gamma_b + 1) * (t_a / t_b) ** e / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b))
+
+
+def solve_coefficients(in_times, in_stds, out_times, out_stds):
+    """Least-squares weights X [inputs, outputs] such that sum_i X_ij * profile_i ~ target profile j.
+
+    For each target only the snapshots with t_i <= t_j take part (the rest get weight 0): A_ik = <i, k>,
+    b_i = <i, target>, solve A x = b in float64, then normalise x to sum 1 (SPEC section 4). A is the Gram
+    matrix of the stored profiles, symmetric positive definite when no profile repeats, so a direct
+    solve is exact to rounding (a truncated least-squares solve would perturb tiny weights); a singular
+    A falls back to the minimum-norm least-squares solution.
+    """
+    in_times = np.asarray(in_times, dtype=np.float64)
+    in_gammas = np.array([std_to_exp(s) for s in in_stds], dtype=np.float64)
+    X = np.zeros([len(in_times), len(out_times)], dtype=np.float64)
+    for j, (t, std) in enumerate(zip(out_times, out_stds)):
+        rows = np.flatnonzero(in_times <= t)
+        if len(rows) == 0:
+            raise PhemaError(f'no snapshot at or before the target time {t} images')
+        ti, gi = in_times[rows], in_gammas[rows]
+        A = profile_inner(ti[:, None], gi[:, None], ti[None, :], gi[None, :])
+        b = profile_inner(ti, gi, float(t), std_to_exp(std))
+        try:
+            x = np.linalg.solve(A, b)
+            if not np.all(np.isfinite(x)) or np.linalg.cond(A) > 1e13:
+                raise np.linalg.LinAlgError
+        except np.linalg.LinAlgError:
+            x = np.linalg.lstsq(A, b, rcond=None)[0]
+        X[rows, j] = x / x.sum()
+    return X
+
+
+class Snapshot:
+    """One stored EMA snapshot: `source` (a path, or anything the loader accepts), its training time in
+    kimg and its sigma_rel. `nimg` defaults to the published rounding of kimg (kimg_to_nimg)."""
+
+    def __init__(self, source, kimg, std, nimg=None):
+        self.source = source
+        self.kimg = int(kimg)
+        self.std = float(std)
+        self.nimg = kimg_to_nimg(kimg) if nimg is None else int(nimg)
+
+    def __repr__(self):
+        return f'Snapshot({str(self.source)!r}, kimg={self.kimg}, std={self.std:.3f})'
+
+
+class Reconstruction:
+    """One reconstructed network: `net` (same class as the inputs, float32, eval mode), the `encoder` and
+    `metadata` of the first input, `kimg`, `nimg`, `std`, and `coefficients` ([(snapshot, weight)])."""
+
+    def __init__(self, net, encoder, metadata, kimg, nimg, std, coefficients):
+        self.net, self.encoder, self.metadata = net, encoder, metadata
+        self.kimg, self.nimg, self.std, self.coefficients = kimg, nimg, std, coefficients
+
+    def state_dict(self):
+        return self.net.state_dict()
+
+
+def _default_loader(source, device):
+    from edm2.checkpoint import load_snapshot
+    net, encoder, metadata = load_snapshot(source, device=device)
+    return net, encoder, metadata
+
+
+def plan_reconstruction(snapshots, out_stds, out_kimg=None):
+    """Validate a request and solve it: returns (kimg, nimg, inputs, X) where `inputs` are the snapshots
+    that take part (time <= target, sorted by time then std) and X [len(inputs), len(out_stds)] float64."""
+    snapshots = list(snapshots)
+    if not snapshots:
+        raise PhemaError('no input snapshots')
+    out_stds = [float(s) for s in out_stds]
+    if not out_stds:
+        raise PhemaError('no output EMA lengths requested')
+    for std in out_stds + [s.std for s in snapshots]:
+        if not 0 < std < SIGMA_REL_MAX:
+            raise PhemaError(f'EMA length {std} outside (0, {SIGMA_REL_MAX:.4f})')
+    kimgs = sorted({s.kimg for s in snapshots})
+    if out_kimg is None:
+        out_kimg = kimgs[-1]
+    elif int(out_kimg) not in kimgs:
+        raise PhemaError(f'--outkimg {out_kimg} is not the time of any input snapshot (have kimg {kimgs})')
+    out_kimg = int(out_kimg)
+    nimg = max(s.nimg for s in snapshots if s.kimg == out_kimg)
+    inputs = sorted((s for s in snapshots if s.nimg <= nimg), key=lambda s: (s.nimg, s.std))
+    seen = {}
+    for s in inputs:  # a repeated profile makes the Gram matrix singular and means the same file twice
+        key = (s.nimg, round(s.std, 6))
+        if key in seen:
+            raise PhemaError(f'two snapshots with kimg {s.kimg} and EMA length {s.std:.3f}: '
+                             f'{seen[key].source} and {s.source}')
+        seen[key] = s
+    X = solve_coefficients([s.nimg for s in inputs], [s.std for s in inputs], [nimg] * len(out_stds), out_stds)
+    return out_kimg, nimg, inputs, X
+
+
+def _check_same_shapes(ref_net, ref_source, net, source):
+    ref = {k: tuple(v.shape) for k, v in ref_net.state_dict().items()}
+    cur = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if ref != cur:
+        diff = sorted(set(ref) ^ set(cur))
+        what = f'tensor {diff[0]} present in only one' if diff else next(
+            f'{k} has shape {list(cur[k])} vs {list(ref[k])}' for k in ref if ref[k] != cur[k])
+        raise PhemaError(f'{source}: network does not match {ref_source} ({what})')
+
+
+def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu', loader=None,
+                        progress=False):
+    """Stream post-hoc EMA reconstructions, `batch` outputs at a time: yields one list of Reconstruction
+    per batch of `out_stds` (in order). Every input taking part is read once per batch, and at most
+    `batch` output networks plus one input network are held at a time. Parameters are the float32 sums
+    sum_i X_ij theta_i; buffers come unchanged from the earliest input (SPEC section 4).
+
+    `loader(source, device) -> (net, encoder, metadata)` defaults to edm2.checkpoint.load_snapshot.
+    Raises PhemaError for bad requests and inputs whose networks differ in shape; all inputs are read
+    (and checked) within the first batch, before anything is yielded.
+    """
+    import copy
+
+    import torch
+    from tqdm import tqdm
+
+    loader = loader or _default_loader
+    out_kimg, nimg, inputs, X = plan_reconstruction(snapshots, out_stds, out_kimg)
+    out_stds = [float(s) for s in out_stds]
+    batch = max(int(batch), 1)
+    starts = range(0, len(out_stds), batch)
+    bar = tqdm(total=len(starts) * len(inputs), unit='snapshot', desc='Reconstructing', disable=not progress)
+    try:
+        for start in starts:
+            cols = list(range(start, min(start + batch, len(out_stds))))
+            outs, first = [], None
+            for i, snap in enumerate(inputs):
+                net, encoder, metadata = loader(snap.source, device)
+                if first is None:
+                    first = (snap.source, encoder, metadata)
+                    # The first input becomes the template of every output: its buffers are kept
+                    # and its parameters are rescaled to start the weighted sum.
+                    for j in cols:
+                        out = copy.deepcopy(net).float().eval().requires_grad_(False)
+                        with torch.no_grad():
+                            for p in out.parameters():
+                                p.mul_(float(X[i, j]))
+                        outs.append(out)
+                    ref_net, ref_source = outs[0], snap.source
+                else:
+                    _check_same_shapes(ref_net, ref_source, net, snap.source)
+                    with torch.no_grad():
+                        src = [p.detach().to(torch.float32) for p in net.parameters()]
+                        for j, out in zip(cols, outs):
+                            for p_out, p_in in zip(out.parameters(), src):
+                                p_out.add_(p_in, alpha=float(X[i, j]))
+                    del src
+                del net, encoder, metadata  # drop this input before the next one is read
+                bar.update(1)
+            yield [Reconstruction(out, first[1], first[2], out_kimg, nimg, out_stds[j],
+                                  [(snap, float(X[i, j])) for i, snap in enumerate(inputs)])
+                   for j, out in zip(cols, outs)]
+            del outs
+    finally:
+        bar.close()
+
+
+def reconstruct(snapshots, out_stds, out_kimg=None, batch=8, device='cpu', loader=None, progress=False):
+    """Like reconstruct_batches but yields the Reconstruction objects one by one (library API for sweeps):
+
+        snaps = edm2.phema.find_snapshots('training-runs/00000')
+        for r in edm2.phema.reconstruct(snaps, [0.05, 0.10, 0.15]):
+            evaluate(r.net, r.std)
+    """
+    for outs in reconstruct_batches(snapshots, out_stds, out_kimg, batch, device, loader, progress):
+        while outs:
+            yield outs.pop(0)  # the caller's reference is the last one; freed when it moves on
+
+
+_SNAPSHOT_NAME = r'^(?P<prefix>.*)-(?P<kimg>\d+)-(?P<std>\d+\.\d+)(?P<ext>\.[A-Za-z0-9_.]+)$'
+
+
+def parse_snapshot_name(name):
+    """'network-snapshot-0000049-0.100.pkl' -> ('network-snapshot', 49, 0.1, '.pkl'), or None."""
+    import re
+    m = re.match(_SNAPSHOT_NAME, name)
+    if m is None:
+        return None
+    return m['prefix'], int(m['kimg']), float(m['std']), m['ext']
+
+
+def snapshot_extensions():
+    """File extensions recognised as snapshots: published pickles and the native checkpoint format."""
+    exts = {'.pkl'}
+    try:
+        from edm2 import checkpoint
+        for name in ('NATIVE_SUFFIX', 'NATIVE_EXTENSION', 'SUFFIX', 'EXTENSION'):
+            if isinstance(getattr(checkpoint, name, None), str):
+                exts.add(getattr(checkpoint, name))
+    except ImportError:
+        pass
+    exts.add('.safetensors')
+    return exts
+
+
+def find_snapshots(indir, inprefix=None, instd=None):
+    """The snapshots in folder `indir` (not recursive), from their names `{prefix}-{kimg:07d}-{std:.3f}{ext}`,
+    optionally only those whose name starts with `inprefix` and whose sigma_rel is in `instd`."""
+    import os
+    exts = snapshot_extensions()
+    found = []
+    for name in sorted(os.listdir(indir)):
+        parsed = parse_snapshot_name(name)
+        if parsed is None or parsed[3] not in exts or not os.path.isfile(os.path.join(indir, name)):
+            continue
+        if inprefix is not None and not name.startswith(inprefix):
+            continue
+        if instd is not None and not any(abs(parsed[2] - float(s)) < 5e-4 for s in instd):
+            continue
+        found.append(Snapshot(os.path.join(indir, name), parsed[1], parsed[2]))
+    return found
+
+
+def fit_error(in_times, in_stds, weights, out_time, out_std):
+    """rho = sqrt(t * <r, r>) for the residual profile r = sum_i w_i p_i - p_target (float64, closed form).
+
+    Tracking with beta = (1 - dt/t)^(gamma+1) averages the piecewise-constant weight trajectory exactly
+    with the continuous profile (the betas telescope to (t_k/t)^(gamma+1)), and sum(w) = 1 makes r
+    integrate to 0, so by Cauchy-Schwarz every coordinate of (reconstruction - true EMA) is bounded by
+    rho * (the time-weighted standard deviation of that coordinate over [0, t]). rho is scale-free.
+    """
+    t = np.asarray(in_times, dtype=np.float64)
+    g = np.array([std_to_exp(s) for s in in_stds], dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    g_out = std_to_exp(out_std)
+    A = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
+    b = profile_inner(t, g, float(out_time), g_out)
+    rr = w @ A @ w - 2 * w @ b + profile_inner(float(out_time), g_out, float(out_time), g_out)
+    return float(np.sqrt(max(rr, 0.0) * out_time))

@@ -81,3 +81,114 @@ def test_tracker_reset_and_state_dict_roundtrip():
         phema.PowerFunctionEMA(_Toy(), stds=(0.05,)).load_state_dict(state)
     with pytest.raises(ValueError):
         phema.PowerFunctionEMA(_Toy(), stds=(0.3,))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Solver.
+
+def test_profile_inner_matches_quadrature():
+    # Independent check of the closed form: adaptive quadrature of the product of the two densities
+    # over [0, min(t_a, t_b)] (both vanish beyond their own t).
+    from scipy.integrate import quad
+
+    def density(tau, t, g):
+        return (g + 1) * tau ** g / t ** (g + 1)
+    for ta, ga, tb, gb in [(1.0, 6.9, 3.0, 16.9), (3.0, 0.17, 2.0, 96.9), (2.5, 3.5, 2.5, 1.8)]:
+        numeric = quad(lambda tau: density(tau, ta, ga) * density(tau, tb, gb), 0, min(ta, tb),
+                       epsabs=0, epsrel=1e-12, limit=200)[0]
+        assert phema.profile_inner(ta, ga, tb, gb) == pytest.approx(numeric, rel=1e-10)
+        assert phema.profile_inner(ta, ga, tb, gb) == pytest.approx(phema.profile_inner(tb, gb, ta, ga), rel=1e-14)
+
+
+def _fixture_inputs(expected):
+    parsed = [phema.parse_snapshot_name(name) for name in expected['in_files']]
+    return [phema.kimg_to_nimg(p[1]) for p in parsed], [p[2] for p in parsed]
+
+
+def test_coefficients_match_official(official):
+    expected = torch.load(official('phema-expected.pt'), weights_only=False)
+    times, stds = _fixture_inputs(expected)
+    assert phema.kimg_to_nimg(49) == 49152 and phema.kimg_to_nimg(8) == 8192
+    X = phema.solve_coefficients(times, stds, [phema.kimg_to_nimg(expected['out_kimg'])] * 2, [0.070, 0.150])
+    np.testing.assert_allclose(X, expected['coefficients'].numpy(), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(X.sum(0), 1, rtol=1e-14)
+
+
+def test_coefficients_use_only_earlier_snapshots():
+    times, stds = [1024, 1024, 2048, 2048, 3072, 3072], [0.05, 0.1] * 3
+    X = phema.solve_coefficients(times, stds, [2048], [0.08])
+    assert np.all(X[4:] == 0) and X[:4, 0].sum() == pytest.approx(1, rel=1e-14)
+    # A target equal to a stored profile is reproduced exactly by that snapshot alone.
+    X = phema.solve_coefficients(times, stds, [3072], [0.1])
+    np.testing.assert_allclose(X[:, 0], [0, 0, 0, 0, 0, 1], atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming reconstruction against a simulated training trajectory (independent correctness).
+
+class _Vec(torch.nn.Module):
+    def __init__(self, dim, dtype=torch.float32):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(dim, dtype=dtype))
+        self.register_buffer('tag', torch.zeros([], dtype=dtype))
+
+
+def test_reconstruction_matches_directly_computed_ema():
+    """Track a random-walk trajectory at sigma_rel 0.05 and 0.10 with snapshots every 8 steps, reconstruct
+    0.15 (and 0.07), and compare with the power-function EMA computed directly from the trajectory.
+
+    Bound: tracking averages the piecewise-constant trajectory exactly with the continuous profile, so
+    reconstruction - truth = integral r(tau) theta(tau) dtau with r = sum_i X_i p_i - p_target. As
+    integral r = 0, Cauchy-Schwarz gives |error_d| <= rho * std_t(theta_d), rho = sqrt(t <r, r>)
+    (phema.fit_error, closed form). Storing snapshots and summing in float32 adds at most
+    (n_inputs + 1) * sum|X_i| * max|theta| * 2^-24.
+    """
+    torch.manual_seed(0)
+    dim, steps, every, dt = 2000, 256, 8, 512
+    net = _Vec(dim, torch.float64)
+    tracker = phema.PowerFunctionEMA(net, stds=(0.05, 0.10))
+    traj = torch.cumsum(torch.randn(steps, dim, dtype=torch.float64), 0) * 0.1 + torch.linspace(0, 3, steps)[:, None]
+    store = {}
+    for k in range(1, steps + 1):
+        with torch.no_grad():
+            net.theta.copy_(traj[k - 1])
+        tracker.update(cur_nimg=k * dt, batch_size=dt)
+        if k % every == 0:
+            for ema_net, std in tracker.get():
+                snap = _Vec(dim)
+                snap.theta.data.copy_(ema_net.theta.data)  # stored in float32, like a snapshot file
+                snap.tag.fill_(k)
+                store[(k * dt, std)] = snap
+    # Snapshot kimg labels are images//1000; pass the exact image counts like a native file would.
+    snaps = [phema.Snapshot(key, kimg=key[0] // 1000, std=key[1], nimg=key[0]) for key in store]
+    out_stds = [0.15, 0.07]
+    loads = []
+
+    def loader(source, device):
+        loads.append(source)
+        return store[source], None, {}
+
+    recs = list(phema.reconstruct(snaps, out_stds, batch=1, loader=loader))
+    assert len(loads) == 2 * len(snaps)  # every input read once per batch, batch=1 -> twice
+    n = steps * dt
+    for rec, std in zip(recs, out_stds):
+        assert rec.std == std and rec.nimg == n and rec.kimg == n // 1000
+        g = phema.std_to_exp(std)
+        k = torch.arange(1, steps + 1, dtype=torch.float64)
+        w = (k ** (g + 1) - (k - 1) ** (g + 1)) / steps ** (g + 1)  # discrete weights of the true EMA
+        truth = (w[:, None] * traj).sum(0)
+        X = np.array([c for _, c in rec.coefficients])
+        rho = phema.fit_error([s.nimg for s, _ in rec.coefficients], [s.std for s, _ in rec.coefficients], X, n, std)
+        assert rho < 0.01  # a priori: dense snapshots of two lengths fit a third one closely
+        std_t = traj.std(0, unbiased=False)
+        bound = rho * std_t + (len(X) + 1) * np.abs(X).sum() * traj.abs().max() * 2 ** -24
+        err = (rec.net.theta.detach().double() - truth).abs()
+        assert torch.all(err <= bound), float((err / bound).max())
+        assert float((err / std_t).max()) < 0.01
+        assert rec.net.tag.item() == every  # buffers from the earliest input, unchanged
+    # Without reconstruction the nearest stored length is far off: the test can tell the difference.
+    nearest = store[(n, 0.10)].theta.detach().double()
+    g = phema.std_to_exp(0.15)
+    k = torch.arange(1, steps + 1, dtype=torch.float64)
+    truth = (((k ** (g + 1) - (k - 1) ** (g + 1)) / steps ** (g + 1))[:, None] * traj).sum(0)
+    assert float(((nearest - truth).abs() / traj.std(0, unbiased=False)).max()) > 0.05
