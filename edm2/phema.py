@@ -279,7 +279,9 @@ def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu
                         src = [p.detach().to(torch.float32) for p in net.parameters()]
                         for j, out in zip(cols, outs):
                             for p_out, p_in in zip(out.parameters(), src):
-                                p_out.add_(p_in, alpha=float(X[i, j]))
+                                # Multiply, then add: two float32 roundings per term, the same
+                                # arithmetic as the published tool (bitwise equal on its fixture).
+                                p_out.add_(p_in * float(X[i, j]))
                     del src
                 del net, encoder, metadata  # drop this input before the next one is read
                 bar.update(1)

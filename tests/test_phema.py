@@ -192,3 +192,164 @@ def test_reconstruction_matches_directly_computed_ema():
     k = torch.arange(1, steps + 1, dtype=torch.float64)
     truth = (((k ** (g + 1) - (k - 1) ** (g + 1)) / steps ** (g + 1))[:, None] * traj).sum(0)
     assert float(((nearest - truth).abs() / traj.std(0, unbiased=False)).max()) > 0.05
+
+
+def test_streaming_holds_at_most_batch_outputs_plus_one_input():
+    import copy
+    import weakref
+    torch.manual_seed(0)
+    store = {(k, std): _Vec(64) for k in (1024, 2048, 3072) for std in (0.05, 0.1)}
+    for v in store.values():
+        v.theta.data.normal_()
+    snaps = [phema.Snapshot(key, kimg=1, std=key[1], nimg=key[0]) for key in store]
+    live = []
+    peak = []
+
+    def loader(source, device):
+        peak.append(sum(r() is not None for r in live))  # inputs still alive when the next is read
+        net = copy.deepcopy(store[source])
+        live.append(weakref.ref(net))
+        return net, None, {}
+
+    batches = list(phema.reconstruct_batches(snaps, [0.06, 0.07, 0.08, 0.09, 0.11], batch=2, loader=loader))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert max(peak) == 0 and len(peak) == 3 * len(snaps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reconstruct_phema.py
+
+def test_parse_float_list():
+    from reconstruct_phema import parse_float_list
+    values = parse_float_list('0.010,0.015,...,0.250')
+    assert len(values) == 49 and values[0] == 0.010 and values[-1] == 0.250 and values[1] == 0.015
+    assert values[20] == 0.110  # decimal arithmetic: no drift, so file names are exact
+    assert parse_float_list('0.1, 0.05') == [0.1, 0.05]
+    assert parse_float_list('0.05,0.10,...,0.2,0.25') == [0.05, 0.1, 0.15, 0.2, 0.25]
+    import click
+    for bad in ['0.1,...', '...,0.2', '0.1,0.2,...,0.25', '0.2,0.1,...,0.05', 'abc', '']:
+        with pytest.raises(click.BadParameter):
+            parse_float_list(bad)
+
+
+def _run(args):
+    from click.testing import CliRunner
+
+    import reconstruct_phema
+    return CliRunner().invoke(reconstruct_phema.main, [str(a) for a in args])
+
+
+def _state_dict(path):
+    from edm2.checkpoint import load_snapshot
+    return load_snapshot(path)[0].state_dict()
+
+
+def _assert_matches(path, ref, coefficients, inputs, fp16):
+    """Float32 sums: |ours - ref| <= 1e-6 * sum_i |X_i theta_i| (12 terms x 2^-24 rounding each stays below
+    that); float16 storage adds at most one float16 ulp (2^-10 relative, 2^-24 absolute near 0)."""
+    ours = _state_dict(path)
+    assert set(ours) == set(ref)
+    for name, expected in ref.items():
+        scale = sum(abs(c) * inp[name].abs() for c, inp in zip(coefficients, inputs))
+        tol = 1e-6 * scale + (2 ** -10 * expected.abs() + 2 ** -24 if fp16 else 0)
+        assert torch.all((ours[name] - expected).abs() <= tol), name
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])
+def test_cli_parity_with_official(official, tmp_path, dtype):
+    from edm2.checkpoint import load_snapshot
+    folder = official('phema-snapshots')
+    expected = torch.load(official('phema-expected.pt'), weights_only=False)
+    inputs = [load_snapshot(folder / name)[0].state_dict() for name in expected['in_files']]
+    suffix = '_fp16' if dtype == 'float16' else ''
+    res = _run(['--indir', folder, '--outdir', tmp_path, '--outstd', '0.070,0.150', '--dtype', dtype])
+    assert res.exit_code == 0, res.output
+    for j, std in enumerate(['0.070', '0.150']):
+        _assert_matches(tmp_path / f'phema-0000049-{std}.safetensors', expected['state_dicts' + suffix][std],
+                        expected['coefficients'][:, j].tolist(), inputs, dtype == 'float16')
+    res = _run(['--indir', folder, '--outdir', tmp_path, '--outstd', '0.120', '--outkimg', 40, '--dtype', dtype,
+                '--batch', 1])
+    assert res.exit_code == 0, res.output
+    times, stds = _fixture_inputs(expected)
+    X = phema.solve_coefficients(times, stds, [phema.kimg_to_nimg(40)], [0.120])[:, 0]
+    _assert_matches(tmp_path / 'phema-0000040-0.120.safetensors', expected['at_kimg40' + suffix]['0.120'],
+                    X.tolist(), inputs, dtype == 'float16')
+    meta = load_snapshot(tmp_path / 'phema-0000040-0.120.safetensors')[2]
+    assert meta['kimg'] == 40 and meta['ema_std'] == 0.120 and meta['phema']['nimg'] == 40960
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['phema-0000040-0.120.safetensors',
+                                                          'phema-0000049-0.070.safetensors',
+                                                          'phema-0000049-0.150.safetensors']
+
+
+def test_cli_mixed_native_and_published_inputs_and_skip(official, tmp_path):
+    from edm2.checkpoint import load_snapshot, save_network
+    folder = official('phema-snapshots')
+    mixed = tmp_path / 'mixed'
+    mixed.mkdir()
+    for i, src in enumerate(sorted(folder.iterdir())):
+        if i % 2:
+            net, encoder, meta = load_snapshot(src)
+            save_network(mixed / src.name.replace('.pkl', '.safetensors'), net, encoder, dtype=torch.float16,
+                         kimg=meta['kimg'], ema_std=meta['ema_std'])
+        else:
+            (mixed / src.name).symlink_to(src)
+    ref_dir, out = tmp_path / 'ref', tmp_path / 'out'
+    assert _run(['--indir', folder, '--outdir', ref_dir, '--outstd', '0.090']).exit_code == 0
+    res = _run(['--indir', mixed, '--outdir', out, '--outstd', '0.090'])
+    assert res.exit_code == 0, res.output
+    a, b = _state_dict(ref_dir / 'phema-0000049-0.090.safetensors'), _state_dict(out / 'phema-0000049-0.090.safetensors')
+    assert all(torch.equal(a[k], b[k]) for k in a)  # fp16 -> native fp16 is lossless: same sums
+    # --skip leaves an existing output alone and reconstructs only the missing one.
+    target = out / 'phema-0000049-0.090.safetensors'
+    target.write_bytes(b'sentinel')
+    res = _run(['--indir', mixed, '--outdir', out, '--outstd', '0.090,0.110', '--skip'])
+    assert res.exit_code == 0, res.output
+    assert target.read_bytes() == b'sentinel' and (out / 'phema-0000049-0.110.safetensors').exists()
+    # --inprefix / --instd filter the inputs: one EMA length alone still reconstructs itself exactly.
+    res = _run(['--indir', mixed, '--outdir', out, '--outstd', '0.100', '--instd', '0.100', '--outprefix', 'only'])
+    assert res.exit_code == 0, res.output
+    assert 'std 0.050' not in res.output
+    net = _state_dict(out / 'only-0000049-0.100.safetensors')
+    direct = _state_dict(folder / 'network-snapshot-0000049-0.100.pkl')
+    for k in net:
+        torch.testing.assert_close(net[k], direct[k], rtol=1e-5, atol=1e-6)
+
+
+def _one_line_error(res):
+    assert res.exit_code in (1, 2), res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert 'Traceback' not in res.output and lines[-1].startswith('Error:'), res.output
+    return lines[-1]
+
+
+def test_cli_bad_input(official, tmp_path):
+    from edm2.checkpoint import load_snapshot, save_network
+    from edm2.networks import Precond
+    folder = official('phema-snapshots')
+    out = tmp_path / 'out'
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert 'no snapshots' in _one_line_error(_run(['--indir', empty, '--outdir', out, '--outstd', '0.1']))
+    assert 'no snapshots' in _one_line_error(_run(['--indir', folder, '--outdir', out, '--outstd', '0.1',
+                                                   '--inprefix', 'nothing']))
+    assert 'not a folder' in _one_line_error(_run(['--indir', tmp_path / 'missing', '--outdir', out, '--outstd', '0.1']))
+    assert '--outkimg 41' in _one_line_error(_run(['--indir', folder, '--outdir', out, '--outstd', '0.1', '--outkimg', 41]))
+    for std in ['0.3', '0', '-0.05', '0.2887']:
+        assert 'outside' in _one_line_error(_run(['--indir', folder, '--outdir', out, '--outstd', std]))
+    assert '--outstd' in _one_line_error(_run(['--indir', folder, '--outdir', out, '--outstd', '0.1,0.1001']))
+    # Inconsistent shapes: the last snapshot replaced by a wider network -> error, nothing written.
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    for src in sorted(folder.iterdir())[:-1]:
+        (bad / src.name).symlink_to(src)
+    net, encoder, _ = load_snapshot(folder / 'network-snapshot-0000049-0.100.pkl')
+    wide = Precond(**dict(net.init_kwargs, model_channels=16))
+    save_network(bad / 'network-snapshot-0000049-0.100.safetensors', wide, encoder, kimg=49, ema_std=0.1)
+    msg = _one_line_error(_run(['--indir', bad, '--outdir', out, '--outstd', '0.07,0.08,0.09', '--batch', 2]))
+    assert 'network-snapshot-0000049-0.100.safetensors' in msg and 'shape' in msg
+    assert not out.exists()
+    # A corrupt input: one line naming it, nothing written.
+    (bad / 'network-snapshot-0000049-0.100.safetensors').write_bytes(b'\x00' * 64)
+    msg = _one_line_error(_run(['--indir', bad, '--outdir', out, '--outstd', '0.07']))
+    assert 'network-snapshot-0000049-0.100.safetensors' in msg
+    assert not out.exists()
