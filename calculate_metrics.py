@@ -1,0 +1,343 @@
+"""Compute FID, FD_DINOv2, precision and recall: reference statistics (`ref`), a folder of images
+(`calc`) or a network sampled on the fly (`gen`). See `python calculate_metrics.py COMMAND --help`.
+
+Runs on CPU, one GPU, or `torchrun --nproc_per_node=N` (the images are split over the ranks and the
+statistics summed). Detector weights: see `--inception-weights` / `--dinov2-weights`.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+import click
+import numpy as np
+import torch
+
+from edm2 import distributed
+from edm2.metrics import detectors as det_lib
+from edm2.metrics import evaluate
+from edm2.metrics.frechet import FrechetError
+from edm2.metrics.reference import ReferenceFileError, load_reference, save_reference
+
+DEFAULT_METRICS = 'fid,fd_dinov2'
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _one_line(e):
+    s = str(e).strip()
+    return s.splitlines()[-1] if s else type(e).__name__
+
+
+def _fail(msg):
+    raise click.ClickException(_one_line(msg))
+
+
+def _atomic_write_text(path, text):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _parse_metrics(text):
+    try:
+        return evaluate.parse_metrics(text)
+    except evaluate.MetricError as e:
+        raise click.BadParameter(str(e), param_hint="'--metrics'") from None
+
+
+def _load_detectors(names, opts, device):
+    weights = {'inception': opts['inception_weights'], 'dinov2': opts['dinov2_weights']}
+    out = {}
+    for name in names:
+        try:
+            out[name] = det_lib.load_detector(name, weights=weights[name], device=device,
+                                              resize_mode=opts['dinov2_resize'])
+        except det_lib.DetectorError as e:
+            _fail(e)
+    return out
+
+
+def _detector_info(detectors):
+    return {name: {'weights': str(d.weights_path), 'sha256': d.weights_sha256} for name, d in detectors.items()}
+
+
+def _load_ref(path):
+    try:
+        return load_reference(path)
+    except ReferenceFileError as e:
+        _fail(e)
+
+
+def _check_ref(ref, metrics, pr_features, path):
+    try:
+        evaluate.check_reference(ref, metrics, pr_features, ref_name=f'reference {path}')
+    except evaluate.MetricError as e:
+        _fail(e)
+
+
+def _open_dataset(path, what):
+    from training.dataset import DatasetError, ImageFolderDataset
+    try:
+        ds = ImageFolderDataset(path)
+    except DatasetError as e:
+        _fail(e)
+    if getattr(ds, 'is_latent', False):
+        _fail(f'{what} {path} holds latents (.npy); metrics need images (PNG)')
+    if ds.num_channels not in (1, 3):
+        _fail(f'{what} {path} has {ds.num_channels}-channel images; expected 1 or 3')
+    return ds
+
+
+class _Items(torch.utils.data.Dataset):
+    """Items `indices` of an ImageFolderDataset as (uint8 image, position); read errors become strings."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, np.asarray(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, pos):
+        try:
+            image, _ = self.dataset[int(self.indices[pos])]
+        except ValueError as e:  # DatasetError: unreadable or mismatched file
+            return _one_line(e)
+        return image, pos
+
+
+def _collate(items):
+    for item in items:
+        if isinstance(item, str):
+            return item
+    return torch.from_numpy(np.stack([im for im, _ in items])), torch.tensor([p for _, p in items])
+
+
+def _dataset_batches(dataset, indices, batch, workers, desc):
+    """This rank's batches (uint8 images, positions into `indices`), with a progress bar on rank 0."""
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    mine = np.arange(len(indices))[rank::world]
+    items = _Items(dataset, indices)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(items, mine.tolist()), batch_size=batch, shuffle=False, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=2 if workers > 0 else None)
+    bar = None
+    if distributed.is_main():
+        import tqdm
+        bar = tqdm.tqdm(total=len(mine), unit='img', desc=desc, leave=False)
+    try:
+        for b in loader:
+            if isinstance(b, str):
+                _fail(b)
+            if bar is not None:
+                bar.update(len(b[1]))
+            yield b
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _print_table(rows, metrics, label):
+    """rows: list of (name, {metric: value}); printed on rank 0."""
+    fmt = {'fid': '{:.4f}', 'fd_dinov2': '{:.4f}', 'precision': '{:.4f}', 'recall': '{:.4f}'}
+    head = f'{label:<24}' + ''.join(f'{m:>12}' for m in metrics)
+    distributed.print0(head)
+    distributed.print0('-' * len(head))
+    for name, values in rows:
+        distributed.print0(f'{name:<24}' + ''.join(f'{fmt[m].format(values[m]):>12}' for m in metrics))
+
+
+def _summarise(runs, metrics):
+    if len(runs) < 2:
+        return None
+    return {m: {'min': float(min(r[m] for r in runs)), 'mean': float(np.mean([r[m] for r in runs]))}
+            for m in metrics}
+
+
+def _report(runs, metrics, label, names):
+    rows = [(n, r) for n, r in zip(names, runs)]
+    summary = _summarise(runs, metrics)
+    if summary:
+        rows += [('min', {m: summary[m]['min'] for m in metrics}), ('mean', {m: summary[m]['mean'] for m in metrics})]
+    _print_table(rows, metrics, label)
+    return summary
+
+
+def _evaluate(stats, ref, metrics, opts, seed, device):
+    try:
+        return evaluate.compute_metrics(stats, ref, metrics, pr_detector=opts['pr_features'], seed=seed,
+                                        device=device)
+    except (evaluate.MetricError, FrechetError) as e:
+        _fail(e)
+
+
+def _write_json(path, obj):
+    if path and distributed.is_main():
+        _atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
+        distributed.print0(f'Results written to {path}')
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def common_options(fn):
+    opts = [
+        click.option('--batch', help='Batch size per process', metavar='INT', type=click.IntRange(min=1),
+                     default=64, show_default=True),
+        click.option('--workers', help='Data loader worker processes', metavar='INT', type=click.IntRange(min=0),
+                     default=2, show_default=True),
+        click.option('--device', help='Device (default: cuda if available, else cpu)', metavar='STR', default=None),
+        click.option('--inception-weights', help='Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth); '
+                     'else $EDM2_INCEPTION_WEIGHTS, the cache, or a download', metavar='PATH', default=None),
+        click.option('--dinov2-weights', help='DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth); '
+                     'else $EDM2_DINOV2_WEIGHTS, the cache, or a download', metavar='PATH', default=None),
+        click.option('--dinov2-resize', help="DINOv2 resize to 224: 'torch' (bicubic antialiased, fast) or "
+                     "'pil' (PIL bicubic, exact, slow)", type=click.Choice(['torch', 'pil']), default='torch',
+                     show_default=True),
+        click.option('--pr-features', help='Features for precision/recall', type=click.Choice(['dinov2', 'inception']),
+                     default='dinov2', show_default=True),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@click.group()
+def cli():
+    """Calculate FID, FD_DINOv2, precision and recall of generated images.
+
+    \b
+    Reference statistics of a dataset:
+      python calculate_metrics.py ref --data=datasets/img512.zip --dest=refs/img512.pkl
+    Metrics of a folder of images against published statistics:
+      python calculate_metrics.py calc --images=out --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl
+    Metrics of a network, generating on the fly (the papers' protocol: 3 x 50k images, minimum):
+      torchrun --nproc_per_node=8 calculate_metrics.py gen --preset=edm2-img512-s-autog-fid \\
+          --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl --repeats=3
+    """
+
+
+@cli.command()
+@click.option('--data', 'data', help='Dataset folder or ZIP of images', metavar='PATH', required=True)
+@click.option('--dest', help='Output statistics file (.pkl)', metavar='PKL', required=True)
+@click.option('--metrics', help=f'Statistics to compute (comma-separated: {", ".join(evaluate.METRICS)})',
+              metavar='LIST', default=DEFAULT_METRICS, show_default=True)
+@click.option('--keep-features', help='Also store features (needed for precision/recall)', is_flag=True)
+@click.option('--keep-num', help='Store at most this many features (seeded random subset)', metavar='INT',
+              type=click.IntRange(min=1), default=50000, show_default=True)
+@click.option('--seed', help='Seed of the stored feature subset', metavar='INT', type=int, default=0,
+              show_default=True)
+@common_options
+def ref(data, dest, metrics, keep_features, keep_num, seed, **opts):
+    """Compute reference statistics of a dataset.
+
+    \b
+    Examples:
+      python calculate_metrics.py ref --data=datasets/img512.zip --dest=refs/img512.pkl
+      python calculate_metrics.py ref --data=datasets/img64.zip --dest=refs/img64-pr.pkl \\
+          --metrics=fid,fd_dinov2,precision,recall --keep-features
+    """
+    metrics = _parse_metrics(metrics)
+    device = distributed.init(opts['device'])
+    dataset = _open_dataset(data, 'dataset')
+    names = evaluate.detectors_for(metrics, opts['pr_features'])
+    keep = set(names) if keep_features else set()
+    if any(m in evaluate.PR_METRICS for m in metrics):
+        keep.add(opts['pr_features'])
+    detectors = _load_detectors(names, opts, device)
+
+    n = len(dataset)
+    keep_slots = None
+    if keep and n > keep_num:  # store a seeded random subset of the features
+        chosen = np.sort(np.random.RandomState(seed % (1 << 31)).permutation(n)[:keep_num])
+        keep_slots = np.full(n, -1, dtype=np.int64)
+        keep_slots[chosen] = np.arange(keep_num)
+    distributed.print0(f'Computing reference statistics of {n} images in {data} ({", ".join(names)})...')
+    batches = _dataset_batches(dataset, np.arange(n), opts['batch'], opts['workers'], 'Reference')
+    stats = evaluate.accumulate(batches, detectors, n, keep=keep, device=device, keep_slots=keep_slots)
+    if distributed.is_main():
+        try:
+            reference = evaluate.reference_from_stats(stats, metrics)
+        except ValueError as e:
+            _fail(f'{data}: {e}')
+        save_reference(dest, reference)
+        distributed.print0(f'Saved statistics of {n} images to {dest}')
+    distributed.barrier()
+
+
+def _subsets(n_avail, num, repeats, seed, source):
+    """Disjoint position lists for the repeats: consecutive blocks in sorted order when the folder holds
+    exactly num * repeats images (files named by seed give the papers' seed ranges), otherwise seeded
+    random disjoint subsets."""
+    need = num * repeats
+    if n_avail < need:
+        _fail(f'{source} holds {n_avail} images, fewer than --num {num}' +
+              (f' x --repeats {repeats} = {need}' if repeats > 1 else ''))
+    order = np.arange(n_avail) if n_avail == need else np.random.RandomState(seed % (1 << 31)).permutation(n_avail)
+    return [np.sort(order[r * num:(r + 1) * num]) for r in range(repeats)]
+
+
+@cli.command()
+@click.option('--images', help='Folder or ZIP of images to evaluate', metavar='PATH', required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
+              required=True)
+@click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})', metavar='LIST',
+              default=DEFAULT_METRICS, show_default=True)
+@click.option('--num', help='Number of images per evaluation', metavar='INT', type=click.IntRange(min=2),
+              default=50000, show_default=True)
+@click.option('--seed', help='Seed of the random subset when the folder holds more images', metavar='INT',
+              type=int, default=0, show_default=True)
+@click.option('--repeats', help='Evaluate this many disjoint subsets; report each, min and mean', metavar='INT',
+              type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--out', help='Write results and settings as JSON', metavar='JSON', default=None)
+@common_options
+def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
+    """Calculate metrics of a folder of images.
+
+    \b
+    Examples:
+      python calculate_metrics.py calc --images=out --ref=refs/img512.pkl --num=50000
+      python calculate_metrics.py calc --images=out --ref=refs/img64-pr.pkl \\
+          --metrics=fid,precision,recall --num=50000 --repeats=3 --out=metrics.json
+    """
+    metrics = _parse_metrics(metrics)
+    reference = _load_ref(ref_path)
+    _check_ref(reference, metrics, opts['pr_features'], ref_path)
+    device = distributed.init(opts['device'])
+    dataset = _open_dataset(images, 'image folder')
+    subsets = _subsets(len(dataset), num, repeats, seed, images)
+    names = evaluate.detectors_for(metrics, opts['pr_features'])
+    detectors = _load_detectors(names, opts, device)
+    keep = {opts['pr_features']} if any(m in evaluate.PR_METRICS for m in metrics) else set()
+
+    runs, labels = [], []
+    for r, positions in enumerate(subsets):
+        distributed.print0(f'Evaluating {num} images of {images}' + (f' (subset {r + 1}/{repeats})' if repeats > 1 else ''))
+        batches = _dataset_batches(dataset, positions, opts['batch'], opts['workers'], 'Features')
+        stats = evaluate.accumulate(batches, detectors, num, keep=keep, device=device)
+        if distributed.is_main():
+            runs.append(_evaluate(stats, reference, metrics, opts, seed, device))
+            labels.append(f'subset {r}' if repeats > 1 else os.path.basename(os.path.normpath(images)))
+    if distributed.is_main():
+        summary = _report(runs, metrics, 'images', labels)
+        _write_json(out, dict(
+            command='calc', metrics=metrics, images=os.path.abspath(images), ref=str(ref_path), num=num, seed=seed,
+            repeats=repeats, runs=[dict(subset=r, **v) for r, v in enumerate(runs)], summary=summary,
+            detectors=_detector_info(detectors), dinov2_resize=opts['dinov2_resize'], pr_features=opts['pr_features'],
+            world_size=distributed.get_world_size(), time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
+    distributed.barrier()
+
+
+if __name__ == '__main__':
+    cli()
