@@ -464,7 +464,7 @@ def _train(opts, dataset, net, net_kwargs, batch_gpu, rounds, device, log, stop,
     ddp = net
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
+            net, device_ids=[device] if device.type == "cuda" else None)
 
     start_step = cur_nimg // batch
     sampler = InfiniteSampler(len(dataset), batch, batch_gpu, rank, world, seed, start_step)
