@@ -56,16 +56,30 @@ def _parse_metrics(text):
         raise click.BadParameter(str(e), param_hint="'--metrics'") from None
 
 
+def _rank0_first(fn, *args):
+    """Run fn on rank 0 before the other ranks, so that a download happens once and is then reused."""
+    if not distributed.is_main():
+        distributed.barrier()
+    try:
+        return fn(*args)
+    finally:
+        if distributed.is_main():
+            distributed.barrier()
+
+
 def _load_detectors(names, opts, device):
     weights = {'inception': opts['inception_weights'], 'dinov2': opts['dinov2_weights']}
-    out = {}
-    for name in names:
-        try:
-            out[name] = det_lib.load_detector(name, weights=weights[name], device=device,
-                                              resize_mode=opts['dinov2_resize'])
-        except det_lib.DetectorError as e:
-            _fail(e)
-    return out
+
+    def load():
+        out = {}
+        for name in names:
+            try:
+                out[name] = det_lib.load_detector(name, weights=weights[name], device=device,
+                                                  resize_mode=opts['dinov2_resize'])
+            except det_lib.DetectorError as e:
+                _fail(e)
+        return out
+    return _rank0_first(load)
 
 
 def _detector_info(detectors):
@@ -73,10 +87,12 @@ def _detector_info(detectors):
 
 
 def _load_ref(path):
-    try:
-        return load_reference(path)
-    except ReferenceFileError as e:
-        _fail(e)
+    def load():
+        try:
+            return load_reference(path)
+        except ReferenceFileError as e:
+            _fail(e)
+    return _rank0_first(load)
 
 
 def _check_ref(ref, metrics, pr_features, path):
@@ -312,9 +328,9 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
           --metrics=fid,precision,recall --num=50000 --repeats=3 --out=metrics.json
     """
     metrics = _parse_metrics(metrics)
+    device = distributed.init(opts['device'])
     reference = _load_ref(ref_path)
     _check_ref(reference, metrics, opts['pr_features'], ref_path)
-    device = distributed.init(opts['device'])
     dataset = _open_dataset(images, 'image folder')
     subsets = _subsets(len(dataset), num, repeats, seed, images)
     names = evaluate.detectors_for(metrics, opts['pr_features'])
@@ -334,6 +350,120 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
         _write_json(out, dict(
             command='calc', metrics=metrics, images=os.path.abspath(images), ref=str(ref_path), num=num, seed=seed,
             repeats=repeats, runs=[dict(subset=r, **v) for r, v in enumerate(runs)], summary=summary,
+            detectors=_detector_info(detectors), dinov2_resize=opts['dinov2_resize'], pr_features=opts['pr_features'],
+            world_size=distributed.get_world_size(), time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
+    distributed.barrier()
+
+
+def _parse_interval(text):
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in str(text).split(','))
+    except ValueError:
+        raise click.BadParameter(f'expected LO,HI (two numbers), got {text!r}', param_hint="'--guidance-interval'")
+    return lo, hi
+
+
+def _preset_settings(preset):
+    from edm2 import presets
+    try:
+        return presets.get('generate', preset)
+    except presets.PresetError as e:
+        raise click.BadParameter(str(e), param_hint="'--preset'") from None
+
+
+def _load_net(path, device, what):
+    from edm2.checkpoint import load_snapshot
+
+    def load():
+        try:
+            net, encoder, _ = load_snapshot(path, device=device)
+        except ValueError as e:  # CheckpointError
+            _fail(f'{what}: {_one_line(e)}')
+        return net.eval().requires_grad_(False), encoder
+    return _rank0_first(load)
+
+
+@cli.command()
+@click.option('--net', help='Network snapshot (file or URL)', metavar='PATH|URL', default=None)
+@click.option('--gnet', help='Guiding network for autoguidance / CFG (file or URL)', metavar='PATH|URL',
+              default=None)
+@click.option('--guidance', help='Guidance weight w (1 = no guidance)', metavar='FLOAT', type=float, default=None)
+@click.option('--guidance-interval', help='Apply guidance only for sigma in (LO, HI]', metavar='LO,HI', default=None)
+@click.option('--preset', help='Generation preset (configs/generate.toml) giving net, gnet, guidance', metavar='STR',
+              default=None)
+@click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
+              required=True)
+@click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})', metavar='LIST',
+              default=DEFAULT_METRICS, show_default=True)
+@click.option('--num', help='Number of images per evaluation', metavar='INT', type=click.IntRange(min=2),
+              default=50000, show_default=True)
+@click.option('--seed', help='First seed; evaluation r uses seeds seed + r*num ... seed + (r+1)*num - 1',
+              metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--repeats', help='Evaluate this many disjoint seed ranges; report each, min and mean', metavar='INT',
+              type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=32,
+              show_default=True)
+@click.option('--out', help='Write results and settings as JSON', metavar='JSON', default=None)
+@common_options
+def gen(net, gnet, guidance, guidance_interval, preset, ref_path, metrics, num, seed, repeats, steps, out, **opts):
+    """Calculate metrics of a network, generating images on the fly.
+
+    \b
+    Examples:
+      python calculate_metrics.py gen --net=snapshot.pkl --ref=refs/img64.pkl --num=50000
+      torchrun --nproc_per_node=8 calculate_metrics.py gen --preset=edm2-img512-s-autog-fid \\
+          --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl --repeats=3 --out=s-autog.json
+      python calculate_metrics.py gen --net=s.pkl --gnet=xs-uncond.pkl --guidance=2.1 \\
+          --guidance-interval=0.28,2.9 --ref=refs/img512.pkl
+    """
+    from edm2 import sampling
+    metrics = _parse_metrics(metrics)
+    interval = _parse_interval(guidance_interval)
+    if preset is not None:
+        p = _preset_settings(preset)
+        net = net if net is not None else p.get('net')
+        gnet = gnet if gnet is not None else p.get('gnet')
+        guidance = guidance if guidance is not None else p.get('guidance')
+        if interval is None and p.get('guidance_interval') is not None:
+            interval = tuple(float(v) for v in p['guidance_interval'])
+    if net is None:
+        raise click.UsageError('give --net or --preset')
+    guidance = 1.0 if guidance is None else float(guidance)
+    device = distributed.init(opts['device'])
+    reference = _load_ref(ref_path)
+    _check_ref(reference, metrics, opts['pr_features'], ref_path)
+    names = evaluate.detectors_for(metrics, opts['pr_features'])
+    detectors = _load_detectors(names, opts, device)
+    main_net, encoder = _load_net(net, device, '--net')
+    gnets = [_load_net(gnet, device, '--gnet')[0]] if gnet is not None else []
+    keep = {opts['pr_features']} if any(m in evaluate.PR_METRICS for m in metrics) else set()
+
+    runs, labels, seed_ranges = [], [], []
+    for r in range(repeats):
+        first = seed + r * num
+        seeds = range(first, first + num)
+        distributed.print0(f'Generating and evaluating {num} images, seeds {first}-{first + num - 1}')
+        try:
+            stream = sampling.generate(main_net, seeds, encoder=encoder, gnets=gnets, guidance=guidance,
+                                       guidance_interval=interval, batch_size=opts['batch'], device=device,
+                                       progress=True, num_steps=steps)
+        except sampling.SamplingError as e:
+            _fail(e)
+        batches = ((b.images, torch.as_tensor(b.seeds) - first) for b in stream)
+        stats = evaluate.accumulate(batches, detectors, num, keep=keep, device=device)
+        if distributed.is_main():
+            runs.append(_evaluate(stats, reference, metrics, opts, seed, device))
+            labels.append(f'seeds {first}-{first + num - 1}')
+            seed_ranges.append([first, first + num - 1])
+    if distributed.is_main():
+        summary = _report(runs, metrics, 'network', labels)
+        _write_json(out, dict(
+            command='gen', metrics=metrics, net=str(net), gnet=None if gnet is None else str(gnet), preset=preset,
+            guidance=guidance, guidance_interval=None if interval is None else list(interval), steps=steps,
+            ref=str(ref_path), num=num, repeats=repeats,
+            runs=[dict(seeds=sr, **v) for sr, v in zip(seed_ranges, runs)], summary=summary,
             detectors=_detector_info(detectors), dinov2_resize=opts['dinov2_resize'], pr_features=opts['pr_features'],
             world_size=distributed.get_world_size(), time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
     distributed.barrier()
