@@ -4,6 +4,8 @@ An EMA profile with exponent gamma averages the weights theta(tau) with density 
 tau**gamma on [0, t]. Its relative standard deviation sigma_rel is a function of gamma alone.
 """
 
+import sys
+
 import numpy as np
 
 SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 limit: the uniform average over [0, t]
@@ -187,6 +189,27 @@ class Reconstruction:
         return self.net.state_dict()
 
 
+def _release_freed_memory():
+    """Hand freed heap memory back to the OS (glibc malloc_trim), so that the resident size tracks the
+    networks actually alive: without it, tensors of a few MB freed between batches stay resident as
+    fragmented heap and peak RSS creeps above (batch + 2) networks. A no-op where unavailable."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        try:
+            import ctypes
+            import ctypes.util
+            if sys.platform.startswith('linux'):
+                _malloc_trim = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim
+        except (OSError, AttributeError):
+            pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def _default_loader(source, device):
     from edm2.checkpoint import load_snapshot
     net, encoder, metadata = load_snapshot(source, device=device)
@@ -222,6 +245,14 @@ def plan_reconstruction(snapshots, out_stds, out_kimg=None):
         seen[key] = s
     X = solve_coefficients([s.nimg for s in inputs], [s.std for s in inputs], [nimg] * len(out_stds), out_stds)
     return out_kimg, nimg, inputs, X
+
+
+def _check_metadata(snap, metadata):
+    """The planned time and length must be what the loaded file says it is."""
+    kimg, std = (metadata or {}).get('kimg'), (metadata or {}).get('ema_std')
+    if kimg is not None and int(kimg) != snap.kimg or std is not None and abs(float(std) - snap.std) > 5e-4:
+        raise PhemaError(f'{snap.source}: file says kimg {kimg}, EMA length {std}; expected kimg {snap.kimg}, '
+                         f'EMA length {snap.std:.3f}')
 
 
 def _check_same_shapes(ref_net, ref_source, net, source):
@@ -262,6 +293,7 @@ def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu
             outs, first = [], None
             for i, snap in enumerate(inputs):
                 net, encoder, metadata = loader(snap.source, device)
+                _check_metadata(snap, metadata)
                 if first is None:
                     first = (snap.source, encoder, metadata)
                     # The first input becomes the template of every output: its buffers are kept
@@ -284,11 +316,13 @@ def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu
                                 p_out.add_(p_in * float(X[i, j]))
                     del src
                 del net, encoder, metadata  # drop this input before the next one is read
+                _release_freed_memory()
                 bar.update(1)
             yield [Reconstruction(out, first[1], first[2], out_kimg, nimg, out_stds[j],
                                   [(snap, float(X[i, j])) for i, snap in enumerate(inputs)])
                    for j, out in zip(cols, outs)]
             del outs
+            _release_freed_memory()
     finally:
         bar.close()
 
@@ -331,21 +365,48 @@ def snapshot_extensions():
     return exts
 
 
+def _native_header(path):
+    """(kimg, std, nimg) from a native checkpoint's JSON header without reading its tensors, or None."""
+    import json
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework='pt', device='cpu') as f:
+            doc = json.loads((f.metadata() or {}).get('edm2', 'null'))
+    except Exception:  # noqa: BLE001 -- unreadable here means: fall back to the file name
+        return None
+    if not isinstance(doc, dict) or doc.get('kimg') is None or doc.get('ema_std') is None:
+        return None
+    nimg = (doc.get('metadata') or {}).get('nimg')
+    kimg = int(doc['kimg'])
+    nimg = int(nimg) if isinstance(nimg, (int, float)) and int(nimg) // 1000 == kimg else None
+    return kimg, float(doc['ema_std']), nimg
+
+
 def find_snapshots(indir, inprefix=None, instd=None):
-    """The snapshots in folder `indir` (not recursive), from their names `{prefix}-{kimg:07d}-{std:.3f}{ext}`,
-    optionally only those whose name starts with `inprefix` and whose sigma_rel is in `instd`."""
+    """The snapshots in folder `indir` (not recursive), sorted by name: published pickles named
+    `{prefix}-{kimg:07d}-{std:.3f}.pkl` and native `.safetensors` files, whose header gives kimg, sigma_rel
+    and the exact image count (else the name does). Optionally only names starting with `inprefix` and
+    sigma_rel in the list `instd`."""
     import os
     exts = snapshot_extensions()
     found = []
     for name in sorted(os.listdir(indir)):
-        parsed = parse_snapshot_name(name)
-        if parsed is None or parsed[3] not in exts or not os.path.isfile(os.path.join(indir, name)):
+        path = os.path.join(indir, name)
+        ext = os.path.splitext(name)[1]
+        if ext not in exts or not os.path.isfile(path):
             continue
         if inprefix is not None and not name.startswith(inprefix):
             continue
-        if instd is not None and not any(abs(parsed[2] - float(s)) < 5e-4 for s in instd):
+        parsed = parse_snapshot_name(name)
+        info = _native_header(path) if ext != '.pkl' else None
+        if info is None:
+            if parsed is None:
+                continue
+            info = parsed[1], parsed[2], None
+        kimg, std, nimg = info
+        if instd is not None and not any(abs(std - float(s)) < 5e-4 for s in instd):
             continue
-        found.append(Snapshot(os.path.join(indir, name), parsed[1], parsed[2]))
+        found.append(Snapshot(path, kimg, std, nimg=nimg))
     return found
 
 

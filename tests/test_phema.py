@@ -1,6 +1,7 @@
 """Power-function EMA: tracking, the post-hoc solver, streaming reconstruction, reconstruct_phema.py."""
 
 import io
+import pathlib
 
 import numpy as np
 import pytest
@@ -353,3 +354,17 @@ def test_cli_bad_input(official, tmp_path):
     msg = _one_line_error(_run(['--indir', bad, '--outdir', out, '--outstd', '0.07']))
     assert 'network-snapshot-0000049-0.100.safetensors' in msg
     assert not out.exists()
+
+
+def test_find_snapshots_reads_native_headers(official, tmp_path):
+    from edm2.checkpoint import load_snapshot, save_network
+    net, encoder, _ = load_snapshot(official('phema-snapshots') / 'network-snapshot-0000008-0.050.pkl')
+    # A run with batch 1000 (not on the 1024 grid): the exact image count comes from the header.
+    save_network(tmp_path / 'network-snapshot-0000002-0.050.safetensors', net, encoder, kimg=2, ema_std=0.05, nimg=2000)
+    save_network(tmp_path / 'renamed.safetensors', net, encoder, kimg=3, ema_std=0.1, nimg=3000)
+    save_network(tmp_path / 'run-0000004-0.100.safetensors', net, encoder)  # no metadata: the name decides
+    (tmp_path / 'notes-0000005-0.100.txt').write_text('not a snapshot')
+    found = {pathlib.Path(s.source).name: (s.kimg, s.std, s.nimg) for s in phema.find_snapshots(tmp_path)}
+    assert found == {'network-snapshot-0000002-0.050.safetensors': (2, 0.05, 2000),
+                     'renamed.safetensors': (3, 0.1, 3000), 'run-0000004-0.100.safetensors': (4, 0.1, 4096)}
+    assert [s.kimg for s in phema.find_snapshots(tmp_path, inprefix='run', instd=[0.1])] == [4]
