@@ -110,6 +110,13 @@ def _save(path, rec, dtype):
               type=str)
 def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, dtype, device):
     dev = distributed.init(device)
+    try:
+        run(dev, indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, dtype)
+    finally:
+        distributed.shutdown()
+
+
+def run(dev, indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, dtype):
     out_stds = parse_std_list(outstd, '--outstd')
     in_stds = parse_std_list(instd, '--instd') if instd is not None else None
     if not re.fullmatch(r'[^/\\]+', outprefix):
@@ -159,7 +166,9 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
         distributed.print0('Nothing to do.')
         return
 
-    # Reconstruct; each rank takes every world_size-th output.
+    # Reconstruct; each rank takes every world_size-th output. The barrier makes every rank decide --skip
+    # before any rank writes.
+    distributed.barrier()
     mine = todo[distributed.get_rank()::distributed.get_world_size()]
     if mine:
         from edm2.checkpoint import CheckpointError
