@@ -1,0 +1,289 @@
+"""Tests of the 2D toy example (edm2.toy, toy_example.py; SPEC section 8)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edm2 import toy
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+@pytest.fixture(scope='module')
+def mix():
+    return toy.gt('A')
+
+
+# ---- the ground-truth mixture ----------------------------------------------------------------------------
+
+def test_component_counts_and_weights():
+    for classes, k in [('A', 1016), ('B', 1016), ('AB', 2032)]:
+        m = toy.gt(classes)
+        assert len(m) == k == len(m.means) == len(m.covs)
+        assert m.num_branches == k // 8 and len(m.leaf_branches) == 64 * len(classes)
+        assert abs(float(m.weights.sum()) - 1) < 1e-12
+        assert torch.all(m.weights > 0)
+        assert torch.all(torch.linalg.eigvalsh(m.covs) > 0)
+
+
+def test_tree_matches_spec_by_hand():
+    """First branch of each tree rebuilt from the SPEC's formulas and RandomState(2)'s draw order."""
+    draws = np.random.RandomState(2).randn(254)
+    scale = np.array([1.3136, 1.3844])
+    origin = np.array([0.0030, 0.0325])
+    # Class A draws 127 branch lengths and 126 child angles (253 numbers); class B's first is number 254.
+    for classes, r1, angle in [('A', draws[0], math.pi / 4), ('B', draws[253], 5 * math.pi / 4)]:
+        m = toy.gt(classes)
+        L = 0.292 * (1 + 0.2 * r1)
+        u = np.array([math.cos(angle), math.sin(angle)])
+        for j, t in enumerate(np.linspace(0.07, 0.93, 8)):
+            np.testing.assert_allclose(m.means[j].numpy(), (origin + u * L * t) * scale, rtol=0, atol=1e-12)
+        h = 0.2 / L
+        s = scale * L * 0.06
+        cov = (np.outer(u, u) + (np.eye(2) - np.outer(u, u)) * h ** 2) * np.outer(s, s)
+        np.testing.assert_allclose(m.covs[0].numpy(), cov, rtol=1e-12, atol=0)
+    # The + child of A's first branch starts at the end of the trunk with angle pi/4 + (1 + 0.2 r).
+    a = toy.gt('A')
+    L0 = 0.292 * (1 + 0.2 * draws[0])
+    u0 = np.array([1, 1]) / math.sqrt(2)
+    L1 = 0.292 * 0.8 * (1 + 0.2 * draws[2])     # draw 1 is the + child's angle, draw 2 its length
+    a1 = math.pi / 4 + (1 + 0.2 * draws[1])
+    u1 = np.array([math.cos(a1), math.sin(a1)])
+    np.testing.assert_allclose(a.means[8].numpy(), (origin + u0 * L0 + u1 * L1 * 0.07) * scale, atol=1e-12)
+    # Relative weights: L * 0.5^d.
+    np.testing.assert_allclose(float(a.weights[8] / a.weights[0]), L1 * 0.5 / L0, rtol=1e-12)
+
+
+def test_union_is_both_trees_jointly_normalised():
+    a, b, ab = toy.gt('A'), toy.gt('B'), toy.gt('AB')
+    torch.testing.assert_close(ab.means, torch.cat([a.means, b.means]), rtol=0, atol=0)
+    wa = ab.weights[:1016].sum()
+    torch.testing.assert_close(ab.weights[:1016] / wa, a.weights, rtol=1e-12, atol=0)
+    assert 0.3 < float(wa) < 0.7
+
+
+@pytest.mark.parametrize('sigma', [0.0, 0.003, 0.03, 0.3, 3.0])
+def test_fast_path_matches_per_component_reference(mix, sigma):
+    gen = torch.Generator().manual_seed(1)
+    x = mix.sample(1000, sigma, gen, dtype=torch.float64)
+    x = torch.cat([x, torch.randn(50, 2, generator=gen, dtype=torch.float64) * 2])  # include far-away points
+    ref_logp, ref_score = mix.reference_logp_score(x, sigma)
+    logp, score = mix.logp_and_score(x, sigma)
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(score, ref_score, rtol=1e-9, atol=1e-9 * float(ref_score.abs().max()))
+
+
+@pytest.mark.parametrize('sigma', [0.005, 0.05, 0.5, 5.0])
+def test_score_matches_finite_differences(mix, sigma):
+    """Central differences of log p (float64) with step h: truncation error O(h^2 |d3 logp|) << 1e-3."""
+    gen = torch.Generator().manual_seed(2)
+    x = mix.sample(200, sigma, gen, dtype=torch.float64)
+    score = mix.score(x, sigma)
+    h = 1e-4 * (sigma + 0.01)  # well below the smallest component width sqrt(var + sigma^2) >= ~0.01
+    fd = torch.stack([(mix.logp(x + h * e, sigma) - mix.logp(x - h * e, sigma)) / (2 * h)
+                      for e in torch.eye(2, dtype=torch.float64)], dim=1)
+    err = (fd - score).norm(dim=1)
+    assert torch.all(err <= 1e-3 * score.norm(dim=1) + 1e-6 / (sigma + 0.01)), float((err / score.norm(dim=1)).max())
+
+
+def test_per_point_sigma_equals_scalar_sigma(mix):
+    gen = torch.Generator().manual_seed(3)
+    sig = torch.tensor([0.01, 0.1, 1.0], dtype=torch.float64).repeat_interleave(100)
+    x = mix.sample(300, sig, gen, dtype=torch.float64)
+    lp, sc = mix.logp_and_score(x, sig)
+    for i, s in enumerate([0.01, 0.1, 1.0]):
+        lp1, sc1 = mix.logp_and_score(x[i * 100:(i + 1) * 100], s)
+        torch.testing.assert_close(lp[i * 100:(i + 1) * 100], lp1, rtol=1e-13, atol=1e-12)
+        torch.testing.assert_close(sc[i * 100:(i + 1) * 100], sc1, rtol=1e-13, atol=1e-10)
+
+
+@pytest.mark.parametrize('sigma', [0.0, 0.002, 0.05, 1.0])
+def test_float32_score_accuracy(mix, sigma):
+    """The float32 path used in training vs float64. Its error comes from rounding e = x - m_b (|x| <~ 2)
+    and the precision P (entries up to 1/min variance), so |error| <~ c * eps32 * 2 * max|P|; we allow
+    c = 16 on top of a relative error of 16 * eps32 * (number of branches)."""
+    gen = torch.Generator().manual_seed(4)
+    x = mix.sample(4096, sigma, gen, dtype=torch.float64)
+    x32 = x.float()
+    s64 = mix.score(x32.double(), sigma)
+    s32 = mix.score(x32, sigma).double()
+    min_var = float(torch.linalg.eigvalsh(mix.covs).min()) + sigma ** 2
+    bound = 16 * EPS32 * (2 / min_var + s64.norm(dim=1) * mix.num_branches)
+    assert torch.all((s32 - s64).norm(dim=1) <= bound)
+    lp64, lp32 = mix.logp(x32.double(), sigma), mix.logp(x32, sigma).double()
+    assert torch.all((lp32 - lp64).abs() <= 16 * EPS32 * (lp64.abs() + 2 * 2 / min_var))
+
+
+def test_sample_moments_match_analytic(mix):
+    n = 200_000
+    gen = torch.Generator().manual_seed(5)
+    sigma = 0.3
+    x = mix.sample(n, sigma, gen, dtype=torch.float64)
+    mean, cov = mix.mean(), mix.cov(sigma)
+    se_mean = (cov.diagonal() / n).sqrt()
+    assert torch.all((x.mean(0) - mean).abs() <= 5 * se_mean)
+    d = x - x.mean(0)
+    prods = d[:, :, None] * d[:, None, :]
+    se_cov = prods.reshape(n, 4).std(0).reshape(2, 2) / math.sqrt(n)
+    assert torch.all((prods.mean(0) - cov).abs() <= 5 * se_cov)
+
+
+def test_sampling_is_reproducible(mix):
+    a = mix.sample(100, 0.1, torch.Generator().manual_seed(7))
+    b = mix.sample(100, 0.1, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_bad_input(mix):
+    with pytest.raises(ValueError, match='unknown class'):
+        toy.gt('C')
+    with pytest.raises(ValueError, match=r'\[n, 2\]'):
+        mix.score(torch.zeros(5, 3), 0.1)
+    with pytest.raises(ValueError, match='non-negative'):
+        mix.logp(torch.zeros(5, 2), -0.1)
+    with pytest.raises(ValueError, match='positive'):
+        toy.ToyModel(width=0)
+    with pytest.raises(ValueError, match='unknown class'):
+        toy.train('Z', iterations=1)
+    with pytest.raises(ValueError, match='positive'):
+        toy.train('A', iterations=0)
+
+
+# ---- model, sampler, metrics -------------------------------------------------------------------------------
+
+def test_untrained_model_is_the_prior_gaussian():
+    torch.manual_seed(0)
+    net = toy.ToyModel(16, 2)
+    x = torch.randn(10, 2)
+    for sigma in [0.01, 1.0]:
+        torch.testing.assert_close(net.score(x, sigma), -x / (0.25 + sigma ** 2), rtol=1e-6, atol=1e-6)
+
+
+def test_score_is_gradient_of_logp():
+    torch.manual_seed(0)
+    net = toy.ToyModel(16, 2).eval()  # eval: no in-place forced weight normalisation between the calls
+    with torch.no_grad():
+        net.gain.fill_(0.7)
+    x = torch.randn(8, 2, dtype=torch.float64)
+    net = net.double()
+    h = 1e-6
+    fd = torch.stack([(net.logp(x + h * e, 0.3) - net.logp(x - h * e, 0.3)) / (2 * h)
+                      for e in torch.eye(2, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(net.score(x, 0.3), fd, rtol=1e-6, atol=1e-6)
+
+
+def test_learning_rate_schedule():
+    assert toy.learning_rate(0) == 0.01 and toy.learning_rate(512) == 0.01
+    assert abs(toy.learning_rate(2048) - 0.005) < 1e-15
+
+
+def test_training_reduces_loss_and_ema_is_average(tmp_path):
+    net, snaps, losses = toy.train('A', width=16, layers=2, iterations=40, batch=256, seed=0, snapshots=(1, 40))
+    # The trained EMA model beats the untrained one (the prior Gaussian) on a fixed held-out batch.
+    mix = toy.gt('A')
+    gen = torch.Generator().manual_seed(99)
+    sigma = (torch.randn(4096, generator=gen) * 1.5 - 2.3).exp()
+    x = mix.sample(4096, sigma, gen)
+    target = mix.score(x, sigma)
+
+    def loss(model):
+        return float((sigma[:, None] ** 2 * (model.score(x, sigma) - target) ** 2).mean())
+
+    assert loss(net) < 0.8 * loss(toy.ToyModel(16, 2).eval())
+    # After the first step the EMA equals the weights (beta = 0 at t = 1); later it lags behind.
+    assert not torch.equal(snaps[1].gain, snaps[40].gain)
+    path = tmp_path / 'm.safetensors'
+    toy.save_model(path, net, classes='A')
+    net2, meta = toy.load_model(path)
+    assert meta['classes'] == 'A'
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(net2.score(x, 0.2), net.score(x, 0.2), rtol=0, atol=0)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(toy.ToyModelError, match='not found'):
+        toy.load_model(tmp_path / 'missing.safetensors')
+    bad = tmp_path / 'bad.safetensors'
+    bad.write_bytes(b'not a safetensors file')
+    with pytest.raises(toy.ToyModelError, match='not a toy model'):
+        toy.load_model(bad)
+
+
+class ExactScore:
+    """The ground truth as a 'model' (its score is exact)."""
+
+    def __init__(self, mixture):
+        self.mixture = mixture
+
+    def score(self, x, sigma):
+        return self.mixture.score(x, sigma)
+
+
+@pytest.mark.slow
+def test_heun_on_exact_score_reproduces_ground_truth(mix):
+    """With the exact score the probability-flow ODE maps the diffused ground truth onto the ground truth:
+    outlier rate ~1% and full coverage, like true samples (a check of the sampler and the metrics)."""
+    gen = torch.Generator().manual_seed(6)
+    n = 4000
+    x0 = mix.sample(n, 5.0, gen)
+    x = toy.heun_sample(toy.guided_score(ExactScore(mix)), x0, num_steps=32, sigma_max=5.0)
+    level = toy.outlier_level(mix, num=100_000)
+    r = toy.evaluate(x, mix, level)
+    gt = toy.evaluate(mix.sample(n, 0.0, gen), mix, level)
+    se = math.sqrt(0.01 * 0.99 / n)
+    assert abs(gt['outlier_rate'] - 0.01) < 5 * se
+    assert r['outlier_rate'] < 0.01 + 5 * se + 0.01  # + discretisation error of 32 Heun steps
+    assert r['branch_tv'] < 0.1 and gt['branch_tv'] < 0.1
+    # Naive truncation with the exact score concentrates mass on the heaviest branches.
+    xt = toy.heun_sample(toy.guided_score(ExactScore(mix), None, 3.0), x0, num_steps=32, sigma_max=5.0)
+    assert toy.evaluate(xt, mix, level)['branch_tv'] > r['branch_tv'] + 0.1
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+def cli():
+    import toy_example
+    return toy_example.cli
+
+
+@pytest.mark.parametrize('args, message', [
+    (['train', '--classes', 'C', '--outdir', 'x'], 'unknown class'),
+    (['train', '--width', '0', '--outdir', 'x'], '--width'),
+    (['train', '--iterations', '-3', '--outdir', 'x'], '--iterations'),
+    (['eval', '--out', 'e.json'], 'no trained model'),
+    (['plot', '--models', 'nowhere'], 'not found'),
+])
+def test_cli_bad_input_one_line(tmp_path, args, message):
+    res = CliRunner().invoke(cli(), args)
+    assert res.exit_code != 0
+    assert message in res.output
+    assert 'Traceback' not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+@pytest.mark.slow
+def test_cli_train_eval_plot(tmp_path):
+    """End to end on tiny settings: train three models, eval (table + JSON), plot (PNG)."""
+    runner = CliRunner()
+    d = str(tmp_path / 'm')
+    for name, classes in [('main', 'A'), ('autoguide', 'A'), ('cfg-guide', 'AB')]:
+        res = runner.invoke(cli(), ['train', '--classes', classes, '--width', '8', '--layers', '2', '--iterations', '3',
+                                    '--batch', '64', '--outdir', d, '--name', name, '--device', 'cpu'])
+        assert res.exit_code == 0, res.output
+        assert os.path.isfile(os.path.join(d, f'{name}.safetensors'))
+    res = runner.invoke(cli(), ['eval', '--models', d, '--num', '200', '--steps', '4', '--device', 'cpu'])
+    assert res.exit_code == 0, res.output
+    assert 'autoguidance' in res.output
+    data = json.load(open(os.path.join(d, 'eval.json')))
+    assert set(data['results']) == set(toy.METHODS)
+    res = runner.invoke(cli(), ['plot', '--models', d, '--num', '200', '--steps', '4', '--device', 'cpu',
+                                '--out', str(tmp_path / 'f.png')])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+    assert Image.open(tmp_path / 'f.png').size[0] > 500
+    assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
