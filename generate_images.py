@@ -269,7 +269,6 @@ def main(ctx, preset, net, gnet, guidance, guide_weights, guidance_interval, out
 
     # Load and check everything before the first file is written.
     device = distributed.init(device)
-    torch.set_grad_enabled(False)
     net_, encoder, gnets = _load_all(net, gnet_urls, device)
     sampler_kwargs = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                           S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
@@ -298,8 +297,21 @@ def main(ctx, preset, net, gnet, guidance, guide_weights, guidance_interval, out
     guided = f', guidance {guidance:g} with {len(gnets)} guide(s)' if gnets else ''
     distributed.print0(f'Generating {len(seeds)} images{guided} on {distributed.get_world_size()} process(es)'
                        + (f' to "{outdir}"' if outdir else '') + ' ...')
-    written = 0
     kept = {}  # seed -> HWC uint8, for --grid
+    with torch.no_grad():
+        written = _write_batches(batches, outdir, subdirs, skip, grid, kept)
+    distributed.barrier()
+    if grid is not None:
+        _write_grid(grid, kept, seeds, outdir, subdirs)
+    total = torch.tensor([written], dtype=torch.int64, device=device if device.type == 'cuda' else 'cpu')
+    distributed.all_reduce_sum(total)
+    distributed.print0(f'Done: {int(total.item())} images written.')
+    distributed.barrier()
+    distributed.shutdown()
+
+
+def _write_batches(batches, outdir, subdirs, skip, grid, kept):
+    written = 0
     for batch in batches:
         for seed, image in zip(batch.seeds, batch.images):
             pil = None
@@ -311,30 +323,26 @@ def main(ctx, preset, net, gnet, guidance, guide_weights, guidance_interval, out
                     written += 1
             if grid is not None:
                 kept[seed] = image.permute(1, 2, 0).cpu().numpy()
-    distributed.barrier()
+    return written
 
-    if grid is not None:
-        parts = _gather_to_rank0(kept)
-        if distributed.is_main():
-            import PIL.Image
-            everything = {}
-            for part in parts:
-                everything.update(part)
-            images = []
-            for seed in seeds:
-                if seed not in everything:  # skipped with --skip-existing: read back from disk
-                    everything[seed] = np.array(PIL.Image.open(image_path(outdir, seed, subdirs)))
-                    if everything[seed].ndim == 2:
-                        everything[seed] = everything[seed][:, :, None]
-                images.append(everything[seed])
-            sheet = make_grid(images)
-            write_png_atomic(grid, PIL.Image.fromarray(sheet[:, :, 0] if sheet.shape[2] == 1 else sheet))
-            print(f'Wrote a grid of {len(images)} images to "{grid}"')
-    total = torch.tensor([written], dtype=torch.int64, device=device if device.type == 'cuda' else 'cpu')
-    distributed.all_reduce_sum(total)
-    distributed.print0(f'Done: {int(total.item())} images written.')
-    distributed.barrier()
-    distributed.shutdown()
+
+def _write_grid(grid, kept, seeds, outdir, subdirs):
+    import PIL.Image
+    parts = _gather_to_rank0(kept)
+    if not distributed.is_main():
+        return
+    everything = {}
+    for part in parts:
+        everything.update(part)
+    images = []
+    for seed in seeds:
+        if seed not in everything:  # skipped with --skip-existing: read it back from disk
+            array = np.array(PIL.Image.open(image_path(outdir, seed, subdirs)))
+            everything[seed] = array[:, :, None] if array.ndim == 2 else array
+        images.append(everything[seed])
+    sheet = make_grid(images)
+    write_png_atomic(grid, PIL.Image.fromarray(sheet[:, :, 0] if sheet.shape[2] == 1 else sheet))
+    print(f'Wrote a grid of {len(images)} images to "{grid}"')
 
 
 if __name__ == '__main__':

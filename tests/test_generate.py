@@ -1,0 +1,286 @@
+"""generate_images.py: flags, presets, files, bad input, resume, grid, torchrun, and parity with the release."""
+
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate_images
+from edm2 import presets, sampling
+from edm2.checkpoint import save_network
+from edm2.encoders import StandardRGBEncoder
+from edm2.networks import build_network
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+ROOT = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
+
+
+def _tiny(seed, **overrides):
+    kwargs = dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1], num_blocks=1,
+                  attn_resolutions=[])
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    net = build_network(kwargs)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)  # out_gain starts at 0 (D = c_skip x); make the net do something
+    return net.eval()
+
+
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory):
+    """Tiny native checkpoints: a conditional main net, guides of matching and mismatching shapes."""
+    folder = tmp_path_factory.mktemp('nets')
+    specs = {'main': (0, {}), 'guide': (1, dict(model_channels=4)), 'uncond': (2, dict(label_dim=0)),
+             'res16': (3, dict(img_resolution=16)), 'labels3': (4, dict(label_dim=3)),
+             'rgba': (5, dict(img_channels=4))}
+    paths = {}
+    for name, (seed, overrides) in specs.items():
+        paths[name] = str(folder / f'{name}.safetensors')
+        save_network(paths[name], _tiny(seed, **overrides), StandardRGBEncoder())
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks run fastest, and least disturbed by other processes, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(generate_images.main, [str(a) for a in args])
+    return result
+
+
+def pngs(folder):
+    folder = pathlib.Path(folder)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob('*.png')) if folder.exists() else []
+
+
+def read_png(path):
+    return torch.from_numpy(np.array(PIL.Image.open(path))).permute(2, 0, 1)
+
+
+def library_images(paths, seeds, gnets=(), **kwargs):
+    import edm2
+    net, enc, _ = edm2.load_snapshot(paths['main'])
+    g = [edm2.load_snapshot(paths[name])[0] for name in gnets]
+    out = {}
+    for b in sampling.generate(net, seeds, encoder=enc, gnets=g, **kwargs):
+        out.update({s: img for s, img in zip(b.seeds, b.images)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing and presets.
+
+def test_parse_int_list():
+    assert generate_images.parse_int_list('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11]
+    assert generate_images.parse_int_list('5') == [5]
+    for bad in ['', 'a', '1-x', '5-2', '-3', '1,,2', '1.5']:
+        with pytest.raises(ValueError):
+            generate_images.parse_int_list(bad)
+
+
+def test_presets_cover_the_published_table():
+    table = presets.load('generate')
+    sizes512 = ['xs', 's', 'm', 'l', 'xl', 'xxl']
+    expected = ([f'edm2-img512-{s}-{m}' for s in sizes512 for m in ('fid', 'dino')]
+                + [f'edm2-img64-{s}-fid' for s in ('s', 'm', 'l', 'xl')]
+                + [f'edm2-img512-{s}-guid-{m}' for s in sizes512 for m in ('fid', 'dino')]
+                + [f'edm2-img512-{s}-autog-{m}' for s in ('s', 'xxl') for m in ('fid', 'dino')]
+                + ['edm2-img512-s-uncond-autog-fid', 'edm2-img512-s-uncond-autog-dino',
+                   'edm2-img64-s-autog-fid', 'edm2-img64-s-autog-dino',
+                   'edm2-img512-s-guid-interval-fid', 'edm2-img512-xxl-guid-interval-fid'])
+    assert sorted(table) == sorted(expected)
+    for name, cfg in table.items():
+        urls = [cfg['net']] + ([cfg['gnet']] if 'gnet' in cfg else [])
+        for url in urls:
+            assert url.startswith(ROOT + '/edm2-img') and url.endswith('.pkl'), (name, url)
+        assert ('gnet' in cfg) == (cfg['guidance'] != 1), name
+        if '-guid-' in name:  # CFG: the unconditional XS net with the same EMA length
+            assert cfg['gnet'] == f'{ROOT}/edm2-img512-xs-uncond-2147483-{cfg["net"][-9:-4]}.pkl', name
+    # A few rows spelled out (SPEC section 5).
+    assert table['edm2-img512-xxl-autog-fid'] == dict(
+        net=f'{ROOT}/edm2-img512-xxl-0939524-0.075.pkl', gnet=f'{ROOT}/edm2-img512-m-0268435-0.155.pkl',
+        guidance=2.05, reported='FID 1.25')
+    assert table['edm2-img64-s-autog-dino']['gnet'] == f'{ROOT}/edm2-img64-xs-0134217-0.175.pkl'
+    assert table['edm2-img512-l-dino']['net'] == f'{ROOT}/edm2-img512-l-1879048-0.155.pkl'
+    assert table['edm2-img512-m-guid-dino']['guidance'] == 2.0
+    assert table['edm2-img512-s-guid-interval-fid']['guidance_interval'] == [0.28, 2.9]
+    assert table['edm2-img512-xxl-guid-interval-fid']['guidance_interval'] == [0.19, 1.61]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line, no traceback, no PNG.
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('case, message', [
+    ('guidance without gnet', 'needs a guiding network'),
+    ('guide resolution', 'img_resolution=16'),
+    ('guide channels', 'img_channels=4'),
+    ('guide labels', 'label_dim=3'),
+    ('class out of range', 'out of range'),
+    ('seeds malformed', "'--seeds'"),
+    ('seeds reversed', 'empty range'),
+    ('unknown preset', 'unknown generate preset'),
+    ('unreachable url', '127.0.0.1'),
+    ('missing file', 'nothing.pkl'),
+    ('bad interval', "'--guidance-interval'"),
+    ('bad weights', "'--guide-weights'"),
+])
+def test_bad_input_gives_one_line_error_and_no_files(nets, tmp_path, case, message):
+    out = tmp_path / 'out'
+    base = ['--net', nets['main'], '--outdir', out, '--steps', 2, '--seeds', '0-1']
+    args = {
+        'guidance without gnet': base + ['--guidance', 2],
+        'guide resolution': base + ['--gnet', nets['res16'], '--guidance', 2],
+        'guide channels': base + ['--gnet', nets['rgba'], '--guidance', 2],
+        'guide labels': base + ['--gnet', nets['labels3'], '--guidance', 2],
+        'class out of range': base + ['--class', 4],
+        'seeds malformed': base + ['--seeds', '1-x'],
+        'seeds reversed': base + ['--seeds', '5-2'],
+        'unknown preset': ['--preset', 'edm2-img512-nope', '--outdir', out],
+        'unreachable url': ['--net', f'http://127.0.0.1:{_closed_port()}/net.pkl', '--outdir', out],
+        'missing file': ['--net', tmp_path / 'nothing.pkl', '--outdir', out],
+        'bad interval': base + ['--gnet', nets['guide'], '--guidance', 2, '--guidance-interval', '2,1'],
+        'bad weights': base + ['--gnet', nets['guide'], '--gnet', nets['uncond'], '--guidance', 2,
+                               '--guide-weights', '0.5'],
+    }[case]
+    result = run_cli(*args)
+    assert result.exit_code in (1, 2), result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
+        repr(result.exception)
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(error_lines) == 1 and message in error_lines[0], result.output
+    assert 'Traceback' not in result.output
+    assert pngs(out) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output files.
+
+def test_cli_writes_the_library_images(nets, tmp_path):
+    out = tmp_path / 'out'
+    result = run_cli('--net', nets['main'], '--gnet', nets['guide'], '--gnet', nets['uncond'], '--guidance', 2.5,
+                     '--guide-weights', '0.25,0.75', '--guidance-interval', '0.1,5', '--seeds', '3-7', '--batch', 2,
+                     '--steps', 4, '--S_churn', 2, '--S_max', 10, '--outdir', out, '--device', 'cpu')
+    assert result.exit_code == 0, result.output
+    assert pngs(out) == [f'{s:06d}.png' for s in range(3, 8)]
+    expected = library_images(nets, range(3, 8), gnets=['guide', 'uncond'], guidance=2.5, guide_weights=[0.25, 0.75],
+                              guidance_interval=(0.1, 5), batch_size=2, num_steps=4, S_churn=2, S_max=10)
+    for s in range(3, 8):
+        assert torch.equal(read_png(out / f'{s:06d}.png'), expected[s])
+    assert not [p for p in os.listdir(out) if not p.endswith('.png')]  # no temporary files left
+
+
+def test_subdirs_grid_and_class(nets, tmp_path):
+    out, grid = tmp_path / 'out', tmp_path / 'sheet' / 'grid.png'
+    result = run_cli('--net', nets['main'], '--seeds', '998-1002', '--subdirs', '--class', 3, '--steps', 2,
+                     '--outdir', out, '--grid', grid)
+    assert result.exit_code == 0, result.output
+    assert pngs(out) == ['000000/000998.png', '000000/000999.png', '001000/001000.png', '001000/001001.png',
+                         '001000/001002.png']
+    expected = library_images(nets, range(998, 1003), class_idx=3, num_steps=2)
+    sheet = np.array(PIL.Image.open(grid))
+    assert sheet.shape == (2 * 8, 3 * 8, 3)  # 5 images: 3 columns, 2 rows
+    for i, s in enumerate(range(998, 1003)):
+        r, c = divmod(i, 3)
+        tile = torch.from_numpy(sheet[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8]).permute(2, 0, 1)
+        assert torch.equal(tile, expected[s])
+        assert torch.equal(read_png(out / f'{s // 1000 * 1000:06d}' / f'{s:06d}.png'), expected[s])
+
+
+def test_skip_existing_resumes(nets, tmp_path):
+    out = tmp_path / 'out'
+    args = ['--net', nets['main'], '--seeds', '0-5', '--batch', 2, '--steps', 2, '--outdir', out]
+    assert run_cli(*args).exit_code == 0
+    first = {p: (out / p).read_bytes() for p in pngs(out)}
+    (out / '000003.png').unlink()
+    shutil.copy(out / '000000.png', out / '000005.png')  # an existing file must be left alone
+    result = run_cli(*args, '--skip-existing')
+    assert result.exit_code == 0, result.output
+    assert 'Done: 1 images written' in result.output
+    assert (out / '000003.png').read_bytes() == first['000003.png']
+    assert (out / '000005.png').read_bytes() == first['000000.png']
+
+
+def test_preset_values_are_overridden_by_flags(nets, tmp_path, monkeypatch):
+    table = {'tiny': dict(net=nets['main'], gnet=str(tmp_path / 'absent-guide.pkl'), guidance=2.0)}
+    monkeypatch.setattr(generate_images.presets, 'get', lambda name, key: dict(table[key]))
+    common = ['--preset', 'tiny', '--seeds', '0-2', '--steps', 3]
+    # The preset's guide does not exist: loading it is an error naming the flag ...
+    result = run_cli(*common, '--outdir', tmp_path / 'a')
+    assert result.exit_code == 1 and '--gnet' in result.output and 'absent-guide.pkl' in result.output
+    # ... --guidance 1 overrides the preset, so no guide is loaded at all ...
+    result = run_cli(*common, '--guidance', 1, '--outdir', tmp_path / 'b')
+    assert result.exit_code == 0, result.output
+    unguided = library_images(nets, range(3), num_steps=3)
+    assert all(torch.equal(read_png(tmp_path / 'b' / f'{s:06d}.png'), unguided[s]) for s in range(3))
+    # ... and an explicit --gnet replaces the preset's, keeping the preset's guidance 2.
+    result = run_cli(*common, '--gnet', nets['guide'], '--outdir', tmp_path / 'c')
+    assert result.exit_code == 0, result.output
+    guided = library_images(nets, range(3), gnets=['guide'], guidance=2.0, num_steps=3)
+    assert all(torch.equal(read_png(tmp_path / 'c' / f'{s:06d}.png'), guided[s]) for s in range(3))
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: torchrun, and parity with the published release.
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_same_files(nets, tmp_path):
+    # 8 seeds, batch 2: one process cuts 4 chunks of 2, two processes 4 chunks of 2 (2 each), so the
+    # batches (and hence the float arithmetic) are the same and the files must be byte-identical.
+    args = ['--net', nets['main'], '--gnet', nets['guide'], '--guidance', 2, '--seeds', '0-7', '--batch', 2,
+            '--steps', 3, '--S_churn', 1, '--device', 'cpu']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    subprocess.run([sys.executable, str(REPO / 'generate_images.py'), *map(str, args), '--outdir', str(tmp_path / 'one'),
+                    '--grid', str(tmp_path / 'one.png')], check=True, env=_env(), capture_output=True, timeout=300)
+    proc = subprocess.run([*torchrun, str(REPO / 'generate_images.py'), *map(str, args), '--outdir',
+                           str(tmp_path / 'two'), '--grid', str(tmp_path / 'two.png')], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = pngs(tmp_path / 'one')
+    assert files == [f'{s:06d}.png' for s in range(8)] and pngs(tmp_path / 'two') == files
+    for f in files:
+        assert (tmp_path / 'one' / f).read_bytes() == (tmp_path / 'two' / f).read_bytes(), f
+    assert (tmp_path / 'one.png').read_bytes() == (tmp_path / 'two.png').read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case, flags', [
+    ('guided_w2', ['--guidance', 2]),
+    ('unguided', []),
+    ('guided_w2_churn10', ['--guidance', 2, '--S_churn', 10, '--S_min', 0.05, '--S_max', 50]),
+])
+def test_cli_parity_with_published_release(official, tmp_path, case, flags):
+    ref = torch.load(official('generate-rgb16.pt'))
+    result = run_cli('--net', official('main-rgb16.pkl'), '--gnet', official('guide-rgb16.pkl'), *flags,
+                     '--steps', 8, '--batch', 3, '--seeds', '0-7', '--outdir', tmp_path)
+    assert result.exit_code == 0, result.output
+    images = torch.stack([read_png(tmp_path / f'{s:06d}.png') for s in ref['seeds']])
+    diff = (images.int() - ref[case].int()).abs()
+    identical = (diff == 0).float().mean().item()
+    assert diff.max().item() <= 1 and identical >= 0.999, \
+        f'{case}: max difference {diff.max().item()} levels, {identical:.2%} identical'
