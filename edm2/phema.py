@@ -255,14 +255,41 @@ def _check_metadata(snap, metadata):
                          f'EMA length {snap.std:.3f}')
 
 
-def _check_same_shapes(ref_net, ref_source, net, source):
-    ref = {k: tuple(v.shape) for k, v in ref_net.state_dict().items()}
-    cur = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+def _shapes(net):
+    return {name: tuple(t.shape) for name, t in net.state_dict().items()}
+
+
+def _check_same_shapes(ref, ref_source, net, source):
+    cur = _shapes(net)
     if ref != cur:
         diff = sorted(set(ref) ^ set(cur))
         what = f'tensor {diff[0]} present in only one' if diff else next(
             f'{k} has shape {list(cur[k])} vs {list(ref[k])}' for k in ref if ref[k] != cur[k])
         raise PhemaError(f'{source}: network does not match {ref_source} ({what})')
+
+
+def _start_sum(net, weight):
+    """An output network from the first input: its buffers are kept, its parameters scaled by the weight."""
+    import copy
+
+    import torch
+    out = copy.deepcopy(net).float().eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.mul_(weight)
+    return out
+
+
+def _add_to_sums(outs, net, weights):
+    """outs[j] += weights[j] * net, parameter by parameter (helper so that no tensor outlives the call)."""
+    import torch
+    with torch.no_grad():
+        src = [p.detach().to(torch.float32) for p in net.parameters()]
+        for out, weight in zip(outs, weights):
+            for p_out, p_in in zip(out.parameters(), src):
+                # Multiply, then add: two float32 roundings per term, the same arithmetic as the
+                # published tool (bitwise equal on its fixture).
+                p_out.add_(p_in * weight)
 
 
 def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu', loader=None,
@@ -276,9 +303,6 @@ def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu
     Raises PhemaError for bad requests and inputs whose networks differ in shape; all inputs are read
     (and checked) within the first batch, before anything is yielded.
     """
-    import copy
-
-    import torch
     from tqdm import tqdm
 
     loader = loader or _default_loader
@@ -296,25 +320,11 @@ def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu
                 _check_metadata(snap, metadata)
                 if first is None:
                     first = (snap.source, encoder, metadata)
-                    # The first input becomes the template of every output: its buffers are kept
-                    # and its parameters are rescaled to start the weighted sum.
-                    for j in cols:
-                        out = copy.deepcopy(net).float().eval().requires_grad_(False)
-                        with torch.no_grad():
-                            for p in out.parameters():
-                                p.mul_(float(X[i, j]))
-                        outs.append(out)
-                    ref_net, ref_source = outs[0], snap.source
+                    outs = [_start_sum(net, float(X[i, j])) for j in cols]
+                    ref_shapes, ref_source = _shapes(net), snap.source  # shapes only: no network kept
                 else:
-                    _check_same_shapes(ref_net, ref_source, net, snap.source)
-                    with torch.no_grad():
-                        src = [p.detach().to(torch.float32) for p in net.parameters()]
-                        for j, out in zip(cols, outs):
-                            for p_out, p_in in zip(out.parameters(), src):
-                                # Multiply, then add: two float32 roundings per term, the same
-                                # arithmetic as the published tool (bitwise equal on its fixture).
-                                p_out.add_(p_in * float(X[i, j]))
-                    del src
+                    _check_same_shapes(ref_shapes, ref_source, net, snap.source)
+                    _add_to_sums(outs, net, [float(X[i, j]) for j in cols])
                 del net, encoder, metadata  # drop this input before the next one is read
                 _release_freed_memory()
                 bar.update(1)

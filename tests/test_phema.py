@@ -203,18 +203,23 @@ def test_streaming_holds_at_most_batch_outputs_plus_one_input():
     for v in store.values():
         v.theta.data.normal_()
     snaps = [phema.Snapshot(key, kimg=1, std=key[1], nimg=key[0]) for key in store]
-    live = []
-    peak = []
+    live_inputs, live_outputs, alive = [], [], []
 
     def loader(source, device):
-        peak.append(sum(r() is not None for r in live))  # inputs still alive when the next is read
+        # Alive when the next input is read: earlier inputs (must be none) and outputs of earlier
+        # batches that the caller already dropped (must be none: the generator keeps no reference).
+        alive.append((sum(r() is not None for r in live_inputs), sum(r() is not None for r in live_outputs)))
         net = copy.deepcopy(store[source])
-        live.append(weakref.ref(net))
+        live_inputs.append(weakref.ref(net))
         return net, None, {}
 
-    batches = list(phema.reconstruct_batches(snaps, [0.06, 0.07, 0.08, 0.09, 0.11], batch=2, loader=loader))
-    assert [len(b) for b in batches] == [2, 2, 1]
-    assert max(peak) == 0 and len(peak) == 3 * len(snaps)
+    sizes = []
+    for recs in phema.reconstruct_batches(snaps, [0.06, 0.07, 0.08, 0.09, 0.11], batch=2, loader=loader):
+        sizes.append(len(recs))
+        live_outputs.extend(weakref.ref(r.net) for r in recs)
+        del recs
+    assert sizes == [2, 2, 1]
+    assert alive == [(0, 0)] * (3 * len(snaps))
 
 
 # ----------------------------------------------------------------------------------------------------
