@@ -145,21 +145,23 @@ def solve_coefficients(in_times, in_stds, out_times, out_stds):
     """
     in_times = np.asarray(in_times, dtype=np.float64)
     in_gammas = np.array([std_to_exp(s) for s in in_stds], dtype=np.float64)
+    out_times = np.asarray(out_times, dtype=np.float64)
+    out_gammas = np.array([std_to_exp(s) for s in out_stds], dtype=np.float64)
     X = np.zeros([len(in_times), len(out_times)], dtype=np.float64)
-    for j, (t, std) in enumerate(zip(out_times, out_stds)):
-        rows = np.flatnonzero(in_times <= t)
+    for t in np.unique(out_times):  # one Gram matrix per target time, all lengths at once
+        rows, cols = np.flatnonzero(in_times <= t), np.flatnonzero(out_times == t)
         if len(rows) == 0:
-            raise PhemaError(f'no snapshot at or before the target time {t} images')
+            raise PhemaError(f'no snapshot at or before the target time {t:.0f} images')
         ti, gi = in_times[rows], in_gammas[rows]
         A = profile_inner(ti[:, None], gi[:, None], ti[None, :], gi[None, :])
-        b = profile_inner(ti, gi, float(t), std_to_exp(std))
+        B = profile_inner(ti[:, None], gi[:, None], t, out_gammas[None, cols])
         try:
-            x = np.linalg.solve(A, b)
-            if not np.all(np.isfinite(x)) or np.linalg.cond(A) > 1e13:
+            x = np.linalg.solve(A, B)
+            if not np.all(np.isfinite(x)):
                 raise np.linalg.LinAlgError
         except np.linalg.LinAlgError:
-            x = np.linalg.lstsq(A, b, rcond=None)[0]
-        X[rows, j] = x / x.sum()
+            x = np.linalg.lstsq(A, B, rcond=None)[0]
+        X[np.ix_(rows, cols)] = x / x.sum(axis=0, keepdims=True)
     return X
 
 

@@ -354,6 +354,14 @@ def test_cli_bad_input(official, tmp_path):
     msg = _one_line_error(_run(['--indir', bad, '--outdir', out, '--outstd', '0.07,0.08,0.09', '--batch', 2]))
     assert 'network-snapshot-0000049-0.100.safetensors' in msg and 'shape' in msg
     assert not out.exists()
+    # The same snapshot twice (a pickle and its native copy): ambiguous, refused.
+    dup = tmp_path / 'dup'
+    dup.mkdir()
+    for src in sorted(folder.iterdir()):
+        (dup / src.name).symlink_to(src)
+    save_network(dup / 'network-snapshot-0000049-0.100.safetensors', net, encoder, kimg=49, ema_std=0.1)
+    msg = _one_line_error(_run(['--indir', dup, '--outdir', out, '--outstd', '0.07']))
+    assert 'two snapshots with kimg 49' in msg and not out.exists()
     # A corrupt input: one line naming it, nothing written.
     (bad / 'network-snapshot-0000049-0.100.safetensors').write_bytes(b'\x00' * 64)
     msg = _one_line_error(_run(['--indir', bad, '--outdir', out, '--outstd', '0.07']))
