@@ -83,11 +83,12 @@ def output_name(outprefix, kimg, std):
 def _save(path, rec, dtype):
     import torch
     from edm2.checkpoint import save_network
-    extra = {k: v for k, v in (rec.metadata or {}).items() if k not in ('kimg', 'ema_std', 'format', 'phema')}
-    provenance = dict(nimg=rec.nimg, inputs=[os.path.basename(str(s.source)) for s, _ in rec.coefficients],
+    # The first input's metadata (dataset, loss, batch, ...) carries over; time and length are the output's.
+    extra = {k: v for k, v in (rec.metadata or {}).items() if k not in ('kimg', 'ema_std', 'nimg', 'format', 'phema')}
+    provenance = dict(inputs=[os.path.basename(str(s.source)) for s, _ in rec.coefficients],
                       coefficients=[c for _, c in rec.coefficients])
     save_network(path, rec.net, rec.encoder, dtype=getattr(torch, dtype), kimg=rec.kimg, ema_std=rec.std,
-                 phema=provenance, **extra)
+                 nimg=rec.nimg, phema=provenance, **extra)
 
 
 @click.command(help=__doc__, context_settings=dict(max_content_width=110))
@@ -181,6 +182,8 @@ def run(dev, indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, b
                 del recs
         except (phema.PhemaError, CheckpointError) as e:  # one line naming the file
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f'cannot write to {outdir}: {e.strerror or e}') from None
     distributed.barrier()
     distributed.print0(f'Done: {len(todo)} networks in {outdir}')
 
