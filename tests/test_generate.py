@@ -22,6 +22,11 @@ from edm2.networks import build_network
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ROOT = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
 
+# Published snapshots store their weights in float16, and the published MPConv then computes the scalar
+# gain / sqrt(fan_in) in float16 (learned gains: emb_gain, out_gain). With that reproduced in the network
+# the sampler matches generate-rgb16.pt bit for bit; without it about 2% of pixels differ by one level.
+PARITY_HINT = ' (check that the network matches main-rgb16-denoise.pt, including the float16 gain arithmetic)'
+
 
 def _tiny(seed, **overrides):
     kwargs = dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1], num_blocks=1,
@@ -283,4 +288,4 @@ def test_cli_parity_with_published_release(official, tmp_path, case, flags):
     diff = (images.int() - ref[case].int()).abs()
     identical = (diff == 0).float().mean().item()
     assert diff.max().item() <= 1 and identical >= 0.999, \
-        f'{case}: max difference {diff.max().item()} levels, {identical:.2%} identical'
+        f'{case}: max difference {diff.max().item()} levels, {identical:.2%} identical' + PARITY_HINT

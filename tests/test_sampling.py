@@ -14,6 +14,12 @@ from edm2 import sampling
 from edm2.sampling import GuidedDenoiser, SamplingError, edm_sampler, generate, split_seeds, time_steps
 
 
+# Published snapshots store their weights in float16, and the published MPConv then computes the scalar
+# gain / sqrt(fan_in) in float16 (learned gains: emb_gain, out_gain). With that reproduced in the network
+# the sampler matches generate-rgb16.pt bit for bit; without it about 2% of pixels differ by one level.
+PARITY_HINT = ' (check that the network matches main-rgb16-denoise.pt, including the float16 gain arithmetic)'
+
+
 class Gaussian:
     """Ideal denoiser of N(mu, s^2 I) data; counts calls and records the labels it was given."""
 
@@ -30,6 +36,15 @@ class Gaussian:
         if labels is not None:  # a class-dependent mean, so that labels matter
             mu = mu + 0.1 * labels.argmax(dim=1).to(x.dtype).reshape(-1, 1, 1, 1)
         return mu + self.s2 / (self.s2 + sigma ** 2) * (x - mu)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors and networks run fastest, and least disturbed by other processes, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def noise(n=4, seed=0, dtype=torch.float32, shape=(3, 4, 4)):
@@ -115,7 +130,7 @@ def test_guided_denoiser_formula():
     sigma = torch.tensor(1.3, dtype=torch.float64)
     out = GuidedDenoiser(D1, [D0], guidance=2.5, dtype=torch.float64)(x, sigma)
     expected = D0(x, sigma) + 2.5 * (D1(x, sigma) - D0(x, sigma))
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert (out - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
 
 
 def test_guidance_one_never_evaluates_the_guide():
@@ -167,7 +182,7 @@ def test_several_guides():
     assert torch.equal(twice, one)
     split = edm_sampler(Gaussian(), n, gnets=[Gaussian(-0.2, 0.7)] * 2, guide_weights=[0.3, 0.7], guidance=2.0,
                         num_steps=6)
-    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
+    assert (split - one).abs().max().item() <= 1e-5 * one.abs().max().item()
 
 
 def test_several_guides_formula():
@@ -177,7 +192,7 @@ def test_several_guides_formula():
     out = GuidedDenoiser(D1, [A, B], guidance=2.2, guide_weights=[0.25, 0.75], dtype=torch.float64)(x, sigma)
     d1 = D1(x, sigma)
     expected = d1 + 1.2 * (0.25 * (d1 - A(x, sigma)) + 0.75 * (d1 - B(x, sigma)))
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert (out - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
 
 
 def test_conditional_and_unconditional_guides_get_the_right_labels():
@@ -304,27 +319,24 @@ def _parity(official, case, seeds=range(8)):
     kwargs = {'guided_w2': dict(gnets=[gnet], guidance=2.0), 'unguided': {},
               'guided_w2_churn10': dict(gnets=[gnet], guidance=2.0, S_churn=10, S_min=0.05, S_max=50)}[case]
     seeds = list(seeds)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and immune to a busy machine
-    try:
-        got_seeds, images, labels = _collect(generate(net, seeds, encoder=encoder, batch_size=3, num_steps=8,
-                                                      **kwargs))
-    finally:
-        torch.set_num_threads(threads)
+    got_seeds, images, labels = _collect(generate(net, seeds, encoder=encoder, batch_size=3, num_steps=8, **kwargs))
     assert got_seeds == seeds
     idx = [ref['seeds'].index(s) for s in seeds]
     assert labels.tolist() == ref['labels'][idx].tolist()
     diff = (images.int() - ref[case][idx].int()).abs()
     identical = (diff == 0).float().mean().item()
     assert diff.max().item() <= 1 and identical >= 0.999, \
-        f'{case}: max difference {diff.max().item()} levels, {identical:.2%} identical'
+        f'{case}: max difference {diff.max().item()} levels, {identical:.2%} identical' + PARITY_HINT
 
 
 def test_parity_first_batch(official):
+    # The full 8 seeds x 3 settings run end to end in test_generate.py (slow); here the first batch.
     _parity(official, 'guided_w2', seeds=range(3))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('case', ['guided_w2', 'unguided', 'guided_w2_churn10'])
-def test_parity_with_published_release(official, case):
-    _parity(official, case)
+def test_class_per_seed_matches_published_release(official):
+    import edm2
+    ref = torch.load(official('generate-rgb16.pt'))
+    net, _, _ = edm2.load_snapshot(official('main-rgb16.pkl'))
+    _, _, labels = _collect(generate(net, ref['seeds'], batch_size=3, num_steps=1))
+    assert labels.tolist() == ref['labels'].tolist()
