@@ -140,8 +140,10 @@ class GuidedDenoiser:
         lo, hi = self.interval
         return lo < sigma <= hi
 
-    def __call__(self, x, sigma, labels=None):
-        guided = self.guided_at(float(sigma))  # `sigma` is a 0-dim tensor, best on the CPU (no device sync)
+    def __call__(self, x, sigma, labels=None, sigma_value=None):
+        """D(x; sigma, labels). `sigma`: a 0-dim tensor (ideally on x's device) or a number; `sigma_value`,
+        its value as a Python float, spares a device sync when sigma lives on a GPU."""
+        guided = self.guided_at(float(sigma) if sigma_value is None else sigma_value)
         sigma = torch.as_tensor(sigma, device=x.device)
         d1 = self._eval(0, self.net, x, sigma, labels)
         if not guided:
@@ -200,32 +202,36 @@ def edm_sampler(net, noise, labels=None, *, gnets=(), guidance=1.0, guide_weight
     if S_churn < 0 or S_noise < 0:
         raise SamplingError(f'S_churn and S_noise must be non-negative, got {S_churn:g}, {S_noise:g}')
 
-    # The schedule is computed in the sampler's dtype, like the rest of the state. It stays on the CPU:
-    # 0-dim CPU tensors combine with device tensors, and the per-step decisions need no device sync.
+    # The schedule is computed in the sampler's dtype, like the rest of the state, on the CPU: the Heun
+    # arithmetic uses its 0-dim tensors as scalars (no device sync), and the per-step decisions read them
+    # directly. The noise levels handed to the networks go to the device once, up front.
     t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype)
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
+    churn = [gamma_max > 0 and S_min <= float(t) <= S_max for t in t_steps[:-1]]
+    t_hats = [t + gamma_max * t if c else t for t, c in zip(t_steps[:-1], churn)]  # sigma_hat = sigma (1 + gamma)
+    on_device = torch.stack(t_hats + list(t_steps)).to(noise.device)
+    hat_dev, next_dev = on_device[:num_steps], on_device[num_steps + 1:]
 
     x_next = noise.to(dtype) * t_steps[0]
     for i in range(num_steps):
-        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        t_cur, t_hat, t_next = t_steps[i], t_hats[i], t_steps[i + 1]
         x_cur = x_next
 
         # Churn: temporarily raise the noise level by a factor (1 + gamma) with fresh noise
         # (EDM Algorithm 2, lines 4-6). No noise is drawn at steps without churn.
-        if gamma_max > 0 and S_min <= float(t_cur) <= S_max:
-            t_hat = t_cur + gamma_max * t_cur
+        if churn[i]:
             eps = _per_image_randn(generators, x_cur) if generators is not None else torch.randn_like(x_cur)
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * eps
         else:
-            t_hat, x_hat = t_cur, x_cur
+            x_hat = x_cur
 
         # Euler step from t_hat to t_next.
-        d_cur = (x_hat - denoiser(x_hat, t_hat, labels)) / t_hat
+        d_cur = (x_hat - denoiser(x_hat, hat_dev[i], labels, sigma_value=float(t_hat))) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
 
         # Second-order (trapezoidal) correction, except on the last step where t_next = 0.
         if i < num_steps - 1:
-            d_prime = (x_next - denoiser(x_next, t_next, labels)) / t_next
+            d_prime = (x_next - denoiser(x_next, next_dev[i], labels, sigma_value=float(t_next))) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
 
