@@ -215,6 +215,8 @@ class Precond(torch.nn.Module):
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        if sigma.shape[0] == 1:
+            sigma = sigma.expand(x.shape[0], 1, 1, 1)  # one sigma for the whole batch
         if self.label_dim == 0:
             class_labels = None  # an unconditional net ignores labels
         elif class_labels is None:

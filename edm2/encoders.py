@@ -1,0 +1,171 @@
+"""Encoders between dataset items and network inputs (SPEC section 6).
+
+- StandardRGBEncoder: uint8 pixels <-> [-1, 1] (ImageNet-64 models).
+- StabilityVAEEncoder: uint8 pixels -> 8-channel raw VAE latents (posterior mean || std, 1/8
+  resolution) -> sampled and scaled 4-channel latents (ImageNet-512 models), and back to pixels
+  through the VAE decoder. Needs diffusers (`pip install .[vae]`), imported only when used.
+
+Every encoder has `spec()` (a JSON-serialisable dict) and `from_spec(spec)` rebuilds it; the native
+checkpoint format stores the spec.
+"""
+
+import numpy as np
+import torch
+
+__all__ = ['StandardRGBEncoder', 'StabilityVAEEncoder', 'from_spec', 'EncoderError']
+
+
+class EncoderError(ValueError):
+    """One-line user-facing error (missing extra, bad spec, bad input)."""
+
+
+def _as_tensor(x, device=None):
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    return torch.as_tensor(x, device=device)
+
+
+class StandardRGBEncoder:
+    """Pixels are the network input: uint8 [0, 255] <-> float [-1, 1]."""
+
+    def __init__(self):
+        pass
+
+    def spec(self):
+        return {'class': 'StandardRGBEncoder'}
+
+    def init(self, device):  # nothing to load
+        pass
+
+    def __repr__(self):
+        return 'StandardRGBEncoder()'
+
+    def encode(self, x):
+        return self.encode_latents(self.encode_pixels(x))
+
+    def encode_pixels(self, x):
+        return _as_tensor(x)  # the raw dataset form of an RGB dataset is the pixels themselves
+
+    def encode_latents(self, x):
+        return _as_tensor(x).to(torch.float32) / 127.5 - 1
+
+    def decode(self, x):
+        # Truncation (not rounding) after +128, as in the published release (SPEC section 5).
+        return (_as_tensor(x).to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+class StabilityVAEEncoder:
+    """Latent-space encoder around the Stable Diffusion VAE (AutoencoderKL).
+
+    scale = final_std / raw_std and bias = final_mean - raw_mean * scale map the raw posterior samples
+    to roughly N(final_mean, final_std^2) per channel. `vae_name` is a Hugging Face id or a local
+    folder written by `AutoencoderKL.save_pretrained`; `vae` may pass a ready AutoencoderKL instead.
+    `scale` / `bias` (sequences of 4) override the ones computed from raw_mean/raw_std (as stored
+    in published snapshots).
+    """
+
+    def __init__(self, vae_name='stabilityai/sd-vae-ft-mse', raw_mean=(5.81, 3.25, 0.12, -2.15),
+                 raw_std=(4.17, 4.62, 3.71, 3.28), final_mean=0, final_std=0.5, batch_size=8,
+                 scale=None, bias=None, vae=None):
+        self.vae_name = vae_name
+        self.batch_size = int(batch_size)
+        if scale is None:
+            scale = np.float32(final_std) / np.float32(raw_std)
+        if bias is None:
+            bias = np.float32(final_mean) - np.float32(raw_mean) * np.float32(scale)
+        self.scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+        self.bias = np.asarray(bias, dtype=np.float32).reshape(-1)
+        if self.scale.shape != self.bias.shape:
+            raise EncoderError(f'StabilityVAEEncoder: scale {self.scale.shape} and bias {self.bias.shape} differ in size')
+        self._vae = vae
+
+    def spec(self):
+        return {'class': 'StabilityVAEEncoder', 'vae_name': self.vae_name, 'batch_size': self.batch_size,
+                'scale': [float(v) for v in self.scale], 'bias': [float(v) for v in self.bias]}
+
+    def __repr__(self):
+        return f'StabilityVAEEncoder(vae_name={self.vae_name!r})'
+
+    def init(self, device):
+        """Load the VAE (once) and move it to `device`."""
+        if self._vae is None:
+            try:
+                import diffusers
+            except ImportError:
+                raise EncoderError('StabilityVAEEncoder needs diffusers: pip install .[vae]') from None
+            try:
+                self._vae = diffusers.AutoencoderKL.from_pretrained(self.vae_name)
+            except Exception as e:  # noqa: BLE001 -- any loading failure becomes one line
+                raise EncoderError(f'cannot load VAE {self.vae_name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+        self._vae.eval().requires_grad_(False).to(device)
+
+    def _device(self):
+        return next(self._vae.parameters()).device
+
+    def _affine(self, x):
+        scale = torch.as_tensor(self.scale, device=x.device).reshape(1, -1, 1, 1)
+        bias = torch.as_tensor(self.bias, device=x.device).reshape(1, -1, 1, 1)
+        return scale, bias
+
+    def encode(self, x, generator=None):
+        """uint8 pixels [N,3,H,W] or raw float latents [N,8,h,w] -> network input [N,4,h,w]."""
+        x = _as_tensor(x)
+        if x.dtype == torch.uint8:
+            x = self.encode_pixels(x)
+        return self.encode_latents(x, generator=generator)
+
+    @torch.no_grad()
+    def encode_pixels(self, x):
+        """uint8 pixels [N,3,H,W] -> raw latents [N,8,H/8,W/8] = posterior mean || std."""
+        if self._vae is None:
+            self.init(torch.device('cpu'))
+        device = self._device()
+        x = _as_tensor(x)
+        out = []
+        for chunk in x.split(self.batch_size):
+            # The VAE is fed pixels / 255 in [0, 1] (SPEC section 6).
+            dist = self._vae.encode(chunk.to(device, torch.float32) / 255)['latent_dist']
+            out.append(torch.cat([dist.mean, dist.std], dim=1))
+        return torch.cat(out)
+
+    def encode_latents(self, x, generator=None):
+        """Raw latents [N,8,h,w] -> mean + std * eps, then scale/bias -> [N,4,h,w]."""
+        x = _as_tensor(x).to(torch.float32)
+        mean, std = x.chunk(2, dim=1)
+        eps = torch.randn(mean.shape, generator=generator, device=x.device) if generator is not None \
+            else torch.randn_like(mean)
+        scale, bias = self._affine(x)
+        return (mean + std * eps) * scale + bias
+
+    @torch.no_grad()
+    def decode(self, x):
+        """Network output latents [N,4,h,w] -> uint8 pixels [N,3,8h,8w]."""
+        if self._vae is None:
+            self.init(_as_tensor(x).device)
+        device = self._device()
+        x = _as_tensor(x).to(device, torch.float32)
+        scale, bias = self._affine(x)
+        x = (x - bias) / scale
+        out = []
+        for chunk in x.split(self.batch_size):
+            y = self._vae.decode(chunk)['sample']
+            out.append(y.clamp(0, 1).mul(255).to(torch.uint8))
+        return torch.cat(out)
+
+
+def from_spec(spec):
+    """Rebuild an encoder from `encoder.spec()`; None stays None."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or 'class' not in spec:
+        raise EncoderError(f'encoder spec must be a dict with a "class" entry, got {spec!r}')
+    kwargs = {k: v for k, v in spec.items() if k != 'class'}
+    if spec['class'] == 'StandardRGBEncoder':
+        return StandardRGBEncoder()
+    if spec['class'] == 'StabilityVAEEncoder':
+        allowed = {'vae_name', 'batch_size', 'scale', 'bias', 'raw_mean', 'raw_std', 'final_mean', 'final_std'}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise EncoderError(f'unknown StabilityVAEEncoder spec entries: {", ".join(sorted(unknown))}')
+        return StabilityVAEEncoder(**kwargs)
+    raise EncoderError(f'unknown encoder class {spec["class"]!r} (expected StandardRGBEncoder or StabilityVAEEncoder)')
