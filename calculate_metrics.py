@@ -387,8 +387,9 @@ def _load_net(path, device, what):
 
 @cli.command()
 @click.option('--net', help='Network snapshot (file or URL)', metavar='PATH|URL', default=None)
-@click.option('--gnet', help='Guiding network for autoguidance / CFG (file or URL)', metavar='PATH|URL',
-              default=None)
+@click.option('--gnet', help='Guiding network for autoguidance / CFG (file or URL; repeat for several)',
+              metavar='PATH|URL', multiple=True)
+@click.option('--guide-weights', help='Shares of several guides (sum 1; default equal)', metavar='LIST', default=None)
 @click.option('--guidance', help='Guidance weight w (1 = no guidance)', metavar='FLOAT', type=float, default=None)
 @click.option('--guidance-interval', help='Apply guidance only for sigma in (LO, HI]', metavar='LO,HI', default=None)
 @click.option('--preset', help='Generation preset (configs/generate.toml) giving net, gnet, guidance', metavar='STR',
@@ -407,7 +408,8 @@ def _load_net(path, device, what):
               show_default=True)
 @click.option('--out', help='Write results and settings as JSON', metavar='JSON', default=None)
 @common_options
-def gen(net, gnet, guidance, guidance_interval, preset, ref_path, metrics, num, seed, repeats, steps, out, **opts):
+def gen(net, gnet, guide_weights, guidance, guidance_interval, preset, ref_path, metrics, num, seed, repeats, steps,
+        out, **opts):
     """Calculate metrics of a network, generating images on the fly.
 
     \b
@@ -424,20 +426,29 @@ def gen(net, gnet, guidance, guidance_interval, preset, ref_path, metrics, num, 
     if preset is not None:
         p = _preset_settings(preset)
         net = net if net is not None else p.get('net')
-        gnet = gnet if gnet is not None else p.get('gnet')
+        if not gnet and p.get('gnet'):
+            gnet = p['gnet'] if isinstance(p['gnet'], (list, tuple)) else [p['gnet']]
         guidance = guidance if guidance is not None else p.get('guidance')
         if interval is None and p.get('guidance_interval') is not None:
             interval = tuple(float(v) for v in p['guidance_interval'])
     if net is None:
         raise click.UsageError('give --net or --preset')
     guidance = 1.0 if guidance is None else float(guidance)
+    gnet = list(gnet or [])
+    if guide_weights is not None:
+        try:
+            guide_weights = [float(v) for v in guide_weights.split(',')]
+        except ValueError:
+            raise click.BadParameter(f'expected comma-separated numbers, got {guide_weights!r}',
+                                     param_hint="'--guide-weights'") from None
     device = distributed.init(opts['device'])
     reference = _load_ref(ref_path)
     _check_ref(reference, metrics, opts['pr_features'], ref_path)
     names = evaluate.detectors_for(metrics, opts['pr_features'])
     detectors = _load_detectors(names, opts, device)
     main_net, encoder = _load_net(net, device, '--net')
-    gnets = [_load_net(gnet, device, '--gnet')[0]] if gnet is not None else []
+    # As in generate_images.py, guidance 1 never evaluates a guide, so it is not loaded either.
+    gnets = [_load_net(g, device, '--gnet')[0] for g in gnet] if guidance != 1 else []
     keep = {opts['pr_features']} if any(m in evaluate.PR_METRICS for m in metrics) else set()
 
     runs, labels, seed_ranges = [], [], []
@@ -447,8 +458,8 @@ def gen(net, gnet, guidance, guidance_interval, preset, ref_path, metrics, num, 
         distributed.print0(f'Generating and evaluating {num} images, seeds {first}-{first + num - 1}')
         try:
             stream = sampling.generate(main_net, seeds, encoder=encoder, gnets=gnets, guidance=guidance,
-                                       guidance_interval=interval, batch_size=opts['batch'], device=device,
-                                       progress=True, num_steps=steps)
+                                       guide_weights=guide_weights if gnets else None, guidance_interval=interval,
+                                       batch_size=opts['batch'], device=device, progress=True, num_steps=steps)
         except sampling.SamplingError as e:
             _fail(e)
         batches = ((b.images, torch.as_tensor(b.seeds) - first) for b in stream)
@@ -460,7 +471,8 @@ def gen(net, gnet, guidance, guidance_interval, preset, ref_path, metrics, num, 
     if distributed.is_main():
         summary = _report(runs, metrics, 'network', labels)
         _write_json(out, dict(
-            command='gen', metrics=metrics, net=str(net), gnet=None if gnet is None else str(gnet), preset=preset,
+            command='gen', metrics=metrics, net=str(net), gnet=[str(g) for g in gnet] or None,
+            guide_weights=guide_weights, preset=preset,
             guidance=guidance, guidance_interval=None if interval is None else list(interval), steps=steps,
             ref=str(ref_path), num=num, repeats=repeats,
             runs=[dict(seeds=sr, **v) for sr, v in zip(seed_ranges, runs)], summary=summary,

@@ -240,10 +240,36 @@ def test_gen_with_guidance(assets, tmp_path, official):
     assert result.exit_code == 0, result.output
     res = json.loads(out.read_text())
     assert [r['seeds'] for r in res['runs']] == [[0, 3], [4, 7]]
-    assert res['guidance'] == 2.0 and res['guidance_interval'] == [0.1, 5.0] and res['gnet'] == str(gnet)
+    assert res['guidance'] == 2.0 and res['guidance_interval'] == [0.1, 5.0] and res['gnet'] == [str(gnet)]
     assert all(np.isfinite(r['fid']) and 0 <= r['precision'] <= 1 for r in res['runs'])
     _assert_one_line_error(_run(['gen', '--net', str(net), '--guidance', '2', '--ref', str(ref_path), '--num', '4',
                                  '--metrics', 'fid'], assets), 'guid')
+
+
+def test_gen_preset_gives_same_result_as_flags(assets, tmp_path, official, monkeypatch):
+    from edm2 import presets
+    net, gnet = official('main-rgb16.pkl'), official('guide-rgb16.pkl')
+    ref_path = tmp_path / 'ref.npz'
+    np.savez(ref_path, mu=np.zeros(128), sigma=np.eye(128))
+    configs = tmp_path / 'configs'
+    configs.mkdir()
+    (configs / 'generate.toml').write_text(
+        f"[tiny-autog]\nnet = '{net}'\ngnet = '{gnet}'\nguidance = 1.5\nguidance_interval = [0.2, 3.0]\n")
+    monkeypatch.setenv('EDM2_CONFIG_DIR', str(configs))
+    presets.load.cache_clear()
+    try:
+        common = ['--ref', str(ref_path), '--metrics', 'fid', '--num', '3', '--steps', '2', '--batch', '3']
+        a = _run(['gen', '--preset', 'tiny-autog', '--out', str(tmp_path / 'a.json')] + common, assets)
+        assert a.exit_code == 0, a.output
+        b = _run(['gen', '--net', str(net), '--gnet', str(gnet), '--guidance', '1.5', '--guidance-interval', '0.2,3',
+                  '--out', str(tmp_path / 'b.json')] + common, assets)
+        assert b.exit_code == 0, b.output
+        _assert_one_line_error(_run(['gen', '--preset', 'nope'] + common, assets), 'nope')
+    finally:
+        presets.load.cache_clear()
+    ra, rb = (json.loads((tmp_path / f).read_text()) for f in ('a.json', 'b.json'))
+    assert ra['guidance'] == rb['guidance'] == 1.5 and ra['guidance_interval'] == rb['guidance_interval'] == [0.2, 3.0]
+    assert ra['runs'][0]['fid'] == rb['runs'][0]['fid']
 
 
 def _free_port():
