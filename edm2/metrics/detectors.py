@@ -29,6 +29,7 @@ SPECS = {
         url='https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth',
         file_name='pt_inception-2015-12-05-6726825d.pth',
         sha256_prefix='6726825d',
+        other_names=('weights-inception-2015-12-05-6726825d.pth',),  # torch-fidelity's name for the same file
         env='EDM2_INCEPTION_WEIGHTS',
         flag='--inception-weights',
     ),
@@ -67,7 +68,9 @@ def find_weights(name, path=None, download=True) -> pathlib.Path:
                 raise DetectorError(f'{spec["title"]} weights not found: {p} (given by {source}); '
                                     f'download {spec["url"]}')
             return p
-    for candidate in (cache_dir() / spec['file_name'], _torch_hub_file(spec['file_name'])):
+    names = (spec['file_name'],) + tuple(spec.get('other_names', ()))
+    candidates = [cache_dir() / n for n in names] + [_torch_hub_file(n) for n in names]
+    for candidate in candidates:
         if candidate is not None and candidate.is_file():
             return candidate
     if not download:
