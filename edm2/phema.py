@@ -294,6 +294,44 @@ def _add_to_sums(outs, net, weights):
                 p_out.add_(p_in * weight)
 
 
+def _is_native(source):
+    import os
+    return isinstance(source, (str, os.PathLike)) and str(source).endswith('.safetensors') and os.path.isfile(source)
+
+
+def _add_native_to_sums(outs, source, weights, ref_shapes, ref_source, snap, device):
+    """outs[j] += weights[j] * (the parameters stored in native file `source`), reading one tensor at a
+    time (safetensors maps the file) instead of building the input network: only `batch` outputs and
+    one tensor are in memory. The file is checked as edm2.checkpoint would: edm2 header, same tensors."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    try:
+        with safe_open(str(source), framework='pt', device='cpu') as f:
+            doc = json.loads((f.metadata() or {}).get('edm2', 'null'))
+            if not isinstance(doc, dict) or doc.get('format') != 'edm2-network':
+                raise PhemaError(f'{source}: not an edm2 network checkpoint')
+            _check_metadata(snap, doc)
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            if shapes != ref_shapes:
+                diff = sorted(set(ref_shapes) ^ set(shapes))
+                what = f'tensor {diff[0]} present in only one' if diff else next(
+                    f'{k} has shape {list(shapes[k])} vs {list(ref_shapes[k])}' for k in ref_shapes
+                    if ref_shapes[k] != shapes[k])
+                raise PhemaError(f'{source}: network does not match {ref_source} ({what})')
+            params = [dict(out.named_parameters()) for out in outs]
+            with torch.no_grad():
+                for name in params[0]:
+                    p_in = f.get_tensor(name).to(device=device, dtype=torch.float32)
+                    for out_params, weight in zip(params, weights):
+                        out_params[name].add_(p_in * weight)  # multiply, then add (see _add_to_sums)
+    except PhemaError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- SafetensorError, JSON errors, OSError: one line naming the file
+        raise PhemaError(f'{source}: unreadable native checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
+
+
 def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu', loader=None,
                         progress=False):
     """Stream post-hoc EMA reconstructions, `batch` outputs at a time: yields one list of Reconstruction
@@ -301,12 +339,15 @@ def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu
     `batch` output networks plus one input network are held at a time. Parameters are the float32 sums
     sum_i X_ij theta_i; buffers come unchanged from the earliest input (SPEC section 4).
 
-    `loader(source, device) -> (net, encoder, metadata)` defaults to edm2.checkpoint.load_snapshot.
+    `loader(source, device) -> (net, encoder, metadata)` defaults to edm2.checkpoint.load_snapshot; with
+    the default, native files after a batch's first input are read one tensor at a time instead, so the
+    input side needs one tensor rather than a whole network.
     Raises PhemaError for bad requests and inputs whose networks differ in shape; all inputs are read
     (and checked) within the first batch, before anything is yielded.
     """
     from tqdm import tqdm
 
+    stream_native = loader is None  # the default loader: native files after the first are streamed
     loader = loader or _default_loader
     out_kimg, nimg, inputs, X = plan_reconstruction(snapshots, out_stds, out_kimg)
     out_stds = [float(s) for s in out_stds]
@@ -318,6 +359,12 @@ def reconstruct_batches(snapshots, out_stds, out_kimg=None, batch=8, device='cpu
             cols = list(range(start, min(start + batch, len(out_stds))))
             outs, first = [], None
             for i, snap in enumerate(inputs):
+                if first is not None and stream_native and _is_native(snap.source):
+                    _add_native_to_sums(outs, snap.source, [float(X[i, j]) for j in cols], ref_shapes,
+                                        ref_source, snap, device)
+                    _release_freed_memory()
+                    bar.update(1)
+                    continue
                 net, encoder, metadata = loader(snap.source, device)
                 _check_metadata(snap, metadata)
                 if first is None:
