@@ -139,8 +139,12 @@ def _collate(items):
     return torch.from_numpy(np.stack([im for im, _ in items])), torch.tensor([p for _, p in items])
 
 
-def _dataset_batches(dataset, indices, batch, workers, desc):
-    """This rank's batches (uint8 images, positions into `indices`), with a progress bar on rank 0."""
+def _dataset_batches(dataset, indices, batch, workers, desc, errors):
+    """This rank's batches (uint8 images, positions into `indices`), with a progress bar on rank 0.
+
+    A file that cannot be read ends this rank's stream and its message goes to `errors`; the caller
+    still takes part in the collective reduction, so that no rank waits forever (`_check_errors`).
+    """
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = np.arange(len(indices))[rank::world]
     items = _Items(dataset, indices)
@@ -154,13 +158,26 @@ def _dataset_batches(dataset, indices, batch, workers, desc):
     try:
         for b in loader:
             if isinstance(b, str):
-                _fail(b)
+                errors.append(b)
+                return
             if bar is not None:
                 bar.update(len(b[1]))
             yield b
     finally:
         if bar is not None:
             bar.close()
+
+
+def _accumulate_dataset(dataset, positions, detectors, opts, device, desc, **kwargs):
+    errors = []
+    batches = _dataset_batches(dataset, positions, opts['batch'], opts['workers'], desc, errors)
+    stats = evaluate.accumulate(batches, detectors, len(positions), device=device, **kwargs)
+    failed = distributed.all_reduce_sum(torch.tensor([float(bool(errors))], device=device))
+    if errors:
+        _fail(errors[0])
+    if failed.item() > 0:
+        _fail('another rank could not read its images (see its message)')
+    return stats
 
 
 def _print_table(rows, metrics, label):
@@ -280,8 +297,8 @@ def ref(data, dest, metrics, keep_features, keep_num, seed, **opts):
         keep_slots = np.full(n, -1, dtype=np.int64)
         keep_slots[chosen] = np.arange(keep_num)
     distributed.print0(f'Computing reference statistics of {n} images in {data} ({", ".join(names)})...')
-    batches = _dataset_batches(dataset, np.arange(n), opts['batch'], opts['workers'], 'Reference')
-    stats = evaluate.accumulate(batches, detectors, n, keep=keep, device=device, keep_slots=keep_slots)
+    stats = _accumulate_dataset(dataset, np.arange(n), detectors, opts, device, 'Reference', keep=keep,
+                                keep_slots=keep_slots)
     if distributed.is_main():
         try:
             reference = evaluate.reference_from_stats(stats, metrics)
@@ -340,8 +357,7 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
     runs, labels = [], []
     for r, positions in enumerate(subsets):
         distributed.print0(f'Evaluating {num} images of {images}' + (f' (subset {r + 1}/{repeats})' if repeats > 1 else ''))
-        batches = _dataset_batches(dataset, positions, opts['batch'], opts['workers'], 'Features')
-        stats = evaluate.accumulate(batches, detectors, num, keep=keep, device=device)
+        stats = _accumulate_dataset(dataset, positions, detectors, opts, device, 'Features', keep=keep)
         if distributed.is_main():
             runs.append(_evaluate(stats, reference, metrics, opts, seed, device))
             labels.append(f'subset {r}' if repeats > 1 else os.path.basename(os.path.normpath(images)))

@@ -299,3 +299,22 @@ def test_torchrun_two_processes_match_one(assets, tmp_path):
     for name in ('inception', 'dinov2'):
         a, b = one['features'][name], two['features'][name]
         assert np.allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+@pytest.mark.slow
+def test_torchrun_unreadable_image_stops_every_rank(assets, tmp_path):
+    # Only one rank meets the damaged file; the others must not wait for it forever.
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    for name in sorted(os.listdir(assets['images']))[:5]:
+        os.link(os.path.join(assets['images'], name), bad / name)
+    (bad / '000099.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+           os.path.join(REPO, 'calculate_metrics.py'), 'ref', '--data', str(bad), '--dest', str(tmp_path / 'r.pkl'),
+           '--batch', '2', '--workers', '0', '--device', 'cpu', '--metrics', 'fid',
+           '--inception-weights', assets['inception']]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    assert 'Error: cannot read' in proc.stderr and '000099.png' in proc.stderr
+    assert not (tmp_path / 'r.pkl').exists()  # (torchrun's own launcher prints a traceback on failure)

@@ -133,6 +133,16 @@ class Detector:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        # Full float32: TF32 convolutions (cuDNN's default on recent GPUs) would shift the features
+        # by ~1e-3 relative and the published FIDs with them.
+        cudnn_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return self._features(images)
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
+
+    def _features(self, images):
         x = images.to(self.device)
         if x.shape[1] == 1:  # grayscale datasets: the detectors expect RGB
             x = x.expand(-1, 3, -1, -1)
