@@ -216,7 +216,10 @@ def _evaluate(stats, ref, metrics, opts, seed, device):
 
 def _write_json(path, obj):
     if path and distributed.is_main():
-        _atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
+        try:
+            _atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
+        except OSError as e:
+            _fail(f'cannot write {path}: {e.strerror or e}')
         distributed.print0(f'Results written to {path}')
 
 
@@ -304,7 +307,10 @@ def ref(data, dest, metrics, keep_features, keep_num, seed, **opts):
             reference = evaluate.reference_from_stats(stats, metrics)
         except ValueError as e:
             _fail(f'{data}: {e}')
-        save_reference(dest, reference)
+        try:
+            save_reference(dest, reference)
+        except OSError as e:
+            _fail(f'cannot write {dest}: {e.strerror or e}')
         distributed.print0(f'Saved statistics of {n} images to {dest}')
     distributed.barrier()
 

@@ -169,7 +169,7 @@ def load_detector(name, weights=None, device='cpu', resize_mode='torch', num_hea
         else:
             net = _dinov2.DINOv2ViT.from_state_dict(sd, num_heads=num_heads)
     except (ValueError, RuntimeError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e) else type(e).__name__
+        reason = ' '.join(str(e).split())[:300] or type(e).__name__  # torch's messages span several lines
         raise DetectorError(f'{path} does not hold {SPECS[name]["title"]} weights: {reason}') from None
     return Detector(name, net, path, device, resize_mode=resize_mode)
 

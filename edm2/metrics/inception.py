@@ -224,7 +224,11 @@ class InceptionV3FID(nn.Module):
         if w is None or w.ndim != 4 or w.shape[0] < 1 or 32 % w.shape[0]:
             raise ValueError('not an Inception-v3 FID state dict (no usable Conv2d_1a_3x3.conv.weight)')
         net = cls(width_divisor=32 // w.shape[0])
-        net.load_state_dict(state_dict, strict=True)
+        missing, unexpected = net.load_state_dict(state_dict, strict=False)
+        # BN step counters are unused at inference; files written by older torch versions lack them.
+        missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+        if missing or unexpected:
+            raise ValueError(f'Inception-v3 state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}')
         return net
 
     def features_and_logits(self, x):
