@@ -98,6 +98,7 @@ def test_convert_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert r.exit_code != 0 and 'not found' in r.output
 
 
+@pytest.mark.slow  # importing diffusers alone takes seconds
 def test_encode_with_local_vae(tmp_path):
     encoders = pytest.importorskip('edm2.encoders')
     diffusers = pytest.importorskip('diffusers')

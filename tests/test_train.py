@@ -184,3 +184,18 @@ def test_changed_hyperparameter_on_resume_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == before
     r = _train(*args)  # same command: already done, nothing changes
     assert r.exit_code == 0 and 'Nothing to do' in r.output
+
+
+def test_latent_dataset_trains_on_4_channel_latents(tmp_path):
+    from edm2.checkpoint import load_snapshot
+    lat = tmp_path / 'lat'
+    lat.mkdir()
+    rnd = np.random.RandomState(0)
+    for i in range(4):  # raw VAE latents: posterior mean || std, 8 channels
+        arr = np.concatenate([rnd.randn(4, 8, 8) * 4, np.full((4, 8, 8), 0.1)]).astype(np.float32)
+        np.save(lat / f'img-mean-std-{i:08d}.npy', arr)
+    r = _train('--outdir', tmp_path / 'run', '--data', lat, '--cond', '0', '--duration', '4', '--batch', '4', *TINY)
+    assert r.exit_code == 0, r.output
+    net, encoder, meta = load_snapshot(next((tmp_path / 'run').glob('network-snapshot-0000000-0.100.*')))
+    assert net.img_channels == 4 and net.img_resolution == 8 and net.label_dim == 0
+    assert type(encoder).__name__ == 'StabilityVAEEncoder' and meta['kimg'] == 0 and meta['ema_std'] == 0.1
