@@ -2,6 +2,12 @@
 
 An EMA profile with exponent gamma averages the weights theta(tau) with density proportional to
 tau**gamma on [0, t]. Its relative standard deviation sigma_rel is a function of gamma alone.
+
+    exp_to_std, std_to_exp, power_function_beta    sigma_rel <-> gamma, the tracking decay
+    PowerFunctionEMA(net, stds)                    tracker used during training
+    profile_inner, solve_coefficients, fit_error   post-hoc solver (float64) and its error bound
+    find_snapshots, reconstruct, reconstruct_batches
+                                                   streaming reconstruction of networks in memory
 """
 
 import sys
