@@ -439,7 +439,11 @@ def _native_header(path):
             doc = json.loads((f.metadata() or {}).get('edm2', 'null'))
     except Exception:  # noqa: BLE001 -- unreadable here means: fall back to the file name
         return None
-    if not isinstance(doc, dict) or doc.get('kimg') is None or doc.get('ema_std') is None:
+    if not isinstance(doc, dict):
+        return None
+    if 'phema' in (doc.get('metadata') or {}):
+        return 'reconstruction'
+    if doc.get('kimg') is None or doc.get('ema_std') is None:
         return None
     nimg = (doc.get('metadata') or {}).get('nimg')
     kimg = int(doc['kimg'])
@@ -451,19 +455,22 @@ def find_snapshots(indir, inprefix=None, instd=None):
     """The snapshots in folder `indir` (not recursive), sorted by name: published pickles named
     `{prefix}-{kimg:07d}-{std:.3f}.pkl` and native `.safetensors` files, whose header gives kimg, sigma_rel
     and the exact image count (else the name does). Optionally only names starting with `inprefix` and
-    sigma_rel in the list `instd`."""
+    sigma_rel in the list `instd`. Earlier reconstructions (native files recording `phema` provenance)
+    and hidden files are left out, so --outdir may equal --indir."""
     import os
     exts = snapshot_extensions()
     found = []
     for name in sorted(os.listdir(indir)):
         path = os.path.join(indir, name)
         ext = os.path.splitext(name)[1]
-        if ext not in exts or not os.path.isfile(path):
-            continue
+        if ext not in exts or name.startswith('.') or not os.path.isfile(path):
+            continue  # hidden names: temporaries of interrupted writes
         if inprefix is not None and not name.startswith(inprefix):
             continue
         parsed = parse_snapshot_name(name)
         info = _native_header(path) if ext != '.pkl' else None
+        if info == 'reconstruction':
+            continue  # an output of this module: a mix of snapshots, not a tracked power-function EMA
         if info is None:
             if parsed is None:
                 continue

@@ -399,6 +399,8 @@ def test_find_snapshots_reads_native_headers(official, tmp_path):
     save_network(tmp_path / 'renamed.safetensors', net, encoder, kimg=3, ema_std=0.1, nimg=3000)
     save_network(tmp_path / 'run-0000004-0.100.safetensors', net, encoder)  # no metadata: the name decides
     (tmp_path / 'notes-0000005-0.100.txt').write_text('not a snapshot')
+    save_network(tmp_path / 'phema-0000004-0.070.safetensors', net, encoder, kimg=4, ema_std=0.07, phema={})
+    (tmp_path / '.tmp-1234-phema-0000004-0.080.safetensors').write_bytes(b'partial')
     found = {pathlib.Path(s.source).name: (s.kimg, s.std, s.nimg) for s in phema.find_snapshots(tmp_path)}
     assert found == {'network-snapshot-0000002-0.050.safetensors': (2, 0.05, 2000),
                      'renamed.safetensors': (3, 0.1, 3000), 'run-0000004-0.100.safetensors': (4, 0.1, 4096)}
