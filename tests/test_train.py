@@ -142,7 +142,7 @@ def test_bad_input_is_refused_before_any_output(tmp_path):
     (tmp_path / 'empty').mkdir()
     _fails(tmp_path, '--data', tmp_path / 'empty', *common, match='no PNG')
     unl = _png_dataset(tmp_path / 'unl', labels=False)
-    _fails(tmp_path, '--data', unl, '--cond', '1', *common, match='no labels')
+    _fails(tmp_path, '--data', unl, '--cond', '1', *common, match='has no class labels')
     _fails(tmp_path, '--data', ds, '--batch', '12', '--batch-gpu', '8', *common, match='not divisible')
     odd = _png_dataset(tmp_path / 'odd', res=12)
     _fails(tmp_path, '--data', odd, '--batch', '4', *common, match='power-of-two')

@@ -190,7 +190,11 @@ def validate(opts, world_size=1):
            f'--batch={batch} is not divisible by {world_size} process(es) x --batch-gpu={batch_gpu}')
 
     try:
-        dataset = ImageFolderDataset(opts['data'], use_labels=opts['cond'])
+        dataset = ImageFolderDataset(opts['data'])
+        if opts['cond']:
+            _check(dataset.has_labels, f'--data {opts["data"]} has no class labels (dataset.json "labels"), '
+                   f'but --cond=1 (the default) needs them; train unconditionally with --cond=0')
+            dataset = ImageFolderDataset(opts['data'], use_labels=True)
     except DatasetError as e:
         raise TrainingError(f'--data: {e}') from None
     res = dataset.resolution
