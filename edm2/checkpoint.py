@@ -4,7 +4,8 @@ Native format (written by `save_network`, one `.safetensors` file): the tensors 
 `net.state_dict()` plus, in the safetensors header metadata under the key "edm2", a JSON document
 
     {"format": "edm2-network", "format_version": 1, "class": "Precond",
-     "init_kwargs": {...}, "encoder": {"class": ...} | null, "kimg": int | null,
+     "init_kwargs": {...}, "encoder": {"class": ...} | null, "gain_precision": null | "fp16",
+     "kimg": int | null,
      "ema_std": float | null, "metadata": {...any other JSON metadata...}}
 
 Loading it reads JSON and raw tensors only: nothing is unpickled.
@@ -337,6 +338,11 @@ def _network_from_record(record, path):
     state_dict = {}
     _collect_state_dict(record, '', state_dict, path)
     _load_state_dict(net, state_dict, path)
+    # The release runs the network with its parameters as stored (float16 in published snapshots);
+    # the only place where that precision reaches float32 inference is gain / sqrt(fan_in).
+    gain = state_dict.get('unet.out_gain')
+    if gain is not None and gain.dtype in (torch.float16, torch.bfloat16):
+        net.gain_precision = 'fp16' if gain.dtype == torch.float16 else 'bf16'
     return net
 
 
@@ -451,6 +457,7 @@ def save_network(path, net, encoder=None, *, dtype=None, **metadata):
         'class': cls_name,
         'init_kwargs': net.init_kwargs,
         'encoder': encoder.spec() if encoder is not None else None,
+        'gain_precision': getattr(net, 'gain_precision', None),
         'kimg': None if kimg is None else int(kimg),
         'ema_std': None if ema_std is None else float(ema_std),
         'metadata': metadata,
@@ -531,6 +538,10 @@ def _read_native(path):
         raise _err(path, f'cannot build {doc.get("class")} from the stored arguments: {_one_line(e)}') from None
     _load_state_dict(net, state_dict, path)
     try:
+        net.gain_precision = doc.get('gain_precision')
+    except ValueError as e:
+        raise _err(path, str(e)) from None
+    try:
         encoder = _encoders.from_spec(doc.get('encoder'))
     except _encoders.EncoderError as e:
         raise _err(path, str(e)) from None
@@ -575,51 +586,54 @@ def load_network(path_or_url, device=None):
 # ------------------------------------------------------------------------------------------------
 # Command line: python -m edm2.checkpoint {info,convert}.
 
-def _main(argv=None):
-    import click
+import click  # noqa: E402 -- the command line below; cheap to import
 
-    @click.group(help='Inspect and convert EDM2 network checkpoints (native .safetensors or published .pkl).')
-    def cli():
-        pass
 
-    @cli.command(help='Print kind, configuration, parameter count, training time and EMA length.\n\n'
-                      'Example: python -m edm2.checkpoint info network-snapshot-0002147-0.100.pkl')
-    @click.argument('file')
-    def info(file):
-        try:
-            net, encoder, meta = load_snapshot(file)
-        except CheckpointError as e:
-            raise click.ClickException(str(e))
-        kimg = meta.get('kimg')
-        std = meta.get('ema_std')
-        click.echo(f'file:        {file}')
-        click.echo(f'kind:        {meta["format"]} ({"safetensors + JSON" if meta["format"] == "native" else "published pickle, imported safely"})')
-        click.echo(f'class:       {type(net).__name__}')
-        click.echo(f'config:      {json.dumps(net.init_kwargs)}')
-        click.echo(f'parameters:  {sum(p.numel() for p in net.parameters()):,}')
-        click.echo(f'training:    {"unknown" if kimg is None else f"{kimg} kimg"}')
-        click.echo(f'EMA length:  {"unknown" if std is None else f"sigma_rel = {std:.3f}"}')
-        click.echo(f'encoder:     {json.dumps(encoder.spec()) if encoder is not None else "none"}')
-        extra = {k: v for k, v in meta.items() if k not in ('kimg', 'ema_std', 'format')}
-        if extra:
-            click.echo(f'metadata:    {json.dumps(extra)}')
+@click.group(help='Inspect and convert EDM2 network checkpoints (native .safetensors or published .pkl).')
+def cli():
+    pass
 
-    @cli.command(help='Convert a published pickle or a native file to the native format (atomic write).\n\n'
-                      'Example: python -m edm2.checkpoint convert edm2-img512-xs-2147483-0.135.pkl xs.safetensors')
-    @click.argument('src')
-    @click.argument('dst', type=click.Path(dir_okay=False))
-    @click.option('--half', is_flag=True, help='Store float16 weights (lossless for published snapshots, which are float16).')
-    def convert(src, dst, half):
-        try:
-            net, encoder, meta = load_snapshot(src)
-            meta.pop('format', None)
-            save_network(dst, net, encoder, dtype=torch.float16 if half else None, **meta)
-        except CheckpointError as e:
-            raise click.ClickException(str(e))
-        click.echo(f'wrote {dst}')
 
-    cli.main(args=argv, prog_name='python -m edm2.checkpoint')
+@cli.command(help='Print kind, configuration, parameter count, training time and EMA length.\n\n'
+                  'Example: python -m edm2.checkpoint info network-snapshot-0002147-0.100.pkl')
+@click.argument('file')
+def info(file):
+    try:
+        net, encoder, meta = load_snapshot(file)
+    except CheckpointError as e:
+        raise click.ClickException(str(e))
+    kimg = meta.get('kimg')
+    std = meta.get('ema_std')
+    kind = 'native (safetensors + JSON)' if meta['format'] == 'native' else 'published pickle (imported safely)'
+    click.echo(f'file:        {file}')
+    click.echo(f'kind:        {kind}')
+    click.echo(f'class:       {type(net).__name__}')
+    click.echo(f'config:      {json.dumps(net.init_kwargs)}')
+    click.echo(f'parameters:  {sum(p.numel() for p in net.parameters()):,}')
+    click.echo(f'training:    {"unknown" if kimg is None else f"{kimg} kimg"}')
+    click.echo(f'EMA length:  {"unknown" if std is None else f"sigma_rel = {std:.3f}"}')
+    click.echo(f'encoder:     {json.dumps(encoder.spec()) if encoder is not None else "none"}')
+    extra = {k: v for k, v in meta.items() if k not in ('kimg', 'ema_std', 'format')}
+    if extra:
+        click.echo(f'metadata:    {json.dumps(extra)}')
+
+
+@cli.command(help='Convert a published pickle or a native file to the native format (atomic write).\n\n'
+                  'Example: python -m edm2.checkpoint convert edm2-img512-xs-2147483-0.135.pkl '
+                  'edm2-img512-xs-2147483-0.135.safetensors')
+@click.argument('src')
+@click.argument('dst', type=click.Path(dir_okay=False))
+@click.option('--half', is_flag=True,
+              help='Store float16 weights (lossless for published snapshots, which are float16).')
+def convert(src, dst, half):
+    try:
+        net, encoder, meta = load_snapshot(src)
+        meta.pop('format', None)
+        save_network(dst, net, encoder, dtype=torch.float16 if half else None, **meta)
+    except CheckpointError as e:
+        raise click.ClickException(str(e))
+    click.echo(f'wrote {dst}')
 
 
 if __name__ == '__main__':
-    _main(sys.argv[1:])
+    cli(prog_name='python -m edm2.checkpoint')

@@ -89,6 +89,11 @@ class MPConv(torch.nn.Module):
     kernel=() gives a linear layer; kernel=(k, k) a 2-D convolution with 'same' padding.
     """
 
+    # dtype in which a tensor-valued gain is divided by sqrt(fan_in); None = float32. Published
+    # snapshots store their parameters in float16 and the release uses them as stored, so their gain
+    # scales are rounded to float16; the importer sets this to reproduce it (Precond.gain_precision).
+    gain_dtype = None
+
     def __init__(self, in_channels, out_channels, kernel):
         super().__init__()
         self.out_channels = out_channels
@@ -102,7 +107,10 @@ class MPConv(torch.nn.Module):
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
         w = normalize(w)  # traditional weight normalisation, still needed for correct gradients
-        w = w * (gain / np.sqrt(w[0].numel()))  # divide by sqrt(fan_in): unit-variance output
+        scale = gain / np.sqrt(w[0].numel())  # divide by sqrt(fan_in): unit-variance output
+        if self.gain_dtype is not None and isinstance(scale, torch.Tensor):
+            scale = scale.to(self.gain_dtype)
+        w = w * scale
         w = w.to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()

@@ -204,6 +204,25 @@ class Precond(torch.nn.Module):
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
+    @property
+    def gain_precision(self):
+        """None (float32) or 'fp16' / 'bf16': the precision of the learned-gain scales in every MPConv.
+
+        Published snapshots store float16 parameters and the release computes gain / sqrt(fan_in) in
+        that precision; networks imported from them get 'fp16' so that they reproduce the release's
+        outputs bit for bit. Set to None for plain float32 arithmetic.
+        """
+        return getattr(self, '_gain_precision', None)
+
+    @gain_precision.setter
+    def gain_precision(self, value):
+        if value is not None and value not in PRECISIONS:
+            raise ValueError(f'gain_precision must be None or one of {sorted(PRECISIONS)}, got {value!r}')
+        self._gain_precision = value
+        for m in self.modules():
+            if isinstance(m, MPConv):
+                m.gain_dtype = None if value in (None, 'fp32') else PRECISIONS[value]
+
     def unet_dtype(self, device, force_fp32=False):
         """The dtype F runs in for inputs on `device`."""
         if force_fp32 or torch.device(device).type != 'cuda':
