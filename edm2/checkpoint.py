@@ -237,6 +237,8 @@ def _numpy_globals():
     for mod in ('numpy.core.multiarray', 'numpy._core.multiarray'):
         out[(mod, '_reconstruct')] = _np_reconstruct
         out[(mod, 'scalar')] = _np_scalar
+    for mod in ('numpy.core.numeric', 'numpy._core.numeric'):
+        out[(mod, '_frombuffer')] = _np_frombuffer
     out[('numpy', 'ndarray')] = np.ndarray
     out[('numpy', 'dtype')] = np.dtype
     return out
@@ -246,6 +248,12 @@ def _np_reconstruct(subtype, shape, dtype):
     if subtype is not np.ndarray:
         raise _Refused('numpy array of a subclass')
     return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _np_frombuffer(buf, dtype, shape, order):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _Refused('numpy array that is not plain numeric data')
+    return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order).copy()
 
 
 def _np_scalar(dtype, data=None):
