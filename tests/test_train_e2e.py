@@ -205,3 +205,26 @@ def test_learns_coloured_shapes(tmp_path, one_thread):
     initial_mean, initial_nn = distances(initial)
     assert trained_mean < 0.25 * initial_mean, (trained_mean, initial_mean)
     assert trained_nn < 0.5 * initial_nn, (trained_nn, initial_nn)
+
+
+def test_sigterm_to_torchrun_saves_a_checkpoint(tmp_path):
+    """torchrun forwards SIGTERM to each rank's process group (DataLoader workers included): the ranks
+    agree on the step and rank 0 writes a checkpoint of exactly that step."""
+    data = make_shapes(tmp_path / 'shapes', n=24)
+    run = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(REPO / 'train_edm2.py'), '--outdir', str(run), '--data', str(data), '--duration', '1Mi',
+           '--batch', '8', '--status', '64', '--checkpoint', '64', '--workers', '1', *[str(a) for a in net_args()]]
+    p = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    ckpt = run / 'training-state-0000000.pt'
+    deadline = time.time() + 180
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    log = (run / 'log.txt').read_text()
+    assert 'Stopped by SIGTERM' in log, out[-3000:]
+    assert 'killed by signal' not in out  # DataLoader workers survived until the checkpoint was written
+    stopped_at = int(log.split('Stopped by SIGTERM at ')[1].split()[0])
+    assert torch.load(ckpt, weights_only=True)['cur_nimg'] == stopped_at

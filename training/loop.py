@@ -133,9 +133,12 @@ class InfiniteSampler(torch.utils.data.Sampler):
         return 1 << 62
 
 
-def _ignore_sigint(_worker_id):
-    # Ctrl-C reaches the whole process group; the main process handles it and stops the workers.
+def _ignore_stop_signals(_worker_id):
+    # Ctrl-C reaches the whole process group, and torchrun sends SIGTERM to each rank's group: the main
+    # process handles both (checkpoint, then clean exit) and shuts its workers down itself. Workers
+    # whose main process dies exit on their own (DataLoader's parent watchdog).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +481,7 @@ def _train(opts, dataset, net, net_kwargs, batch_gpu, rounds, device, log, stop,
     sampler = InfiniteSampler(len(dataset), batch, batch_gpu, rank, world, seed, start_step)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_gpu, sampler=sampler, num_workers=opts['workers'],
-        pin_memory=device.type == 'cuda', worker_init_fn=_ignore_sigint if opts['workers'] else None,
+        pin_memory=device.type == 'cuda', worker_init_fn=_ignore_stop_signals if opts['workers'] else None,
         prefetch_factor=2 if opts['workers'] else None, persistent_workers=False)
 
     duration = opts['duration']
