@@ -155,6 +155,9 @@ def test_bad_input_is_refused_before_any_output(tmp_path):
     _fails(tmp_path, '--data', ds, '--batch', '4', *TINY, match='--duration')
     _fails(tmp_path, '--data', ds, '--batch', '4', '--duration', '2Xi', *TINY, match='image count')
     _fails(tmp_path, '--data', ds, '--batch', '4', '--ema-stds', '0.5', *common, match='--ema-stds')
+    _fails(tmp_path, '--data', ds, '--batch', '4', *common, '--device', 'blah', match='not a torch device')
+    if not torch.cuda.is_available():
+        _fails(tmp_path, '--data', ds, '--batch', '4', *common, '--device', 'cuda', match='CUDA is not available')
 
 
 def test_dry_run_shows_preset_and_writes_nothing(tmp_path):

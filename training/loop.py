@@ -372,7 +372,14 @@ def training_loop(options, dry_run=False, step_callback=None):
 
     step_callback(cur_nimg), if given, is called after every optimiser step and EMA update (benchmarks).
     """
-    device = dist.init(options.get('device'))
+    requested = options.get('device')
+    if requested is not None:
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise TrainingError(f'--device {requested!r} is not a torch device (e.g. cpu, cuda, cuda:1)') from None
+        _check(dev.type != 'cuda' or torch.cuda.is_available(), f'--device {requested}: CUDA is not available here')
+    device = dist.init(requested)
     opts = resolve_options(options)
     world, rank = dist.get_world_size(), dist.get_rank()
     dataset, net_kwargs, batch_gpu = validate(opts, world)
