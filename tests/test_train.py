@@ -202,3 +202,8 @@ def test_latent_dataset_trains_on_4_channel_latents(tmp_path):
     net, encoder, meta = load_snapshot(next((tmp_path / 'run').glob('network-snapshot-0000000-0.100.*')))
     assert net.img_channels == 4 and net.img_resolution == 8 and net.label_dim == 0
     assert type(encoder).__name__ == 'StabilityVAEEncoder' and meta['kimg'] == 0 and meta['ema_std'] == 0.1
+    # As published, EMA parameters are stored in float16; buffers (Fourier features) keep float32.
+    from safetensors import safe_open
+    with safe_open(str(next((tmp_path / 'run').glob('network-snapshot-0000000-0.100.*'))), 'pt') as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes['unet.out_gain'] == torch.float16 and dtypes['unet.emb_fourier.freqs'] == torch.float32
