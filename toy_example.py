@@ -195,7 +195,7 @@ def sampling_options(f):
     f = click.option('--steps', default=32, show_default=True, type=int, callback=positive('--steps'),
                      help='Heun steps.')(f)
     f = click.option('--seed', default=0, show_default=True, type=int, help='Seed of the initial noise.')(f)
-    f = click.option('--trunc-weight', default=3.0, show_default=True, type=float,
+    f = click.option('--trunc-weight', default=1.5, show_default=True, type=float,
                      help='Naive truncation: the score is scaled by this.')(f)
     f = click.option('--cfg-weight', default=4.0, show_default=True, type=float, help='CFG guidance weight w.')(f)
     f = click.option('--ag-weight', default=3.0, show_default=True, type=float,
@@ -294,15 +294,16 @@ def demo(outdir, main_iterations, guide_iterations, batch, num, seed, retrain, d
         path = os.path.join(outdir, f'{name}.safetensors')
         if not retrain and os.path.isfile(path):
             try:
-                _, meta = toy.load_model(path)
-                if (meta.get('classes'), meta.get('iterations'), meta.get('batch')) == (classes, iterations, batch):
+                old, meta = toy.load_model(path)
+                if ((meta.get('classes'), meta.get('iterations'), meta.get('batch'), old.init_kwargs['width'])
+                        == (classes, iterations, batch, width)):
                     click.echo(f'reusing {path}')
                     continue
             except toy.ToyModelError:
                 pass
         train_one(outdir, name, classes, width, 4, iterations, batch, 0.01, 0.010, s, device)
     loaded = resolve_models(outdir, None, None, None, device)
-    weights = dict(ag=3.0, cfg=4.0, trunc=3.0)
+    weights = dict(ag=3.0, cfg=4.0, trunc=1.5)
     samples, results, level = run_eval(loaded, num, seed, 32, weights, device)
     click.echo(format_table(results, weights))
     write_json(os.path.join(outdir, 'eval.json'), results, level,

@@ -343,7 +343,7 @@ def train(classes='A', width=64, layers=4, iterations=4096, batch=4096, lr=0.01,
         if it + 1 in snapshots:
             saved[it + 1] = copy.deepcopy(ema)
         if progress is not None:
-            progress(it, float(loss))
+            progress(it, losses[-1])
     return ema, saved, losses
 
 
@@ -468,7 +468,7 @@ METHODS = ('ground truth', 'unguided', 'CFG', 'autoguidance', 'naive truncation'
 
 
 def sample_methods(net, autoguide, cfg_guide, num=20000, seed=0, ag_weight=3.0, cfg_weight=4.0,
-                   trunc_weight=3.0, num_steps=32, sigma_max=5.0, device='cpu', classes='A'):
+                   trunc_weight=1.5, num_steps=32, sigma_max=5.0, device='cpu', classes='A'):
     """Samples of every method of Figure 1, {name: [num, 2] float32 CPU tensor}.
 
     All guided/unguided methods start from the SAME initial points: ground truth of `classes` diffused to

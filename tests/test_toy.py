@@ -287,3 +287,47 @@ def test_cli_train_eval_plot(tmp_path):
     from PIL import Image
     assert Image.open(tmp_path / 'f.png').size[0] > 500
     assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+
+
+# ---- the paper's claim, on smaller settings --------------------------------------------------------------
+
+SMALL = dict(main_iterations=1024, guide_iterations=256, batch=2048, num=4000)
+
+
+@pytest.fixture(scope='module')
+def small_run():
+    """Main model (A, width 64) and both guides (width 32; autoguide A, CFG guide A+B) on reduced settings,
+    sampled from the same initial points and evaluated against the exact ground truth (~60 s on 2 cores)."""
+    main, _, _ = toy.train('A', 64, 4, iterations=SMALL['main_iterations'], batch=SMALL['batch'], seed=0)
+    ag, _, _ = toy.train('A', 32, 4, iterations=SMALL['guide_iterations'], batch=SMALL['batch'], seed=1)
+    cfg, _, _ = toy.train('AB', 32, 4, iterations=SMALL['guide_iterations'], batch=SMALL['batch'], seed=2)
+    mixture = toy.gt('A')
+    samples = toy.sample_methods(main, ag, cfg, num=SMALL['num'], seed=0)
+    level = toy.outlier_level(mixture, num=100_000)
+    return {name: toy.evaluate(x, mixture, level) for name, x in samples.items()}
+
+
+@pytest.mark.slow
+def test_guidance_effects_that_hold(small_run):
+    r = small_run
+    se = math.sqrt(0.01 * 0.99 / SMALL['num'])
+    assert abs(r['ground truth']['outlier_rate'] - 0.01) < 5 * se
+    # Naive truncation removes every outlier but also every leaf branch.
+    assert r['naive truncation']['outlier_rate'] < 0.01
+    assert r['naive truncation']['leaf_coverage'] < 0.1
+    assert r['naive truncation']['branch_tv'] > 0.4
+    # CFG's samples distribute over the branches far worse than autoguidance's.
+    assert r['CFG']['branch_tv'] > r['autoguidance']['branch_tv'] + 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason='not reproduced yet: autoguidance removes only part of the outliers in our runs '
+                          '(see README, section "toy")', strict=False)
+def test_autoguidance_claim(small_run):
+    """The paper's claim: autoguidance removes most outliers (at most half of unguided's rate) while its
+    leaf coverage stays within 0.25 of the ground truth's; CFG also removes outliers but covers worse."""
+    r = small_run
+    assert r['autoguidance']['outlier_rate'] <= 0.5 * r['unguided']['outlier_rate']
+    assert r['autoguidance']['leaf_coverage'] >= r['ground truth']['leaf_coverage'] - 0.25
+    assert r['CFG']['outlier_rate'] <= 0.5 * r['unguided']['outlier_rate']
+    assert r['CFG']['leaf_coverage'] < r['autoguidance']['leaf_coverage']
