@@ -465,18 +465,23 @@ def save_network(path, net, encoder=None, *, dtype=None, **metadata):
         'class': cls_name,
         'init_kwargs': net.init_kwargs,
         'encoder': encoder.spec() if encoder is not None else None,
-        'gain_precision': getattr(net, 'gain_precision', None),
+        'gain_precision': None,
         'kimg': None if kimg is None else int(kimg),
         'ema_std': None if ema_std is None else float(ema_std),
         'metadata': metadata,
     }
-    doc = _jsonable_metadata(doc, path)
     tensors = {}
     for name, t in net.state_dict().items():
         t = t.detach().to('cpu')
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        tensors[name] = t.contiguous().clone() if t.data_ptr() in {v.data_ptr() for v in tensors.values()} else t.contiguous()
+        tensors[name] = t.contiguous()
+    # Like the release, a network stored in reduced precision computes its gain scales in that
+    # precision (see Precond.gain_precision); an explicit setting on the network wins.
+    gain = tensors.get('unet.out_gain')
+    stored = {torch.float16: 'fp16', torch.bfloat16: 'bf16'}.get(gain.dtype) if gain is not None else None
+    doc['gain_precision'] = getattr(net, 'gain_precision', None) or stored
+    doc = _jsonable_metadata(doc, path)
     folder = path.parent if str(path.parent) else pathlib.Path('.')
     try:
         folder.mkdir(parents=True, exist_ok=True)

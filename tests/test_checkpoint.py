@@ -22,6 +22,16 @@ from edm2.checkpoint import CheckpointError, fetch, load_network, load_snapshot,
 from edm2.encoders import StabilityVAEEncoder, StandardRGBEncoder
 from edm2.networks import build_network
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP synchronisation, which costs seconds per forward on a
+    busy 2-core machine (measured 2-4 s vs 0.05 s for a 16x16 net)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2],
             attn_resolutions=[4], num_blocks=1, channels_per_head=8)
 
@@ -364,7 +374,7 @@ def http_server(tmp_path):
             super().do_GET()
 
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield root, f'http://127.0.0.1:{server.server_address[1]}', requests_seen
