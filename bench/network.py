@@ -8,6 +8,11 @@ same run and reported as a ratio (or the reason it failed).
     python bench/network.py                                  # the default config
     python bench/network.py --size xs --resolution 64        # the published img64-XS network
     python bench/network.py --device cuda --precision fp16   # GPU, reduced precision
+    python bench/network.py --threads 1                      # busy shared CPU: avoids OpenMP stalls
+
+On a shared 2-core machine (load ~4) this config measured 9.1 img/s forward and 3.0 img/s
+forward+backward with 1 thread, but 0.7 and 0.2 img/s with 2 threads: OpenMP synchronisation stalls
+when other processes hold the cores.
 """
 
 import copy
