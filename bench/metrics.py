@@ -12,7 +12,6 @@ and prints them with the machine and settings, plus ratios measured in the same 
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
@@ -23,17 +22,7 @@ from edm2.metrics.dinov2 import DINOv2ViT
 from edm2.metrics.frechet import frechet_distance
 from edm2.metrics.inception import InceptionV3FID
 from edm2.metrics.stats import FeatureStats
-
-
-def cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
+from machine import cpu_model  # bench/machine.py
 
 
 def sync(device):

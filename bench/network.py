@@ -24,17 +24,7 @@ import click
 import torch
 
 from edm2.networks import build_network
-
-
-def _cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
+from machine import cpu_model  # bench/machine.py
 
 
 def _time(fn, iters, warmup, device):
@@ -93,7 +83,7 @@ def main(size, shape, resolution, batch, iters, warmup, device, precision, do_co
     labels = torch.nn.functional.one_hot(torch.randint(net.label_dim, [batch], device=device), net.label_dim).float() \
         if net.label_dim else None
 
-    print(f'machine:   {_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} '
+    print(f'machine:   {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} '
           f'({torch.get_num_threads()} threads), python {platform.python_version()}, '
           f'load average {os.getloadavg()[0]:.1f}' if hasattr(os, 'getloadavg') else '')
     if device.type == 'cuda':

@@ -13,24 +13,13 @@ settings -- unguided, guided by a smaller network, guided only inside a guidance
 """
 
 import argparse
-import platform
 import time
 
 import torch
 
 from edm2 import sampling
 from edm2.networks import build_network
-
-
-def cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
+from machine import cpu_model  # bench/machine.py
 
 
 class Timed(torch.nn.Module):

@@ -10,13 +10,13 @@ per-component einsum baseline), and of one full training iteration of the publis
 """
 
 import os
-import platform
 import time
 
 import click
 import torch
 
 from edm2 import toy
+from machine import cpu_model  # bench/machine.py
 
 
 def best_of(fn, repeat):
@@ -27,16 +27,6 @@ def best_of(fn, repeat):
         fn()
         times.append(time.perf_counter() - t)
     return min(times), sorted(times)[len(times) // 2]
-
-
-def cpu_model():
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 @click.command()

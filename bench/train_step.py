@@ -18,7 +18,6 @@ Usage:
 import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import sys
@@ -28,19 +27,10 @@ import time
 import click
 import numpy as np
 import torch
+from machine import cpu_model  # bench/machine.py
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def cpu_model():
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 def make_dataset(root, n, res, classes):
