@@ -40,3 +40,15 @@ def detectors():
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's ~/.cache/edm2 from tests."""
     monkeypatch.setenv('EDM2_CACHE_DIR', str(tmp_path / 'edm2-cache'))
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for tests of tiny tensors (`pytestmark = pytest.mark.usefixtures('one_thread')`):
+    they gain nothing from two, and OpenMP threads waiting for each other slowed tiny forwards from
+    0.05 s to 2-4 s on a busy 2-core machine."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

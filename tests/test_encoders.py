@@ -10,14 +10,7 @@ from edm2 import encoders
 from edm2.encoders import EncoderError, StabilityVAEEncoder, StandardRGBEncoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP synchronisation, which costs seconds per forward on a
-    busy 2-core machine (measured 2-4 s vs 0.05 s for a 16x16 net)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_rgb_encode_decode_exact():

@@ -53,13 +53,7 @@ def nets(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest, and least disturbed by other processes, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run_cli(*args):

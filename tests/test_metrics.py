@@ -21,14 +21,7 @@ from edm2.metrics.reference import ReferenceFileError, load_reference, save_refe
 from edm2.metrics.stats import FeatureStats
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: these small ops gain nothing from two, and on a shared, loaded machine
-    OpenMP threads waiting for each other slow them down by an order of magnitude."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 # ----------------------------------------------------------------------------------------------------
 # Detector parity (stand-in weights built by the fixtures' rule, loaded through the user-facing loader)

@@ -25,14 +25,7 @@ NUM_IMAGES = 12
 pytestmark = pytest.mark.filterwarnings('ignore:Fréchet distance.*singular:RuntimeWarning')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: these small ops gain nothing from two, and on a shared, loaded machine
-    OpenMP threads waiting for each other slow them down by an order of magnitude."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

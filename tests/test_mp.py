@@ -13,14 +13,7 @@ from scipy import integrate
 from edm2.mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP synchronisation, which costs seconds per forward on a
-    busy 2-core machine (measured 2-4 s vs 0.05 s for a 16x16 net)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _check_unit_mean_square(y, what):

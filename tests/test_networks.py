@@ -12,14 +12,7 @@ from edm2.mp import MPConv, mp_sum, normalize
 from edm2.networks import Block, Precond, build_network, network_kwargs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP synchronisation, which costs seconds per forward on a
-    busy 2-core machine (measured 2-4 s vs 0.05 s for a 16x16 net)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2],
             attn_resolutions=[8], num_blocks=1, channels_per_head=8)

@@ -38,13 +38,7 @@ class Gaussian:
         return mu + self.s2 / (self.s2 + sigma ** 2) * (x - mu)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors and networks run fastest, and least disturbed by other processes, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def noise(n=4, seed=0, dtype=torch.float32, shape=(3, 4, 4)):
