@@ -1,92 +1,93 @@
 """Magnitude-preserving building blocks of EDM2 (paper section 3, appendix B; SPEC section 1).
 
-Every primitive here keeps unit-variance inputs at (about) unit variance at the output, so that
-activations and weights keep their magnitudes throughout training without normalisation layers.
+Each primitive maps unit-variance inputs to (about) unit-variance outputs, which is what lets the
+network train without normalisation layers while activations and weights keep their magnitudes.
 """
 
-import numpy as np
+import math
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ['normalize', 'mp_silu', 'mp_sum', 'mp_cat', 'resample', 'MPFourier', 'MPConv']
 
+SILU_RMS = 0.596  # RMS of silu(z) for z ~ N(0, 1) (paper eq. 81)
+
 
 def normalize(x, dim=None, eps=1e-4):
-    """x / (eps + RMS(x)) over `dim` (default: every axis but the first), computed in float32.
+    """Scale every group of `x` to unit RMS: x / (eps + RMS(x)), the RMS taken over `dim` in float32.
 
-    RMS = ||x|| * sqrt(n_groups / n_total) = ||x|| / sqrt(elements per group), so every group comes out
-    with unit RMS. For a weight [out, in, kh, kw] this normalises each output channel.
+    `dim` defaults to every axis but the first, so a weight [out, in, kh, kw] is normalised per output
+    channel. RMS = ||x|| / sqrt(group size), which is SPEC's ||x|| * sqrt(n_norm / n_x).
     """
-    if dim is None:
-        dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
-    return x / norm.to(x.dtype)
+    dims = tuple(range(1, x.ndim)) if dim is None else dim
+    group_norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    group_size = max(x.numel() // max(group_norm.numel(), 1), 1)
+    rms = group_norm * (1 / math.sqrt(group_size))
+    return x / (eps + rms).to(x.dtype)
 
 
 def mp_silu(x):
-    """SiLU divided by its output RMS for unit-normal input (0.596), paper eq. 81."""
-    return F.silu(x) / 0.596
+    """SiLU rescaled to unit output RMS for unit-normal input."""
+    return F.silu(x) / SILU_RMS
 
 
 def mp_sum(a, b, t=0.5):
-    """Magnitude-preserving interpolation ((1-t) a + t b) / sqrt((1-t)^2 + t^2), paper eq. 88."""
-    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t ** 2)
+    """Blend with weight t on b, renormalised so two independent unit-RMS inputs stay unit RMS (eq. 88)."""
+    return a.lerp(b, t) / math.hypot(1 - t, t)
 
 
 def mp_cat(a, b, dim=1, t=0.5):
-    """Magnitude-preserving concatenation [a, b] along `dim` with relative weight t on b (eq. 103)."""
-    Na = a.shape[dim]
-    Nb = b.shape[dim]
-    C = np.sqrt((Na + Nb) / ((1 - t) ** 2 + t ** 2))
-    wa = C / np.sqrt(Na) * (1 - t)
-    wb = C / np.sqrt(Nb) * t
-    return torch.cat([wa * a, wb * b], dim=dim)
+    """Concatenate [a, b] along `dim`; b's share of the output's energy is set by t (eq. 103).
+
+    Each part is first brought to unit RMS per element of its own width, then weighted by (1 - t) and t,
+    and the whole is rescaled so the concatenation keeps unit RMS.
+    """
+    n_a, n_b = a.shape[dim], b.shape[dim]
+    total = math.sqrt(n_a + n_b) / math.hypot(1 - t, t)
+    return torch.cat([a * ((1 - t) * total / math.sqrt(n_a)), b * (t * total / math.sqrt(n_b))], dim=dim)
 
 
 def resample(x, f=(1, 1), mode='keep'):
-    """2x box-filter down/upsampling, depthwise (SPEC section 1).
+    """2x resampling with the normalised 2-tap box filter [1, 1] (SPEC section 1).
 
-    The 1-D filter f is normalised to sum 1 and its outer product gives the 2-D kernel
-    ([1,1] -> 2x2 of 0.25). 'down' = strided depthwise conv; 'up' = strided depthwise transposed conv
-    with the kernel times 4 (so a constant image stays constant); 'keep' = identity.
+    'down': each output pixel is the mean of a 2x2 input block (the depthwise 2x2 conv of 0.25s with
+    stride 2); 'up': each input pixel is copied into a 2x2 output block (the transposed conv of the
+    same filter times 4); 'keep': identity. Only the published [1, 1] filter is supported.
     """
     if mode == 'keep':
         return x
-    f = np.float32(f)
-    assert f.ndim == 1 and len(f) % 2 == 0
-    pad = (len(f) - 1) // 2
-    f = f / f.sum()
-    f = np.outer(f, f)[np.newaxis, np.newaxis, :, :]
-    f = torch.as_tensor(f, dtype=x.dtype, device=x.device)
-    c = x.shape[1]
+    if list(f) != [1, 1]:
+        raise NotImplementedError(f'only the [1, 1] box filter is supported, got {list(f)}')
     if mode == 'down':
-        return F.conv2d(x, f.tile([c, 1, 1, 1]), groups=c, stride=2, padding=(pad,))
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
     if mode == 'up':
-        return F.conv_transpose2d(x, (f * 4).tile([c, 1, 1, 1]), groups=c, stride=2, padding=(pad,))
+        return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     raise ValueError(f'unknown resample mode {mode!r}')
 
 
 class MPFourier(torch.nn.Module):
-    """Random Fourier features of a scalar (the noise level embedding), unit RMS output."""
+    """Random Fourier features of a scalar (the noise level): sqrt(2) cos(2 pi (f x + phi)), unit RMS.
+
+    Buffers: `freqs` = 2 pi N(0, 1) * bandwidth and `phases` = 2 pi U(0, 1), fixed at construction.
+    """
 
     def __init__(self, num_channels, bandwidth=1):
         super().__init__()
-        self.register_buffer('freqs', 2 * np.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer('phases', 2 * np.pi * torch.rand(num_channels))
+        self.register_buffer('freqs', torch.randn(num_channels) * (2 * math.pi * bandwidth))
+        self.register_buffer('phases', torch.rand(num_channels) * (2 * math.pi))
 
     def forward(self, x):
-        y = x.to(torch.float32)
-        y = y.ger(self.freqs.to(torch.float32))
-        y = y + self.phases.to(torch.float32)
-        y = y.cos() * np.sqrt(2)  # cos of a uniform phase has RMS 1/sqrt(2)
-        return y.to(x.dtype)
+        angle = x.float().unsqueeze(-1) * self.freqs.float() + self.phases.float()
+        return (angle.cos() * math.sqrt(2)).to(x.dtype)  # cos of a uniform phase has RMS 1/sqrt(2)
 
 
 class MPConv(torch.nn.Module):
-    """Magnitude-preserving convolution / fully-connected layer with forced weight normalisation.
+    """Magnitude-preserving convolution (kernel [k, k], 'same' padding) or linear layer (kernel []).
 
-    kernel=() gives a linear layer; kernel=(k, k) a 2-D convolution with 'same' padding.
+    The effective weight is normalize(weight) * gain / sqrt(fan_in), so unit-RMS inputs give unit-RMS
+    outputs for gain 1. In training mode the stored weight is also reset to unit norm before each use
+    (forced weight normalisation, paper section 3.2), which keeps its effective learning rate constant.
     """
 
     # dtype in which a tensor-valued gain is divided by sqrt(fan_in); None = float32. Published
@@ -100,19 +101,17 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x, gain=1):
-        w = self.weight.to(torch.float32)
+        weight = self.weight.float()
         if self.training:
-            # Forced weight normalisation (paper section 3.2 / eq. 60): keep the stored weight on the
-            # unit hypersphere so the effective learning rate does not decay as its norm grows.
             with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w)  # traditional weight normalisation, still needed for correct gradients
-        scale = gain / np.sqrt(w[0].numel())  # divide by sqrt(fan_in): unit-variance output
-        if self.gain_dtype is not None and isinstance(scale, torch.Tensor):
+                self.weight.copy_(normalize(weight))
+        # Normalising again here (a no-op on the values in training) is what makes the gradient
+        # orthogonal to the weight, as weight normalisation requires.
+        fan_in = math.prod(weight.shape[1:])
+        scale = gain / math.sqrt(fan_in)
+        if self.gain_dtype is not None and torch.is_tensor(scale):
             scale = scale.to(self.gain_dtype)
-        w = w * scale
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        assert w.ndim == 4
-        return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+        weight = (normalize(weight) * scale).to(x.dtype)
+        if weight.ndim == 2:
+            return F.linear(x, weight)
+        return F.conv2d(x, weight, padding=weight.shape[-1] // 2)

@@ -25,7 +25,8 @@ PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat
 
 
 class Block(torch.nn.Module):
-    """Residual U-Net block, encoder or decoder flavour, optional 2x resampling and self-attention."""
+    """Residual U-Net block (SPEC section 2): encoder or decoder flavour, optional 2x resampling,
+    optional self-attention. Parameter names follow the published checkpoints."""
 
     def __init__(self, in_channels, out_channels, emb_channels, flavor='enc', resample_mode='keep',
                  resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0,
@@ -37,130 +38,143 @@ class Block(torch.nn.Module):
         self.flavor = flavor
         self.resample_filter = list(resample_filter)
         self.resample_mode = resample_mode
+        # A width below one head (e.g. 32 channels at 64 per head) means no attention at all.
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout = dropout
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
+
+        # The encoder normalises (and widens) the stream before the residual branch, so its first conv
+        # already sees out_channels; the decoder widens only at the skip connection, after it.
+        res0_in = out_channels if flavor == 'enc' else in_channels
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
-        self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, kernel=[3, 3])
+        self.conv_res0 = MPConv(res0_in, out_channels, kernel=[3, 3])
         self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
         self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
-        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
-        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads != 0 else None
-        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads != 0 else None
+        self.conv_skip = None
+        if in_channels != out_channels:
+            self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1])
+        self.attn_qkv = self.attn_proj = None
+        if self.num_heads > 0:
+            self.attn_qkv = MPConv(out_channels, 3 * out_channels, kernel=[1, 1])
+            self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1])
+
+    def _residual(self, x, emb):
+        """conv_res1(dropout(mp_silu(conv_res0(mp_silu(x)) * (1 + emb_linear(emb)))))."""
+        h = self.conv_res0(mp_silu(x))
+        modulation = 1 + self.emb_linear(emb, gain=self.emb_gain)
+        h = mp_silu(h * modulation[:, :, None, None].to(h.dtype))
+        if self.training and self.dropout:
+            h = torch.nn.functional.dropout(h, p=self.dropout)
+        return self.conv_res1(h)
+
+    def _attention(self, x):
+        """Multi-head self-attention over pixels with pixel-normalised (cosine) q, k and v."""
+        n, c, height, width = x.shape
+        head_dim = c // self.num_heads
+        # The published weights lay the 3*c output channels out as [heads, head_dim, (q, k, v)].
+        qkv = self.attn_qkv(x).reshape(n, self.num_heads, head_dim, 3, height * width)
+        qkv = normalize(qkv, dim=2)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]      # [n, heads, head_dim, pixels]
+        logits = torch.matmul(q.transpose(2, 3), k / np.sqrt(head_dim))  # [n, heads, query, key]
+        out = torch.matmul(v, logits.softmax(dim=-1).transpose(2, 3))    # [n, heads, head_dim, query]
+        return self.attn_proj(out.reshape(n, c, height, width))
 
     def forward(self, x, emb):
-        # Main branch (SPEC section 2, steps 1-3).
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
         if self.flavor == 'enc':
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
-            x = normalize(x, dim=1)  # pixel norm: the encoder's residual stream has unit RMS per pixel
-
-        # Residual branch, modulated by the embedding (c = 1 + learned-gain projection of emb).
-        y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * c.unsqueeze(2).unsqueeze(3).to(y.dtype))
-        if self.training and self.dropout != 0:
-            y = torch.nn.functional.dropout(y, p=self.dropout)
-        y = self.conv_res1(y)
-
+            x = normalize(x, dim=1)  # pixel norm keeps the encoder's stream at unit RMS per pixel
+        y = self._residual(x, emb)
         if self.flavor == 'dec' and self.conv_skip is not None:
             x = self.conv_skip(x)
         x = mp_sum(x, y, t=self.res_balance)
-
-        # Self-attention with cosine-similarity (pixel-normalised q and k), step 4.
-        if self.num_heads != 0:
-            y = self.attn_qkv(x)
-            # The [heads, channels/head, 3, pixels] order is the one the published weights use.
-            y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
-            q, k, v = normalize(y, dim=2).unbind(3)
-            w = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
-            y = torch.einsum('nhqk,nhck->nhcq', w, v)
-            y = self.attn_proj(y.reshape(*x.shape))
-            x = mp_sum(x, y, t=self.attn_balance)
-
+        if self.num_heads > 0:
+            x = mp_sum(x, self._attention(x), t=self.attn_balance)
         if self.clip_act is not None:
-            x = x.clip(-self.clip_act, self.clip_act)  # guards fp16 against rare outliers
+            x = x.clamp(-self.clip_act, self.clip_act)  # guards reduced precision against rare outliers
         return x
 
 
 class UNet(torch.nn.Module):
-    """The EDM2 U-Net F(x, c_noise, class_labels) (config G)."""
+    """The EDM2 U-Net F(x, c_noise, class_labels), config G (SPEC section 2)."""
 
     def __init__(self, img_resolution, img_channels, label_dim, model_channels=192,
                  channel_mult=(1, 2, 3, 4), channel_mult_noise=None, channel_mult_emb=None,
                  num_blocks=3, attn_resolutions=(16, 8), label_balance=0.5, concat_balance=0.5,
                  **block_kwargs):
         super().__init__()
-        cblock = [model_channels * x for x in channel_mult]
-        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
-        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+        widths = [model_channels * m for m in channel_mult]
+        noise_width = widths[0] if channel_mult_noise is None else model_channels * channel_mult_noise
+        emb_width = max(widths) if channel_mult_emb is None else model_channels * channel_mult_emb
         self.label_balance = label_balance
         self.concat_balance = concat_balance
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
+        self.emb_fourier = MPFourier(noise_width)
+        self.emb_noise = MPConv(noise_width, emb_width, kernel=[])
+        self.emb_label = MPConv(label_dim, emb_width, kernel=[]) if label_dim else None
 
-        # Embedding of the noise level (and the class).
-        self.emb_fourier = MPFourier(cnoise)
-        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
-        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim != 0 else None
+        def block(cin, cout, flavor, **kwargs):
+            return Block(cin, cout, emb_width, flavor=flavor, **block_kwargs, **kwargs)
 
-        # Encoder. The input gets an extra constant channel of ones, which lets the first conv see
-        # the image borders (zero padding would otherwise make them invisible).
+        # Encoder: per level a stem conv (level 0, on the image plus a constant channel of ones that
+        # marks the borders) or a downsampling block, then num_blocks blocks. Every module's output is
+        # a skip connection; `skip_widths` records them in order.
         self.enc = torch.nn.ModuleDict()
-        cout = img_channels + 1
-        for level, channels in enumerate(cblock):
+        skip_widths = []
+        width = img_channels + 1
+        for level, level_width in enumerate(widths):
             res = img_resolution >> level
             if level == 0:
-                cin = cout
-                cout = channels
-                self.enc[f'{res}x{res}_conv'] = MPConv(cin, cout, kernel=[3, 3])
+                self.enc[f'{res}x{res}_conv'] = MPConv(width, level_width, kernel=[3, 3])
+                width = level_width
             else:
-                self.enc[f'{res}x{res}_down'] = Block(cout, cout, cemb, flavor='enc', resample_mode='down',
-                                                      **block_kwargs)
-            for idx in range(num_blocks):
-                cin = cout
-                cout = channels
-                self.enc[f'{res}x{res}_block{idx}'] = Block(cin, cout, cemb, flavor='enc',
-                                                            attention=(res in attn_resolutions), **block_kwargs)
+                self.enc[f'{res}x{res}_down'] = block(width, width, 'enc', resample_mode='down')
+            skip_widths.append(width)
+            for i in range(num_blocks):
+                self.enc[f'{res}x{res}_block{i}'] = block(width, level_width, 'enc',
+                                                          attention=res in attn_resolutions)
+                width = level_width
+                skip_widths.append(width)
 
-        # Decoder; each block* consumes one skip connection, last in first out.
+        # Decoder, deepest level first: two bottleneck blocks (the first with attention) or an
+        # upsampling block, then num_blocks + 1 blocks that each take one skip, last in first out.
         self.dec = torch.nn.ModuleDict()
-        skips = [getattr(block, 'out_channels') for block in self.enc.values()]
-        for level, channels in reversed(list(enumerate(cblock))):
+        for level in reversed(range(len(widths))):
             res = img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f'{res}x{res}_in0'] = Block(cout, cout, cemb, flavor='dec', attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = Block(cout, cout, cemb, flavor='dec', **block_kwargs)
+            if level == len(widths) - 1:
+                self.dec[f'{res}x{res}_in0'] = block(width, width, 'dec', attention=True)
+                self.dec[f'{res}x{res}_in1'] = block(width, width, 'dec')
             else:
-                self.dec[f'{res}x{res}_up'] = Block(cout, cout, cemb, flavor='dec', resample_mode='up',
-                                                    **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin = cout + skips.pop()
-                cout = channels
-                self.dec[f'{res}x{res}_block{idx}'] = Block(cin, cout, cemb, flavor='dec',
-                                                            attention=(res in attn_resolutions), **block_kwargs)
-        self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+                self.dec[f'{res}x{res}_up'] = block(width, width, 'dec', resample_mode='up')
+            for i in range(num_blocks + 1):
+                self.dec[f'{res}x{res}_block{i}'] = block(width + skip_widths.pop(), widths[level], 'dec',
+                                                          attention=res in attn_resolutions)
+                width = widths[level]
+        self.out_conv = MPConv(width, img_channels, kernel=[3, 3])
+
+    def embedding(self, noise_labels, class_labels):
+        """mp_silu of the noise embedding, blended with the class embedding when conditional (float32)."""
+        emb = self.emb_noise(self.emb_fourier(noise_labels.float()))
+        if self.emb_label is not None:
+            onehot = class_labels.float()
+            label_emb = self.emb_label(onehot * np.sqrt(onehot.shape[1]))  # unit-RMS one-hot rows
+            emb = mp_sum(emb, label_emb, t=self.label_balance)
+        return mp_silu(emb)
 
     def forward(self, x, noise_labels, class_labels):
-        # Embedding, computed in float32 and cast to the working dtype of x.
-        emb = self.emb_noise(self.emb_fourier(noise_labels.to(torch.float32)))
-        if self.emb_label is not None:
-            labels = class_labels.to(torch.float32)
-            # The sqrt(label_dim) factor gives a one-hot row unit RMS.
-            emb = mp_sum(emb, self.emb_label(labels * np.sqrt(labels.shape[1])), t=self.label_balance)
-        emb = mp_silu(emb).to(x.dtype)
-
+        emb = self.embedding(noise_labels, class_labels).to(x.dtype)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
-        for name, block in self.enc.items():
-            x = block(x) if 'conv' in name else block(x, emb)
+        for module in self.enc.values():
+            x = module(x) if isinstance(module, MPConv) else module(x, emb)
             skips.append(x)
-        for name, block in self.dec.items():
-            if 'block' in name:
+        for name, module in self.dec.items():
+            if '_block' in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+            x = module(x, emb)
         return self.out_conv(x, gain=self.out_gain)
 
 
