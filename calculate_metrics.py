@@ -7,7 +7,6 @@ statistics summed). Detector weights: see `--inception-weights` / `--dinov2-weig
 
 import json
 import os
-import tempfile
 import time
 
 import click
@@ -18,6 +17,7 @@ from edm2 import distributed
 from edm2.metrics import detectors as det_lib
 from edm2.metrics import evaluate
 from edm2.metrics.frechet import FrechetError
+from edm2.fileio import atomic_write
 from edm2.metrics.reference import ReferenceFileError, load_reference, save_reference
 
 DEFAULT_METRICS = 'fid,fd_dinov2'
@@ -36,17 +36,8 @@ def _fail(msg):
 
 
 def _atomic_write_text(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, 'w') as f:
+        f.write(text)
 
 
 def _parse_metrics(text):
@@ -504,4 +495,7 @@ def gen(net, gnet, guide_weights, guidance, guidance_interval, preset, ref_path,
 
 
 if __name__ == '__main__':
-    cli()
+    try:
+        cli()
+    finally:
+        distributed.shutdown()  # a rank leaving with a live gloo group can abort at exit
