@@ -9,13 +9,13 @@ Same flags, seeds and file names as the published tool: `--seeds 0-49999` writes
 import math
 import os
 import re
-import tempfile
 
 import click
 import numpy as np
 import torch
 
 from edm2 import distributed, presets, sampling
+from edm2.fileio import atomic_write
 
 EXAMPLES = """
 \b
@@ -119,17 +119,8 @@ def _to_pil(image):
 
 def write_png_atomic(path, pil_image):
     """Write a PNG under a temporary name in the same folder, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            pil_image.save(f, format='PNG')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        pil_image.save(f, format='PNG')
 
 
 def make_grid(images):

@@ -15,7 +15,6 @@ Examples:
 """
 
 import json
-import math
 import os
 import sys
 import time

@@ -32,7 +32,6 @@ import pathlib
 import pickle
 import re
 import struct
-import sys
 import tempfile
 import urllib.parse
 
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from edm2 import encoders as _encoders
+from edm2.fileio import atomic_path
 from edm2.networks import Precond
 
 __all__ = ['CheckpointError', 'load_network', 'load_snapshot', 'save_network', 'fetch', 'read_published',
@@ -482,21 +482,11 @@ def save_network(path, net, encoder=None, *, dtype=None, **metadata):
     stored = {torch.float16: 'fp16', torch.bfloat16: 'bf16'}.get(gain.dtype) if gain is not None else None
     doc['gain_precision'] = getattr(net, 'gain_precision', None) or stored
     doc = _jsonable_metadata(doc, path)
-    folder = path.parent if str(path.parent) else pathlib.Path('.')
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{path.name}.', suffix='.tmp')
-        os.close(fd)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(doc)})
     except OSError as e:
         raise _err(path, f'cannot write: {_one_line(e)}') from None
-    try:
-        save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(doc)})
-        os.replace(tmp, path)
-    except OSError as e:
-        raise _err(path, f'cannot write: {_one_line(e)}') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -28,16 +28,15 @@ import copy
 import json
 import math
 import os
-import pathlib
 import re
 import signal
-import tempfile
 import time
 
 import numpy as np
 import torch
 
 from edm2 import distributed as dist
+from edm2.fileio import atomic_write
 
 OPTIONS_FILE = 'training_options.json'
 STATE_PATTERN = re.compile(r'^training-state-(\d+)\.pt$')
@@ -177,7 +176,7 @@ def validate(opts, world_size=1):
     _check(batch >= 1, f'--batch must be positive, got {batch}')
     for key in ('status', 'snapshot', 'checkpoint'):
         _check(opts[key] >= 0, f'--{key} must be a non-negative image count')
-    _check(opts['precision'] in ('fp32', 'fp16', 'bf16'), f'--precision must be fp32, fp16 or bf16')
+    _check(opts['precision'] in ('fp32', 'fp16', 'bf16'), '--precision must be fp32, fp16 or bf16')
     _check(opts['snapshot_dtype'] in ('fp16', 'fp32'), '--snapshot-dtype must be fp16 or fp32')
     _check(opts['ls'] > 0, '--ls must be positive')
     _check(0 <= opts['dropout'] < 1, '--dropout must be in [0, 1)')
@@ -208,7 +207,7 @@ def validate(opts, world_size=1):
                f'expected 8 (Stability VAE mean and std, see dataset_tool.py encode)')
     else:
         _check(dataset.num_channels in (1, 3), f'--data: images have {dataset.num_channels} channels; expected 1 or 3')
-    _check(dataset.label_dim > 0 or not opts['cond'], f'--data: --cond needs class labels in dataset.json')
+    _check(dataset.label_dim > 0 or not opts['cond'], '--data: --cond needs class labels in dataset.json')
 
     from edm2 import presets
     try:
@@ -250,19 +249,9 @@ def _fsync_dir(path):
 
 
 def atomic_torch_save(obj, path):
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path, fsync=True) as f:
+        torch.save(obj, f)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))  # make the rename itself durable
 
 
 def list_checkpoints(outdir):
@@ -381,7 +370,7 @@ def training_loop(options, dry_run=False, step_callback=None):
         _check(dev.type != 'cuda' or torch.cuda.is_available(), f'--device {requested}: CUDA is not available here')
     device = dist.init(requested)
     opts = resolve_options(options)
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     dataset, net_kwargs, batch_gpu = validate(opts, world)
     batch = opts['batch']
     rounds = batch // (world * batch_gpu)

@@ -13,9 +13,10 @@ import importlib
 import io
 import os
 import pickle
-import tempfile
 
 import numpy as np
+
+from edm2.fileio import atomic_write
 
 METRIC_KEYS = ('fid', 'fd_dinov2')
 
@@ -134,15 +135,5 @@ def load_reference(path_or_url) -> dict:
 
 def save_reference(path, ref: dict):
     """Write `ref` as a reference pickle (plain dicts and numpy arrays), atomically."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            pickle.dump(ref, f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        pickle.dump(ref, f, protocol=4)
