@@ -318,14 +318,23 @@ def _subsets(n_avail, num, repeats, seed, source):
     return [np.sort(order[r * num:(r + 1) * num]) for r in range(repeats)]
 
 
+def evaluation_options(fn):
+    """--ref, --metrics and --num, shared by `calc` and `gen`."""
+    for option in reversed([
+        click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
+                     required=True),
+        click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})', metavar='LIST',
+                     default=DEFAULT_METRICS, show_default=True),
+        click.option('--num', help='Number of images per evaluation', metavar='INT', type=click.IntRange(min=2),
+                     default=50000, show_default=True),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @cli.command()
 @click.option('--images', help='Folder or ZIP of images to evaluate', metavar='PATH', required=True)
-@click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
-              required=True)
-@click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})', metavar='LIST',
-              default=DEFAULT_METRICS, show_default=True)
-@click.option('--num', help='Number of images per evaluation', metavar='INT', type=click.IntRange(min=2),
-              default=50000, show_default=True)
+@evaluation_options
 @click.option('--seed', help='Seed of the random subset when the folder holds more images', metavar='INT',
               type=int, default=0, show_default=True)
 @click.option('--repeats', help='Evaluate this many disjoint subsets; report each, min and mean', metavar='INT',
@@ -407,12 +416,7 @@ def _load_net(path, device, what):
 @click.option('--guidance-interval', help='Apply guidance only for sigma in (LO, HI]', metavar='LO,HI', default=None)
 @click.option('--preset', help='Generation preset (configs/generate.toml) giving net, gnet, guidance', metavar='STR',
               default=None)
-@click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
-              required=True)
-@click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})', metavar='LIST',
-              default=DEFAULT_METRICS, show_default=True)
-@click.option('--num', help='Number of images per evaluation', metavar='INT', type=click.IntRange(min=2),
-              default=50000, show_default=True)
+@evaluation_options
 @click.option('--seed', help='First seed; evaluation r uses seeds seed + r*num ... seed + (r+1)*num - 1',
               metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--repeats', help='Evaluate this many disjoint seed ranges; report each, min and mean', metavar='INT',

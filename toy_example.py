@@ -227,6 +227,15 @@ def train(classes, layers, width, iterations, batch, lr, ema, seed, outdir, name
     click.echo(f'wrote {path}')
 
 
+def default_output(out, models, name):
+    """`out` when given, else DIR/name for --models DIR."""
+    if out is not None:
+        return out
+    if models is None:
+        raise click.UsageError(f'give --out FILE (or --models DIR to write DIR/{name})')
+    return os.path.join(models, name)
+
+
 @cli.command('eval')
 @model_options
 @sampling_options
@@ -237,10 +246,7 @@ def eval_cmd(models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_wei
     """Outlier rate, leaf-branch coverage and log-likelihood of every method; prints a table, writes JSON."""
     device = check_device(device or default_device())
     loaded = resolve_models(models, net, autoguide, cfg_guide, device)
-    if out is None:
-        if models is None:
-            raise click.UsageError('give --out FILE (or --models DIR to write DIR/eval.json)')
-        out = os.path.join(models, 'eval.json')
+    out = default_output(out, models, 'eval.json')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
     _, results, level = run_eval(loaded, num, seed, steps, weights, device)
     click.echo(format_table(results, weights))
@@ -259,10 +265,7 @@ def plot(models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight,
     """The panels of Figure 1: ground truth, unguided, CFG, autoguidance, naive truncation."""
     device = check_device(device or default_device())
     loaded = resolve_models(models, net, autoguide, cfg_guide, device)
-    if out is None:
-        if models is None:
-            raise click.UsageError('give --out FILE (or --models DIR to write DIR/toy.png)')
-        out = os.path.join(models, 'toy.png')
+    out = default_output(out, models, 'toy.png')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
     samples, results, level = run_eval(loaded, num, seed, steps, weights, device)
     draw_figure(out, samples, results, level, weights, max_points=num, dpi=dpi)
