@@ -22,22 +22,16 @@ def _parse_nimg(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def _parse_floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(',') if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f'expected a comma-separated list of numbers, got {value!r}') from None
-
-
-def _parse_ints(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(',') if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f'expected a comma-separated list of integers, got {value!r}') from None
+def _list_of(kind, what):
+    """click callback parsing a comma-separated list of `kind` (None stays None, "" is the empty list)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [kind(v) for v in value.split(',') if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f'expected a comma-separated list of {what}, got {value!r}') from None
+    return parse
 
 
 EPILOG = """\b
@@ -85,15 +79,15 @@ Examples:
 @click.option('--precision', help='U-Net precision on CUDA (overrides --fp16); CPU always runs fp32',
               type=click.Choice(['fp32', 'fp16', 'bf16']))
 @click.option('--device', help='Device, e.g. cpu, cuda (default: cuda when available)', metavar='STR')
-@click.option('--ema-stds', help='Power-function EMA lengths sigma_rel', metavar='LIST', callback=_parse_floats,
+@click.option('--ema-stds', help='Power-function EMA lengths sigma_rel', metavar='LIST', callback=_list_of(float, 'numbers'),
               default='0.050,0.100', show_default=True)
 @click.option('--rampup', help='Learning-rate ramp-up in images', metavar='NIMG', callback=_parse_nimg, default='10M', show_default=True)
 @click.option('--workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--snapshot-dtype', help='Storage dtype of EMA parameters in snapshots', type=click.Choice(['fp16', 'fp32']),
               default='fp16', show_default=True)
-@click.option('--channel-mult', help='U-Net channel multipliers per level (default 1,2,3,4)', metavar='LIST', callback=_parse_ints)
+@click.option('--channel-mult', help='U-Net channel multipliers per level (default 1,2,3,4)', metavar='LIST', callback=_list_of(int, 'integers'))
 @click.option('--num-blocks', help='U-Net blocks per level (default 3)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--attn-res', help='Resolutions with self-attention (default 16,8; "" = none)', metavar='LIST', callback=_parse_ints)
+@click.option('--attn-res', help='Resolutions with self-attention (default 16,8; "" = none)', metavar='LIST', callback=_list_of(int, 'integers'))
 def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean, P_std, lr, decay, batch_gpu,
          fp16, ls, bench, status, snapshot, checkpoint, seed, dry_run, precision, device, ema_stds, rampup,
          workers, snapshot_dtype, channel_mult, num_blocks, attn_res):
