@@ -12,6 +12,9 @@ Examples:
   python toy_example.py train --classes AB --width 32 --iterations 512  --outdir out/toy --name cfg-guide
   python toy_example.py eval --models out/toy --out out/toy/eval.json
   python toy_example.py plot --models out/toy --out out/toy/toy.png
+\b
+  # the same with idealised models (exact ground truth, blurred; no training)
+  python toy_example.py eval --ideal --out out/toy/eval-ideal.json
 """
 
 import json
@@ -23,6 +26,7 @@ import click
 import torch
 
 from edm2 import toy
+from edm2.fileio import atomic_path, atomic_write
 
 MODEL_FILES = {'net': 'main', 'autoguide': 'autoguide', 'cfg_guide': 'cfg-guide'}
 METRIC_COLUMNS = [('outlier_rate', 'outliers', '{:.2%}'), ('leaf_coverage', 'leaf coverage', '{:.1%}'),
@@ -51,13 +55,6 @@ def positive(name):
             raise click.BadParameter(f'must be positive, got {value}', param_hint=name)
         return value
     return check
-
-
-def atomic_write_text(path, text):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def train_one(outdir, name, classes, width, layers, iterations, batch, lr, ema, seed, device, quiet=False):
@@ -101,6 +98,15 @@ def resolve_models(models, net, autoguide, cfg_guide, device):
     return loaded
 
 
+def get_models(ideal, models, net, autoguide, cfg_guide, device):
+    """The idealised models (--ideal) or the trained ones."""
+    if not ideal:
+        return resolve_models(models, net, autoguide, cfg_guide, device)
+    if any(v is not None for v in (models, net, autoguide, cfg_guide)):
+        raise click.UsageError('--ideal uses no trained models: drop --models/--net/--autoguide/--cfg-guide')
+    return toy.ideal_models()
+
+
 def format_table(results, weights):
     labels = {'ground truth': 'ground truth', 'unguided': 'unguided',
               'CFG': f'CFG (w={weights["cfg"]:g}, A+B guide)',
@@ -123,13 +129,19 @@ def run_eval(models, num, seed, steps, weights, device):
     return samples, results, level
 
 
-def write_json(path, results, level, settings):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    atomic_write_text(path, json.dumps(dict(settings=settings, outlier_logp_level=level, results=results), indent=2) + '\n')
+def write_json(path, results, level, settings, **extra):
+    data = dict(settings=settings, outlier_logp_level=level, results=results, **extra)
+    with atomic_write(path, 'w') as f:
+        f.write(json.dumps(data, indent=2) + '\n')
 
 
-def draw_figure(path, samples, results, level, weights, max_points=6000, dpi=90):
+IDEAL_LABEL = (f'idealised models: ground truth blurred by {toy.IDEAL_MAIN_BLUR:g} (main), '
+               f'{toy.IDEAL_GUIDE_BLUR:g} (guides)')
+ROW_LABELS = ('trained (published settings)', f'idealised (blur {toy.IDEAL_MAIN_BLUR:g} / {toy.IDEAL_GUIDE_BLUR:g})')
+
+
+def draw_figure(path, rows, level, weights, max_points=6000, dpi=90):
+    """rows: [(label or None, samples, results)], one row of the five panels each."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -141,36 +153,41 @@ def draw_figure(path, samples, results, level, weights, max_points=6000, dpi=90)
     res = 240
     gx = torch.linspace(lo[0], hi[0], res, dtype=torch.float64)
     gy = torch.linspace(lo[1], hi[1], res, dtype=torch.float64)
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing='xy'), dim=-1).reshape(-1, 2)
-    dens = mixture.logp(grid).reshape(res, res).numpy()
+    points = torch.stack(torch.meshgrid(gx, gy, indexing='xy'), dim=-1).reshape(-1, 2)
+    grid = (gx.numpy(), gy.numpy(), mixture.logp(points).reshape(res, res).numpy())
     titles = {'ground truth': '(a) ground truth, class A', 'unguided': '(b) unguided',
               'CFG': f'(c) CFG, w={weights["cfg"]:g}', 'autoguidance': f'(d) autoguidance, w={weights["ag"]:g}',
               'naive truncation': f'(e) naive truncation, w={weights["trunc"]:g}'}
-    fig, axes = plt.subplots(1, len(samples), figsize=(3.0 * len(samples), 3.35))
-    for ax, (name, x) in zip(axes, samples.items()):
-        ax.contourf(gx.numpy(), gy.numpy(), dens, levels=[level, dens.max() + 1], colors=['#dfe7f2'])
-        ax.contour(gx.numpy(), gy.numpy(), dens, levels=[level], colors=['#8ba3c7'], linewidths=0.5)
-        x = x[:max_points].numpy()
-        logp = mixture.logp(torch.as_tensor(x, dtype=torch.float64)).numpy()
-        out = logp < level
-        ax.scatter(x[~out, 0], x[~out, 1], s=0.6, c='#1b1b1b', linewidths=0, rasterized=True)
-        ax.scatter(x[out, 0], x[out, 1], s=1.5, c='#d62728', linewidths=0, rasterized=True)
-        r = results[name]
-        ax.set_title(f'{titles[name]}\noutliers {r["outlier_rate"]:.1%}, leaf coverage {r["leaf_coverage"]:.0%}',
-                     fontsize=8.5)
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(lo[1], hi[1])
-        ax.set_aspect('equal')
-        ax.set_xticks([])
-        ax.set_yticks([])
+    ncols = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.0 * ncols, 3.35 * len(rows)), squeeze=False)
+    for (label, samples, results), row in zip(rows, axes):
+        if label:
+            row[0].set_ylabel(label, fontsize=8.5)
+        for ax, (name, x) in zip(row, samples.items()):
+            draw_panel(ax, x, results[name], titles[name], mixture, grid, level, max_points)
     fig.tight_layout(pad=0.4)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f'{root}.tmp{os.getpid()}{ext or ".png"}'
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format='png')
+    finally:
+        plt.close(fig)
+
+
+def draw_panel(ax, x, r, title, mixture, grid, level, max_points):
+    """Ground truth's 99%-mass region (light blue), the samples (black) and the outliers among them (red)."""
+    gx, gy, dens = grid
+    ax.contourf(gx, gy, dens, levels=[level, dens.max() + 1], colors=['#dfe7f2'])
+    ax.contour(gx, gy, dens, levels=[level], colors=['#8ba3c7'], linewidths=0.5)
+    x = x[:max_points].numpy()
+    out = mixture.logp(torch.as_tensor(x, dtype=torch.float64)).numpy() < level
+    ax.scatter(x[~out, 0], x[~out, 1], s=0.6, c='#1b1b1b', linewidths=0, rasterized=True)
+    ax.scatter(x[out, 0], x[out, 1], s=1.5, c='#d62728', linewidths=0, rasterized=True)
+    ax.set_title(f'{title}\noutliers {r["outlier_rate"]:.1%}, leaf coverage {r["leaf_coverage"]:.0%}', fontsize=8.5)
+    ax.set_xlim(gx[0], gx[-1])
+    ax.set_ylim(gy[0], gy[-1])
+    ax.set_aspect('equal')
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 # ---- command line --------------------------------------------------------------------------------------
@@ -186,6 +203,9 @@ def model_options(f):
     f = click.option('--net', metavar='FILE', help='Main model (default: DIR/main.safetensors).')(f)
     f = click.option('--models', metavar='DIR', type=click.Path(file_okay=False),
                      help='Folder with main/autoguide/cfg-guide.safetensors (as written by demo).')(f)
+    f = click.option('--ideal', is_flag=True,
+                     help=f'Use idealised models instead of trained ones: the exact ground truth blurred by '
+                          f'{toy.IDEAL_MAIN_BLUR:g} (main) and {toy.IDEAL_GUIDE_BLUR:g} (guides).')(f)
     return f
 
 
@@ -242,15 +262,15 @@ def default_output(out, models, name):
 @click.option('--num', default=20000, show_default=True, type=int, callback=positive('--num'),
               help='Samples per method.')
 @click.option('--out', default=None, type=click.Path(dir_okay=False), help='JSON output [default: DIR/eval.json].')
-def eval_cmd(models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, num, out):
+def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, num, out):
     """Outlier rate, leaf-branch coverage and log-likelihood of every method; prints a table, writes JSON."""
     device = check_device(device or default_device())
-    loaded = resolve_models(models, net, autoguide, cfg_guide, device)
+    loaded = get_models(ideal, models, net, autoguide, cfg_guide, device)
     out = default_output(out, models, 'eval.json')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
     _, results, level = run_eval(loaded, num, seed, steps, weights, device)
     click.echo(format_table(results, weights))
-    write_json(out, results, level, dict(num=num, seed=seed, steps=steps, weights=weights))
+    write_json(out, results, level, dict(num=num, seed=seed, steps=steps, weights=weights, ideal=ideal))
     click.echo(f'wrote {out}')
 
 
@@ -261,14 +281,14 @@ def eval_cmd(models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_wei
               help='Samples per panel.')
 @click.option('--out', default=None, type=click.Path(dir_okay=False), help='PNG output [default: DIR/toy.png].')
 @click.option('--dpi', default=90, show_default=True, type=int, callback=positive('--dpi'))
-def plot(models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, num, out, dpi):
+def plot(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, num, out, dpi):
     """The panels of Figure 1: ground truth, unguided, CFG, autoguidance, naive truncation."""
     device = check_device(device or default_device())
-    loaded = resolve_models(models, net, autoguide, cfg_guide, device)
+    loaded = get_models(ideal, models, net, autoguide, cfg_guide, device)
     out = default_output(out, models, 'toy.png')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
     samples, results, level = run_eval(loaded, num, seed, steps, weights, device)
-    draw_figure(out, samples, results, level, weights, max_points=num, dpi=dpi)
+    draw_figure(out, [(ROW_LABELS[1] if ideal else None, samples, results)], level, weights, max_points=num, dpi=dpi)
     click.echo(f'wrote {out}')
 
 
@@ -286,7 +306,8 @@ def plot(models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight,
               help='Retrain models already present in OUTDIR (default: reuse them).')
 @click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')
 def demo(outdir, main_iterations, guide_iterations, batch, num, seed, retrain, device):
-    """Train the main model and both guides with the published settings, evaluate, and plot."""
+    """Train the main model and both guides with the published settings, evaluate, and plot; the same for the
+    idealised models (--ideal of eval/plot) as a second table and a second row of the figure."""
     device = check_device(device or default_device())
     t0 = time.time()
     jobs = [('main', 'A', 64, main_iterations, seed),
@@ -307,11 +328,16 @@ def demo(outdir, main_iterations, guide_iterations, batch, num, seed, retrain, d
     loaded = resolve_models(outdir, None, None, None, device)
     weights = dict(ag=3.0, cfg=4.0, trunc=1.5)
     samples, results, level = run_eval(loaded, num, seed, 32, weights, device)
-    click.echo(format_table(results, weights))
+    ideal_samples, ideal_results, _ = run_eval(toy.ideal_models(), num, seed, 32, weights, device)
+    click.echo(f'trained models (published settings):\n{format_table(results, weights)}\n')
+    click.echo(f'{IDEAL_LABEL}:\n{format_table(ideal_results, weights)}')
     write_json(os.path.join(outdir, 'eval.json'), results, level,
                dict(num=num, seed=seed, steps=32, weights=weights, main_iterations=main_iterations,
-                    guide_iterations=guide_iterations, batch=batch))
-    draw_figure(os.path.join(outdir, 'toy.png'), samples, results, level, weights)
+                    guide_iterations=guide_iterations, batch=batch),
+               ideal=dict(main_blur=toy.IDEAL_MAIN_BLUR, guide_blur=toy.IDEAL_GUIDE_BLUR, results=ideal_results))
+    draw_figure(os.path.join(outdir, 'toy.png'),
+                [(ROW_LABELS[0], samples, results), (ROW_LABELS[1], ideal_samples, ideal_results)],
+                level, weights)
     click.echo(f'wrote {outdir}/eval.json and {outdir}/toy.png ({time.time() - t0:.0f} s)')
 
 

@@ -6,8 +6,10 @@
 * `ToyModel`: an MLP of magnitude-preserving layers that predicts log p(x; sigma); its score is the
   gradient by autodiff.
 * `train()`: exact score matching against the ground truth with a power-function EMA.
-* `sample()`: the EDM Heun sampler driven by scores, with guidance by a second model
+* `heun_sample()`: the EDM Heun sampler driven by scores, with guidance by a second model
   (autoguidance or CFG) or naive truncation (the score scaled by w).
+* `SmoothedGT` / `ideal_models()`: idealised models whose only error is a loss of resolution (the exact
+  ground truth blurred), the kind of error autoguidance assumes.
 * `evaluate()`: outlier rate, leaf-branch coverage and mean log-likelihood under the ground truth.
 """
 
@@ -22,6 +24,7 @@ import safetensors.torch
 import torch
 
 from edm2 import mp
+from edm2.fileio import atomic_path
 from edm2.phema import std_to_exp
 from edm2.sampling import time_steps
 
@@ -364,6 +367,32 @@ def guided_score(net, guide=None, w=1.0):
     return score
 
 
+class SmoothedGT:
+    """An idealised model: the exact score of gt(classes) convolved with N(0, blur^2 I), i.e. the mixture at
+    noise level sqrt(sigma^2 + blur^2). Its only error is a loss of resolution below `blur`, the kind of
+    error the autoguidance paper argues a guide shares with the main model, only larger (blur = 0: exact)."""
+
+    def __init__(self, classes='A', blur=0.0):
+        if not 0 <= float(blur) < math.inf:
+            raise ValueError(f'blur must be finite and non-negative, got {blur}')
+        self.mixture = gt(classes)
+        self.blur = float(blur)
+
+    def score(self, x, sigma):
+        return self.mixture.score(x, (sigma ** 2 + self.blur ** 2) ** 0.5)
+
+
+# Idealised stand-ins for the three trained models of Figure 1: the guides lose twice the main model's resolution.
+IDEAL_MAIN_BLUR = 0.02
+IDEAL_GUIDE_BLUR = 0.04
+
+
+def ideal_models(main_blur=IDEAL_MAIN_BLUR, guide_blur=IDEAL_GUIDE_BLUR):
+    """{'net', 'autoguide', 'cfg_guide'} as SmoothedGT models (main: class A; guides: A and A+B)."""
+    return dict(net=SmoothedGT('A', main_blur), autoguide=SmoothedGT('A', guide_blur),
+                cfg_guide=SmoothedGT('AB', guide_blur))
+
+
 def heun_sample(score_fn, x_init, num_steps=32, sigma_min=0.002, sigma_max=5.0, rho=7.0):
     """EDM Heun sampler (SPEC section 5, no churn) on a score: D(x; sigma) = x + sigma^2 score, so the ODE
     direction (x - D) / sigma is -sigma * score. x_init is already at noise level sigma_max."""
@@ -432,13 +461,8 @@ def save_model(path, net, **metadata):
     path = os.fspath(path)
     meta = {'format': 'edm2-toy-v1', 'init_kwargs': json.dumps(net.init_kwargs), 'metadata': json.dumps(metadata)}
     tensors = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in net.state_dict().items()}
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
+    with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_model(path, device='cpu'):

@@ -156,6 +156,16 @@ def test_bad_input(mix):
 
 # ---- model, sampler, metrics -------------------------------------------------------------------------------
 
+def test_smoothed_gt_is_the_mixture_at_a_larger_noise_level(mix):
+    x = mix.sample(100, 0.1, torch.Generator().manual_seed(8))
+    torch.testing.assert_close(toy.SmoothedGT('A', 0.03).score(x, 0.04), mix.score(x, 0.05), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(toy.SmoothedGT('A').score(x, 0.04), mix.score(x, 0.04), rtol=0, atol=0)
+    models = toy.ideal_models()
+    assert models['cfg_guide'].mixture is toy.gt('AB') and models['autoguide'].blur > models['net'].blur
+    with pytest.raises(ValueError, match='blur'):
+        toy.SmoothedGT('A', -0.1)
+
+
 def test_untrained_model_is_the_prior_gaussian():
     torch.manual_seed(0)
     net = toy.ToyModel(16, 2)
@@ -214,16 +224,6 @@ def test_load_model_errors(tmp_path):
         toy.load_model(bad)
 
 
-class ExactScore:
-    """The ground truth as a 'model' (its score is exact)."""
-
-    def __init__(self, mixture):
-        self.mixture = mixture
-
-    def score(self, x, sigma):
-        return self.mixture.score(x, sigma)
-
-
 @pytest.mark.slow
 def test_heun_on_exact_score_reproduces_ground_truth(mix):
     """With the exact score the probability-flow ODE maps the diffused ground truth onto the ground truth:
@@ -231,7 +231,7 @@ def test_heun_on_exact_score_reproduces_ground_truth(mix):
     gen = torch.Generator().manual_seed(6)
     n = 4000
     x0 = mix.sample(n, 5.0, gen)
-    x = toy.heun_sample(toy.guided_score(ExactScore(mix)), x0, num_steps=32, sigma_max=5.0)
+    x = toy.heun_sample(toy.guided_score(toy.SmoothedGT('A')), x0, num_steps=32, sigma_max=5.0)
     level = toy.outlier_level(mix, num=100_000)
     r = toy.evaluate(x, mix, level)
     gt = toy.evaluate(mix.sample(n, 0.0, gen), mix, level)
@@ -240,7 +240,7 @@ def test_heun_on_exact_score_reproduces_ground_truth(mix):
     assert r['outlier_rate'] < 0.01 + 5 * se + 0.01  # + discretisation error of 32 Heun steps
     assert r['branch_tv'] < 0.1 and gt['branch_tv'] < 0.1
     # Naive truncation with the exact score concentrates mass on the heaviest branches.
-    xt = toy.heun_sample(toy.guided_score(ExactScore(mix), None, 3.0), x0, num_steps=32, sigma_max=5.0)
+    xt = toy.heun_sample(toy.guided_score(toy.SmoothedGT('A'), None, 3.0), x0, num_steps=32, sigma_max=5.0)
     assert toy.evaluate(xt, mix, level)['branch_tv'] > r['branch_tv'] + 0.1
 
 
@@ -257,6 +257,7 @@ def cli():
     (['train', '--iterations', '-3', '--outdir', 'x'], '--iterations'),
     (['eval', '--out', 'e.json'], 'no trained model'),
     (['plot', '--models', 'nowhere'], 'not found'),
+    (['eval', '--ideal', '--models', 'x'], '--ideal uses no trained models'),
 ])
 def test_cli_bad_input_one_line(tmp_path, args, message):
     res = CliRunner().invoke(cli(), args)
@@ -287,6 +288,17 @@ def test_cli_train_eval_plot(tmp_path):
     from PIL import Image
     assert Image.open(tmp_path / 'f.png').size[0] > 500
     assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+
+
+def test_cli_eval_ideal_needs_no_models(tmp_path):
+    out = tmp_path / 'e.json'
+    res = CliRunner().invoke(cli(), ['eval', '--ideal', '--num', '300', '--steps', '4', '--device', 'cpu',
+                                     '--out', str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.load(open(out))
+    assert data['settings']['ideal'] is True and set(data['results']) == set(toy.METHODS)
+    # Four Heun steps from sigma 5 with a blurred main model leave most samples off the thin tree.
+    assert data['results']['unguided']['outlier_rate'] > data['results']['ground truth']['outlier_rate']
 
 
 # ---- the paper's claim, on smaller settings --------------------------------------------------------------
@@ -320,14 +332,39 @@ def test_guidance_effects_that_hold(small_run):
     assert r['CFG']['branch_tv'] > r['autoguidance']['branch_tv'] + 0.2
 
 
+def assert_paper_claim(r, n):
+    """The paper's claim: autoguidance removes most outliers (at most half of unguided's rate) while its branch
+    distribution stays within 0.05 TV of the ground truth's and its leaf coverage within 0.3 (at 8000 samples a
+    leaf expects ~8 of them, so the ground truth's own leaf coverage varies from 0.91 to 0.97); CFG removes
+    outliers too (at most half of unguided's, up to 3 standard errors) but distributes the samples far
+    worse over the branches; naive truncation loses the leaves."""
+    unguided, ag, cfg, trunc = r['unguided'], r['autoguidance'], r['CFG'], r['naive truncation']
+    half = 0.5 * unguided['outlier_rate']
+    se = math.sqrt(half * (1 - half) / n)
+    assert ag['outlier_rate'] <= half
+    assert ag['branch_tv'] <= r['ground truth']['branch_tv'] + 0.05
+    assert ag['leaf_coverage'] >= r['ground truth']['leaf_coverage'] - 0.3
+    assert cfg['outlier_rate'] <= half + 3 * se
+    assert cfg['branch_tv'] >= ag['branch_tv'] + 0.3
+    assert trunc['leaf_coverage'] < 0.1 and trunc['branch_tv'] > 0.4
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason='not reproduced yet: autoguidance removes only part of the outliers in our runs '
-                          '(see README, section "toy")', strict=False)
-def test_autoguidance_claim(small_run):
-    """The paper's claim: autoguidance removes most outliers (at most half of unguided's rate) while its
-    leaf coverage stays within 0.25 of the ground truth's; CFG also removes outliers but covers worse."""
-    r = small_run
-    assert r['autoguidance']['outlier_rate'] <= 0.5 * r['unguided']['outlier_rate']
-    assert r['autoguidance']['leaf_coverage'] >= r['ground truth']['leaf_coverage'] - 0.25
-    assert r['CFG']['outlier_rate'] <= 0.5 * r['unguided']['outlier_rate']
-    assert r['CFG']['leaf_coverage'] < r['autoguidance']['leaf_coverage']
+@pytest.mark.xfail(reason='not reproduced with trained models: autoguidance removes only part of the outliers '
+                          'and shifts mass between branches (see README, section "toy")', strict=False)
+def test_autoguidance_claim_with_trained_models(small_run):
+    assert_paper_claim(small_run, SMALL['num'])
+
+
+@pytest.mark.slow
+def test_autoguidance_claim_with_idealised_models():
+    """The paper's mechanism with models whose only error is lost resolution (SmoothedGT: main blurred by
+    0.02, guides by 0.04) on the published weights and sampler (~40 s on 2 cores)."""
+    n = 8000
+    m = toy.ideal_models()
+    mixture = toy.gt('A')
+    samples = toy.sample_methods(m['net'], m['autoguide'], m['cfg_guide'], num=n, seed=1)
+    level = toy.outlier_level(mixture, num=100_000)
+    r = {name: toy.evaluate(x, mixture, level) for name, x in samples.items()}
+    assert r['unguided']['outlier_rate'] > 0.1   # the blurred main model does scatter samples off the tree
+    assert_paper_claim(r, n)
