@@ -10,11 +10,28 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import EDM2Error
+
+
+class DeviceError(EDM2Error):
+    """The requested --device does not exist or is not available on this machine."""
+
 
 def default_device(device=None) -> torch.device:
-    """`device` when given, else this rank's CUDA device if CUDA is available, else the CPU."""
+    """`device` when given (checked to exist here; raises DeviceError naming --device otherwise), else
+    this rank's CUDA device if CUDA is available, else the CPU. The one device chooser of every command."""
     if device is not None:
-        return torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise DeviceError(f'--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)') from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise DeviceError(f'--device {device}: CUDA is not available here')
+        if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+        if device.type not in ('cpu', 'cuda', 'mps', 'xpu'):
+            raise DeviceError(f'--device {device}: unsupported device type (use cpu or cuda)')
+        return device
     if torch.cuda.is_available():
         return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count())
     return torch.device('cpu')

@@ -1,0 +1,110 @@
+"""Shared pieces of the command lines: validated click parameter types, list parsing, one-line errors.
+
+Every numeric flag is checked finite and inside its meaningful range by click, before any work
+starts, so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag.
+"""
+
+import math
+from decimal import Decimal, InvalidOperation
+
+import click
+
+from .errors import one_line
+
+
+def fail(error, prefix=None):
+    """Raise a one-line `click.ClickException` from an exception or a message (optionally prefixed by
+    the flag or file it concerns)."""
+    msg = one_line(error)
+    raise click.ClickException(f'{prefix}: {msg}' if prefix else msg)
+
+
+def _bounds_text(lo, hi, lo_open, hi_open):
+    left = '(' if lo_open else '['
+    right = ')' if hi_open else ']'
+    return f'{left}{"-inf" if lo is None else f"{lo:g}"}, {"inf" if hi is None else f"{hi:g}"}{right}'
+
+
+def check_range(value, lo=None, hi=None, lo_open=False, hi_open=False):
+    """Return an error text when `value` is not finite or outside the given bounds, else None."""
+    if not math.isfinite(value):
+        return f'must be a finite number, got {value}'
+    if (lo is not None and (value < lo or (lo_open and value == lo))) or \
+       (hi is not None and (value > hi or (hi_open and value == hi))):
+        return f'must lie in {_bounds_text(lo, hi, lo_open, hi_open)}, got {value:g}'
+    return None
+
+
+class Float(click.ParamType):
+    """A finite float, optionally bounded: Float(0, lo_open=True) is a positive number."""
+    name = 'float'
+
+    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.bounds = (lo, hi, lo_open, hi_open)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            try:
+                number = float(str(value).strip())
+            except ValueError:
+                self.fail(f'expected a number, got {value!r}', param, ctx)
+        error = check_range(number, *self.bounds)
+        if error:
+            self.fail(error, param, ctx)
+        return number
+
+
+class Int(click.ParamType):
+    """An integer, optionally bounded (inclusive); refuses '1.5' and values beyond the bounds."""
+    name = 'integer'
+
+    def __init__(self, lo=None, hi=None):
+        self.lo, self.hi = lo, hi
+
+    def convert(self, value, param, ctx):
+        try:
+            number = int(value) if isinstance(value, int) else int(str(value).strip())
+        except ValueError:
+            self.fail(f'expected an integer, got {value!r}', param, ctx)
+        if (self.lo is not None and number < self.lo) or (self.hi is not None and number > self.hi):
+            self.fail(f'must lie in [{"-inf" if self.lo is None else self.lo}, '
+                      f'{"inf" if self.hi is None else self.hi}], got {number}', param, ctx)
+        return number
+
+
+def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False):
+    """'0.05,0.1' -> [0.05, 0.1]; '0.010,0.015,...,0.250' -> the evenly spaced range 0.010, ..., 0.250
+    (step = difference of the two values before '...', which must land exactly on the value after).
+    Every value must be finite and within the bounds; an empty list is refused. Errors are
+    `click.BadParameter` naming `hint` (the flag)."""
+    items = [s.strip() for s in str(text).split(',') if s.strip()]
+    values = []
+    i = 0
+    try:
+        while i < len(items):
+            if items[i] in ('...', '…'):
+                if len(values) < 2 or i + 1 >= len(items):
+                    raise click.BadParameter(f'"..." needs two values before it and one after, e.g. '
+                                             f'0.010,0.015,...,0.250; got {text!r}', param_hint=hint)
+                step, end = values[-1] - values[-2], Decimal(items[i + 1])
+                count = (end - values[-1]) / step if step != 0 else Decimal(-1)
+                if step <= 0 or count < 1 or count != count.to_integral_value() or count > 100_000:
+                    raise click.BadParameter(f'range {values[-2]},{values[-1]},...,{end} does not step evenly '
+                                             f'upwards onto {end}', param_hint=hint)
+                values += [values[-1] + step * (k + 1) for k in range(int(count))]
+                i += 2
+            else:
+                values.append(Decimal(items[i]))
+                i += 1
+    except InvalidOperation:
+        raise click.BadParameter(f'expected numbers separated by commas, got {text!r}', param_hint=hint) from None
+    if not values:
+        raise click.BadParameter('expected at least one value', param_hint=hint)
+    result = [float(v) for v in values]
+    for v in result:
+        error = check_range(v, lo, hi, lo_open, hi_open)
+        if error:
+            raise click.BadParameter(error, param_hint=hint)
+    return result

@@ -1,0 +1,19 @@
+"""The project's error base class and the one-line message rule every command follows.
+
+Library code raises an `EDM2Error` subclass whose message names the file or flag at fault; command
+lines turn it into a one-line click error (`edm2.cli.fail`). Nothing here imports torch.
+"""
+
+
+class EDM2Error(ValueError):
+    """Base class of every error this project raises on bad input (a `ValueError`, so callers that
+    catch `ValueError` keep working)."""
+
+
+def one_line(error) -> str:
+    """A single-line message for an exception or a string: its last non-empty line (the informative
+    one for chained library errors), or the exception's class name when it has no text."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else 'error'
+    return text.splitlines()[-1].strip()
