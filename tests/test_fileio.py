@@ -34,3 +34,30 @@ def test_failure_leaves_nothing_and_keeps_the_old_file(tmp_path):
             open(tmp, 'wb').write(b'x')
             raise KeyError('boom')
     assert os.listdir(tmp_path) == ['out.txt']
+
+
+def test_umask_permissions_even_when_the_writer_replaces_the_temporary(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / 'net.bin') as tmp:
+            os.unlink(tmp)                  # e.g. safetensors writes a new file under our name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / 'net.bin').stat().st_mode) == 0o640
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+    from edm2 import fileio
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    live = fileio.temporary_name(tmp_path / 'a.png')            # this process: alive
+    stale = tmp_path / live.name.replace(f'edm2-{os.getpid()}-', f'edm2-{dead_pid}-')
+    unrelated = tmp_path / '.a.png.x.tmp'                        # not our pattern: never touched
+    for p in (live, stale, unrelated):
+        p.write_bytes(b'partial')
+    assert fileio.remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, unrelated.name])
