@@ -1,4 +1,5 @@
-"""Encoders between dataset items and network inputs (SPEC section 6).
+"""Encoders between dataset items and network inputs: pixels for ImageNet-64 models, Stable Diffusion VAE
+latents for ImageNet-512 models (the latent set-up of the EDM2 paper's ImageNet-512 experiments).
 
 - StandardRGBEncoder: uint8 pixels <-> [-1, 1] (ImageNet-64 models).
 - StabilityVAEEncoder: uint8 pixels -> 8-channel raw VAE latents (posterior mean || std, 1/8
@@ -50,7 +51,7 @@ class StandardRGBEncoder:
         return _as_tensor(x).to(torch.float32) / 127.5 - 1
 
     def decode(self, x):
-        # Truncation (not rounding) after +128, as in the published release (SPEC section 5).
+        # Truncation (not rounding) after +128, as the published release decodes its images.
         return (_as_tensor(x).to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
@@ -123,7 +124,7 @@ class StabilityVAEEncoder:
         x = _as_tensor(x)
         out = []
         for chunk in x.split(self.batch_size):
-            # The VAE is fed pixels / 255 in [0, 1] (SPEC section 6).
+            # The VAE is fed pixels / 255 in [0, 1], the range the Stable Diffusion VAE was trained on.
             dist = self._vae.encode(chunk.to(device, torch.float32) / 255)['latent_dist']
             out.append(torch.cat([dist.mean, dist.std], dim=1))
         return torch.cat(out)

@@ -1,6 +1,7 @@
 """Presets as data: every table lives in `configs/{name}.toml`; this module only reads them.
 
-The directory is `$EDM2_CONFIG_DIR` when set, else `configs/` beside the package (editable install).
+The directory is `$EDM2_CONFIG_DIR` when set; else `edm2/configs/` inside an installed package (a wheel
+ships the top-level `configs/` there); else `configs/` beside the package (a checkout or editable install).
 """
 
 import functools
@@ -19,7 +20,11 @@ class PresetError(ValueError):
 
 def config_dir() -> pathlib.Path:
     env = os.environ.get('EDM2_CONFIG_DIR')
-    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parent.parent / 'configs'
+    if env:
+        return pathlib.Path(env)
+    package = pathlib.Path(__file__).resolve().parent
+    shipped = package / 'configs'
+    return shipped if shipped.is_dir() else package.parent / 'configs'
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""Metrics of generated images: FID, FD_DINOv2, precision and recall (SPEC section 7).
+"""Metrics of generated images: FID, FD_DINOv2, precision and recall (the metrics the EDM2 and autoguidance papers report).
 
     detectors         weight files (explicit path, env var, cache, download) and uint8 -> features
     inception         the FID Inception-v3 with the TF 2015-12-05 graph's quirks

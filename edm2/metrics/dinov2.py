@@ -1,4 +1,9 @@
-"""The FD_DINOv2 feature network: a DINOv2 vision transformer (SPEC section 7).
+"""The FD_DINOv2 feature network: a DINOv2 vision transformer (Oquab et al., 2023; FD_DINOv2 as proposed by
+Stein et al., NeurIPS 2023 and used by the EDM2 paper).
+
+Attribution: the architecture and its parameter names follow the DINOv2 project (facebookresearch/dinov2,
+Apache-2.0) so that its published weight files load as they are; the resize variants follow dgm-eval
+(layer6ai-labs/dgm-eval, MIT). See NOTICE.
 
 FD_DINOv2 uses `dinov2_vitl14` (patch 14, width 1024, depth 24, 16 heads): uint8 images are resized
 to 224x224 (bicubic with antialiasing), scaled to [0, 1], normalised with the ImageNet mean and std,

@@ -1,4 +1,4 @@
-"""Fréchet distance between two Gaussians (FID, FD_DINOv2; SPEC section 7).
+"""Fréchet distance between two Gaussians (FID: Heusel et al., NeurIPS 2017; FD_DINOv2: Stein et al., NeurIPS 2023).
 
 FD = ||mu1 - mu2||^2 + tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^(1/2)), with scipy's matrix square root
 and its real part. Sigma1 Sigma2 is not symmetric, and for nearly singular covariances (fewer items

@@ -1,4 +1,4 @@
-"""Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019; SPEC section 7).
+"""Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019).
 
 Each feature of a set gets a ball whose radius is the distance to its k-th nearest neighbour within
 the set (k = 3, the point itself not counted). Precision = share of generated features inside at least

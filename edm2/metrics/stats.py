@@ -1,6 +1,6 @@
 """Feature statistics: mean and covariance accumulated in float64, summed over torchrun ranks.
 
-mu = sum(f) / n,  Sigma = (sum(f f^T) - n mu mu^T) / (n - 1)   (SPEC section 7; unbiased, as numpy.cov).
+mu = sum(f) / n,  Sigma = (sum(f f^T) - n mu mu^T) / (n - 1)   (unbiased, as numpy.cov).
 
 Optionally the features themselves are kept (precision/recall and `ref --keep-features` need them):
 each rank writes the rows of the items it processed into a zero-initialised [num_items, dim] array, and
