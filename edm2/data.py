@@ -126,16 +126,12 @@ class FileTree:
     def read(self, name) -> bytes:
         """Bytes of file `name`; `DatasetError` naming it when it cannot be read or is too large."""
         try:
-            if self.is_zip:
-                archive = self._archive()
-                size = archive.getinfo(name).file_size
-                if size > MAX_FILE_BYTES:
-                    raise DatasetError(f'{self.describe(name)}: {size} bytes, more than the limit of {MAX_FILE_BYTES}')
-                return archive.read(name)
             path = os.path.join(self.path, name)
-            size = os.path.getsize(path)
+            size = self._archive().getinfo(name).file_size if self.is_zip else os.path.getsize(path)
             if size > MAX_FILE_BYTES:
                 raise DatasetError(f'{self.describe(name)}: {size} bytes, more than the limit of {MAX_FILE_BYTES}')
+            if self.is_zip:
+                return self._archive().read(name)
             with open(path, 'rb') as f:
                 return f.read()
         except DatasetError:
@@ -214,14 +210,14 @@ def decode_image(data: bytes, where: str) -> PIL.Image.Image:
     """Decode image file bytes into mode 'L' or 'RGB' (see `to_8bit`); `where` names the file in the
     one-line `DatasetError` raised for an empty, damaged or unsupported file."""
     if not data:
-        raise DatasetError(f'{where}: empty file (0 bytes), e.g. left by an interrupted copy')
+        raise DatasetError(f'cannot read {where}: empty file (0 bytes), e.g. left by an interrupted copy')
     try:
         img = PIL.Image.open(io.BytesIO(data))
         img.load()
     except PIL.UnidentifiedImageError:
-        raise DatasetError(f'{where}: not an image in a format Pillow can read') from None
+        raise DatasetError(f'cannot read {where}: not an image in a format Pillow can read') from None
     except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, ValueError, zlib.error, ...
-        raise DatasetError(f'{where}: damaged image: {one_line(e)}') from None
+        raise DatasetError(f'cannot read {where}: damaged image: {one_line(e)}') from None
     return to_8bit(img, where)
 
 
@@ -238,7 +234,7 @@ def decode_array(data: bytes, where: str) -> np.ndarray:
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # empty or truncated file, bad header, pickled objects
-        raise DatasetError(f'{where}: not a readable NPY array: {one_line(e)}') from None
+        raise DatasetError(f'cannot read {where}: not a readable NPY array: {one_line(e)}') from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind != 'f' or arr.ndim != 3:
         raise DatasetError(f'{where}: expected a floating-point [C,H,W] array, got '
                            f'{getattr(arr, "dtype", type(arr).__name__)} of shape {getattr(arr, "shape", "?")}')
