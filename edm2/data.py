@@ -180,17 +180,22 @@ def to_8bit(img, where) -> PIL.Image.Image:
 
     16-bit values v become v >> 8 (the high byte). This is what Pillow itself does when it opens
     16-bit colour PNGs, so 16-bit grey and colour files of the same picture agree, and it is exact
-    for 16-bit files made from 8-bit ones (v = 257 · u gives u back); the alternative round(v / 257)
-    would differ from Pillow's colour path by one level in about half the values. Pixels with
-    transparency are composited onto black. Floating-point ('F') and 32-bit integer ('I') pixels
-    have no defined white level and are refused, except 'I' from PNG/PGM, which holds 16-bit values.
+    for 16-bit files made from 8-bit ones (v = 257 · u gives u back). Against the exact level v / 257
+    it errs by less than one level (rounding: half a level) with zero mean over all 16-bit values;
+    round(v / 257) would differ from Pillow's colour path in a quarter of the values. Pixels with
+    transparency are composited onto black (a 16-bit grey image's one transparent value becomes 0).
+    Floating-point ('F') and 32-bit integer ('I') pixels have no defined white level and are
+    refused, except 'I' from PNG/PGM, which holds 16-bit values.
     """
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES or (mode == 'I' and img.format in ('PNG', 'PPM')):
         arr = np.asarray(img).astype(np.int64)
         if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
             raise DatasetError(f'{where}: {mode} pixels outside the 16-bit range [0, 65535]')
-        return PIL.Image.fromarray((arr >> 8).astype(np.uint8), 'L')
+        out = (arr >> 8).astype(np.uint8)
+        if isinstance(img.info.get('transparency'), int):  # one fully transparent grey value (PNG tRNS)
+            out[arr == img.info['transparency']] = 0
+        return PIL.Image.fromarray(out, 'L')
     if mode in ('I', 'F'):
         kind = 'floating-point' if mode == 'F' else '32-bit integer'
         raise DatasetError(f'{where}: {kind} pixels (mode {mode}) have no defined white level; '
@@ -216,6 +221,8 @@ def decode_image(data: bytes, where: str) -> PIL.Image.Image:
         img.load()
     except PIL.UnidentifiedImageError:
         raise DatasetError(f'cannot read {where}: not an image in a format Pillow can read') from None
+    except PIL.Image.DecompressionBombError as e:  # a header claiming billions of pixels
+        raise DatasetError(f'cannot read {where}: {one_line(e)}') from None
     except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, ValueError, zlib.error, ...
         raise DatasetError(f'cannot read {where}: damaged image: {one_line(e)}') from None
     return to_8bit(img, where)

@@ -40,6 +40,14 @@ def _convert(*args):
     return CliRunner().invoke(dataset_tool.cli, ['convert', *[str(a) for a in args]], catch_exceptions=False)
 
 
+def _encode(*args):
+    return CliRunner().invoke(dataset_tool.cli, ['encode', *[str(a) for a in args]], catch_exceptions=False)
+
+
+def _permissions(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def _assert_refused(result, *fragments, status=1):
     """Exit status 1 (2 for a flag click refuses), exactly one 'Error:' line holding every fragment, no
     traceback."""
@@ -129,6 +137,11 @@ def test_sixteen_bit_images_keep_their_high_byte(tmp_path):
     colour = np.asarray(data.decode_image((tmp_path / 'src' / 'colour.png').read_bytes(), 'colour.png'))
     assert np.array_equal(colour, rgb >> 8)  # Pillow's own 16-bit colour path agrees with ours
     assert (expect == 255).mean() < 0.05  # the old bug: 99.6 % of pixels at 255
+    # A grey tRNS value (PNG transparency of 16-bit grey) becomes black like other transparent pixels.
+    PIL.Image.fromarray(RAMP16).save(tmp_path / 'trns.png', transparency=int(RAMP16[2, 3]))
+    keyed = expect.copy()
+    keyed[2, 3] = 0
+    assert np.array_equal(np.asarray(data.decode_image((tmp_path / 'trns.png').read_bytes(), 't')), keyed)
     # An 8-bit picture stored in 16 bits (v = 257 u) comes back exactly.
     u = np.arange(256, dtype=np.uint16).reshape(16, 16)
     PIL.Image.fromarray(u * 257).save(tmp_path / 'u.png')
@@ -241,6 +254,8 @@ def _damaged_cases():
             ('head.png', full[:60], 'damaged image'),
             ('half.png', full[:len(full) // 2], 'damaged image'),
             ('garbage.png', b'this is not a picture' * 10, 'not an image'),
+            ('bomb.png', _png16(200_000, 200_000, 0, np.zeros((0, 0, 1))),  # a header claiming 4·10^10 pixels
+             'Image size (40000000000 pixels) exceeds limit'),
             ('line\nbreak.png', b'', 'line\\nbreak.png: empty file')]  # a newline in a name stays escaped
 
 
@@ -382,7 +397,7 @@ def test_outputs_get_umask_permissions(tmp_path, umask):
         assert _convert('--source', src, '--dest', tmp_path / 'new' / 'out').exit_code == 0
     finally:
         os.umask(old)
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    mode = _permissions
     assert mode(tmp_path / 'out.zip') == 0o666 & ~umask
     folder = tmp_path / 'new' / 'out'
     for path in [tmp_path / 'new', folder, folder / '00000']:
@@ -483,7 +498,7 @@ def test_refusal_in_a_real_process_is_one_line_on_stderr(tmp_path):
 def test_encode_refuses_bad_device_and_damaged_source_in_one_line(tmp_path):
     src = _source(tmp_path / 'src')
     (src / 'dataset.json').write_text(json.dumps({'labels': [['0.png', 0], ['1.png', 1], ['2.png', 'x']]}))
-    run = lambda *a: CliRunner().invoke(dataset_tool.cli, ['encode', *map(str, a)], catch_exceptions=False)  # noqa: E731
+    run = _encode
     _assert_refused(run('--source', src, '--dest', tmp_path / 'lat.zip'), 'dataset.json', '"x"; expected an integer')
     (src / 'dataset.json').unlink()
     _assert_refused(run('--source', src, '--dest', tmp_path / 'lat.zip', '--device', 'cuda:7'), '--device cuda:7')
