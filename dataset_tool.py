@@ -238,7 +238,7 @@ def _convert_images(src, out, transform, size, max_images, skip_bad):
 @click.option('--max-images', help='Convert at most this many images', metavar='INT', type=Int(1))
 @click.option('--transform', help='How images are cropped and scaled to --resolution',
               type=click.Choice(sorted(TRANSFORMS)))
-@click.option('--resolution', help='Output size, width x height (e.g. 64x64)', type=Resolution())
+@click.option('--resolution', help='Output size, width x height (e.g. 64x64)', metavar='WxH', type=Resolution())
 @click.option('--skip-bad', help='Count and skip images that cannot be decoded instead of stopping', is_flag=True)
 def convert(source, dest, max_images, transform, resolution, skip_bad):
     """Make a dataset of square, power-of-two PNGs and dataset.json from a folder or ZIP of images.
