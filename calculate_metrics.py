@@ -94,7 +94,7 @@ def _check_ref(ref, metrics, pr_features, path):
 
 
 def _open_dataset(path, what):
-    from training.dataset import DatasetError, ImageFolderDataset
+    from edm2.data import DatasetError, ImageFolderDataset
     try:
         ds = ImageFolderDataset(path)
     except DatasetError as e:

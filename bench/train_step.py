@@ -71,7 +71,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
     from edm2.networks import build_network
     from edm2.phema import PowerFunctionEMA
     from training import loop
-    from training.dataset import ImageFolderDataset
+    from edm2.data import ImageFolderDataset
     from training.loss import EDM2Loss
 
     if threads:

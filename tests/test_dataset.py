@@ -1,4 +1,4 @@
-"""training.dataset.ImageFolderDataset: folders and ZIPs of PNG / NPY, labels, subsets, flips, errors."""
+"""edm2.data.ImageFolderDataset: folders and ZIPs of PNG / NPY, labels, subsets, flips, errors."""
 
 import json
 import zipfile
@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from training.dataset import DatasetError, ImageFolderDataset
+from edm2.data import DatasetError, ImageFolderDataset
 
 
 def _write_images(root, n=5, res=8, channels=3, labels=True, seed=0):

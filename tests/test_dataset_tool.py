@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from training.dataset import ImageFolderDataset
+from edm2.data import ImageFolderDataset
 
 
 def _run(*args):

@@ -71,7 +71,7 @@ def _make_ref(assets, dest, extra=()):
 
 def _features_like_cli(assets, name, batch=5):
     """Features of the folder computed directly, in the same batches as the command (bitwise equal)."""
-    from training.dataset import ImageFolderDataset
+    from edm2.data import ImageFolderDataset
     ds = ImageFolderDataset(assets['images'])
     det = det_lib.load_detector(name, assets[name])
     images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))

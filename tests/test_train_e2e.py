@@ -170,7 +170,7 @@ def test_learns_coloured_shapes(tmp_path, one_thread):
     from edm2.checkpoint import load_network
     from edm2.networks import build_network
     from edm2.sampling import edm_sampler
-    from training.dataset import ImageFolderDataset
+    from edm2.data import ImageFolderDataset
 
     data = make_shapes(tmp_path / 'shapes')
     run = tmp_path / 'run'

@@ -1,1 +1,1 @@
-"""What only training needs: datasets, the EDM2 loss, and the training loop (imports edm2, never the reverse)."""
+"""What only training needs: the EDM2 loss and the training loop (imports edm2, never the reverse)."""

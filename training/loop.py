@@ -2,7 +2,7 @@
 
 One call of `training_loop(options)` trains (or resumes) the run in `options['outdir']`:
 
-- data: `training.dataset.ImageFolderDataset`, read by DataLoader workers through `InfiniteSampler`,
+- data: `edm2.data.ImageFolderDataset`, read by DataLoader workers through `InfiniteSampler`,
   which gives every optimiser step the same B images whatever the number of processes and the
   per-process batch: global position p of step k is k*B + a*W*b + r*b + j for accumulation round a,
   rank r (of W) and row j (of b = batch_gpu). Positions index a fresh seeded permutation per epoch.
@@ -167,7 +167,7 @@ def _check(cond, message):
 def validate(opts, world_size=1):
     """Open the dataset and check every option; returns (dataset, network kwargs, batch_gpu)."""
     from edm2.phema import std_to_exp
-    from training.dataset import DatasetError, ImageFolderDataset
+    from edm2.data import DatasetError, ImageFolderDataset
 
     _check(opts['outdir'], '--outdir is required')
     _check(opts['data'], '--data is required')
