@@ -13,7 +13,8 @@ import click
 import numpy as np
 import torch
 
-from edm2 import distributed
+from edm2 import cli as edm2_cli
+from edm2 import distributed, generation, guidance_setup, sampling
 from edm2.metrics import detectors as det_lib
 from edm2.metrics import evaluate
 from edm2.metrics.frechet import FrechetError
@@ -377,56 +378,40 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
     distributed.barrier()
 
 
-def _parse_interval(text):
-    if text is None:
+def _labelled(stream, record):
+    """(images, positions) for the detectors, recording (position, class) of every image on the way."""
+    for batch in stream:
+        positions = torch.as_tensor(list(batch.positions))
+        if batch.labels is not None:
+            record += zip(positions.tolist(), batch.labels.tolist())
+        yield batch.images, positions
+
+
+def _gather_labels(record):
+    """The classes of all ranks' images in seed order (rank 0), None for an unconditional network."""
+    parts = distributed.gather_to_main(record)
+    if not distributed.is_main() or not any(parts):
         return None
-    try:
-        lo, hi = (float(v) for v in str(text).split(','))
-    except ValueError:
-        raise click.BadParameter(f'expected LO,HI (two numbers), got {text!r}', param_hint="'--guidance-interval'")
-    return lo, hi
-
-
-def _preset_settings(preset):
-    from edm2 import presets
-    try:
-        return presets.get('generate', preset)
-    except presets.PresetError as e:
-        raise click.BadParameter(str(e), param_hint="'--preset'") from None
-
-
-def _load_net(path, device, what):
-    from edm2.checkpoint import load_snapshot
-
-    def load():
-        try:
-            net, encoder, _ = load_snapshot(path, device=device)
-        except ValueError as e:  # CheckpointError
-            _fail(f'{what}: {_one_line(e)}')
-        return net.eval().requires_grad_(False), encoder
-    return _rank0_first(load)
+    return [label for _, label in sorted(row for part in parts for row in part)]
 
 
 @cli.command()
-@click.option('--net', help='Network snapshot (file or URL)', metavar='PATH|URL', default=None)
-@click.option('--gnet', help='Guiding network for autoguidance / CFG (file or URL; repeat for several)',
-              metavar='PATH|URL', multiple=True)
-@click.option('--guide-weights', help='Shares of several guides (sum 1; default equal)', metavar='LIST', default=None)
-@click.option('--guidance', help='Guidance weight w (1 = no guidance)', metavar='FLOAT', type=float, default=None)
-@click.option('--guidance-interval', help='Apply guidance only for sigma in (LO, HI]', metavar='LO,HI', default=None)
-@click.option('--preset', help='Generation preset (configs/generate.toml) giving net, gnet, guidance', metavar='STR',
-              default=None)
+@guidance_setup.guidance_options
 @evaluation_options
 @click.option('--seed', help='First seed; evaluation r uses seeds seed + r*num ... seed + (r+1)*num - 1',
-              metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+              metavar='INT', type=edm2_cli.Int(0), default=0, show_default=True)
 @click.option('--repeats', help='Evaluate this many disjoint seed ranges; report each, min and mean', metavar='INT',
               type=click.IntRange(min=1), default=1, show_default=True)
-@click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=32,
+@click.option('--steps', help='Heun steps of the sampler', metavar='INT', type=edm2_cli.Int(1, 100000), default=32,
               show_default=True)
-@click.option('--out', help='Write results and settings as JSON', metavar='JSON', default=None)
+@click.option('--labels', 'label_rule', type=click.Choice(generation.CLASS_RULES), default='random', show_default=True,
+              help="Classes of a conditional net: 'random' (each drawn from its seed's stream, the published "
+                   "rule) or 'balanced' (every class equally often within one, by the seed's position in the range)")
+@click.option('--out', help='Write results and settings (with the class of every image) as JSON', metavar='JSON',
+              default=None)
 @common_options
-def gen(net, gnet, guide_weights, guidance, guidance_interval, preset, ref_path, metrics, num, seed, repeats, steps,
-        out, **opts):
+def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, ref_path, metrics,
+        num, seed, repeats, steps, label_rule, out, **opts):
     """Calculate metrics of a network, generating images on the fly.
 
     \b
@@ -435,66 +420,57 @@ def gen(net, gnet, guide_weights, guidance, guidance_interval, preset, ref_path,
       torchrun --nproc_per_node=8 calculate_metrics.py gen --preset=edm2-img512-s-autog-fid \\
           --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl --repeats=3 --out=s-autog.json
       python calculate_metrics.py gen --net=s.pkl --gnet=xs-uncond.pkl --guidance=2.1 \\
-          --guidance-interval=0.28,2.9 --ref=refs/img512.pkl
+          --guidance-interval=0.28,2.9 --labels=balanced --ref=refs/img512.pkl
+      python calculate_metrics.py gen --preset=edm2-img512-xxl-guid-interval-fid --ref=refs/img512.pkl
     """
-    from edm2 import sampling
     metrics = _parse_metrics(metrics)
-    interval = _parse_interval(guidance_interval)
-    if preset is not None:
-        p = _preset_settings(preset)
-        net = net if net is not None else p.get('net')
-        if not gnet and p.get('gnet'):
-            gnet = p['gnet'] if isinstance(p['gnet'], (list, tuple)) else [p['gnet']]
-        guidance = guidance if guidance is not None else p.get('guidance')
-        if interval is None and p.get('guidance_interval') is not None:
-            interval = tuple(float(v) for v in p['guidance_interval'])
-    if net is None:
-        raise click.UsageError('give --net or --preset')
-    guidance = 1.0 if guidance is None else float(guidance)
-    gnet = list(gnet or [])
-    if guide_weights is not None:
-        try:
-            guide_weights = [float(v) for v in guide_weights.split(',')]
-        except ValueError:
-            raise click.BadParameter(f'expected comma-separated numbers, got {guide_weights!r}',
-                                     param_hint="'--guide-weights'") from None
-    device = distributed.init(opts['device'])
+    setup = guidance_setup.resolve(preset, net, gnet, guidance, guide_weights, guidance_interval,
+                                   guidance_interval_steps)
+    sigmas = sampling.edm_schedule(steps)
+    guidance_setup.check_schedule(setup, sigmas)
+    if out is not None:
+        edm2_cli.check_output(out, '--out')
+    try:
+        device = distributed.init(opts['device'])
+    except distributed.DeviceError as e:
+        edm2_cli.fail(e)
     reference = _load_ref(ref_path)
     _check_ref(reference, metrics, opts['pr_features'], ref_path)
     names = evaluate.detectors_for(metrics, opts['pr_features'])
     detectors = _load_detectors(names, opts, device)
-    main_net, encoder = _load_net(net, device, '--net')
-    # As in generate_images.py, guidance 1 never evaluates a guide, so it is not loaded either.
-    gnets = [_load_net(g, device, '--gnet')[0] for g in gnet] if guidance != 1 else []
+    main_net, encoder, guides = guidance_setup.load_networks(setup, device)
     keep = {opts['pr_features']} if any(m in evaluate.PR_METRICS for m in metrics) else set()
 
-    runs, labels, seed_ranges = [], [], []
+    runs, names_, seed_ranges, run_labels = [], [], [], []
     for r in range(repeats):
         first = seed + r * num
-        seeds = range(first, first + num)
         distributed.print0(f'Generating and evaluating {num} images, seeds {first}-{first + num - 1}')
         try:
-            stream = sampling.generate(main_net, seeds, encoder=encoder, gnets=gnets, guidance=guidance,
-                                       guide_weights=guide_weights if gnets else None, guidance_interval=interval,
-                                       batch_size=opts['batch'], device=device, progress=True, num_steps=steps)
+            stream = generation.generate(main_net, range(first, first + num), guidance=guides, sigmas=sigmas,
+                                         classes=label_rule, encoder=encoder, batch_size=opts['batch'],
+                                         device=device, progress=True)
         except sampling.SamplingError as e:
             _fail(e)
-        batches = ((b.images, torch.as_tensor(b.seeds) - first) for b in stream)
-        stats = evaluate.accumulate(batches, detectors, num, keep=keep, device=device)
+        record = []
+        try:
+            stats = evaluate.accumulate(_labelled(stream, record), detectors, num, keep=keep, device=device)
+        except sampling.SamplingError as e:
+            _fail(e)
+        labels = _gather_labels(record)
         if distributed.is_main():
             runs.append(_evaluate(stats, reference, metrics, opts, seed, device))
-            labels.append(f'seeds {first}-{first + num - 1}')
+            names_.append(f'seeds {first}-{first + num - 1}')
             seed_ranges.append([first, first + num - 1])
+            run_labels.append(labels)
     if distributed.is_main():
-        summary = _report(runs, metrics, 'network', labels)
+        summary = _report(runs, metrics, 'network', names_)
         _write_json(out, dict(
-            command='gen', metrics=metrics, net=str(net), gnet=[str(g) for g in gnet] or None,
-            guide_weights=guide_weights, preset=preset,
-            guidance=guidance, guidance_interval=None if interval is None else list(interval), steps=steps,
+            command='gen', metrics=metrics, **setup.describe(), steps=steps, labels=label_rule,
             ref=str(ref_path), num=num, repeats=repeats,
-            runs=[dict(seeds=sr, **v) for sr, v in zip(seed_ranges, runs)], summary=summary,
-            detectors=_detector_info(detectors), dinov2_resize=opts['dinov2_resize'], pr_features=opts['pr_features'],
-            world_size=distributed.get_world_size(), time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
+            runs=[dict(seeds=sr, **v, labels=lab) for sr, v, lab in zip(seed_ranges, runs, run_labels)],
+            summary=summary, detectors=_detector_info(detectors), dinov2_resize=opts['dinov2_resize'],
+            pr_features=opts['pr_features'], world_size=distributed.get_world_size(),
+            time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
     distributed.barrier()
 
 

@@ -47,15 +47,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run(net, gnet, noise, labels, gens, device, repeats, **kwargs):
+def run(net, gnet, noise, labels, gens, device, repeats, num_steps, weight=1.0, interval=None, **churn):
     """Best-of-`repeats` (total seconds, seconds inside networks, images evaluated per network)."""
     best = None
+    sigmas = sampling.edm_schedule(num_steps)
     for _ in range(repeats):
         main, guide = Timed(net, device), Timed(gnet, device)
         g = [torch.Generator(device).manual_seed(i) for i in range(len(gens))]
+        guidance = sampling.Guidance((guide,), weight, interval=interval)
         sync(device)
         t0 = time.perf_counter()
-        sampling.edm_sampler(main, noise, labels, gnets=[guide], generators=g, **kwargs)
+        sampling.heun_sampler(guidance.denoiser(main), noise, sigmas, labels, sampling.HeunOptions(**churn),
+                              guided_steps=guidance.steps(sigmas), generators=g)
         sync(device)
         total = time.perf_counter() - t0
         result = (total, main.seconds + guide.seconds, main.images, guide.images)
@@ -92,7 +95,7 @@ def main():
     labels = torch.eye(10, device=device)[torch.arange(args.batch) % 10]
     gens = list(range(args.batch))
     common = dict(num_steps=args.steps, S_churn=10, S_min=0.05, S_max=50)
-    interval = (0.28, 2.9)
+    interval = sampling.SigmaInterval(0.28, 2.9)
 
     print(f'machine: {cpu_model()}; torch {torch.__version__}; CPU threads {torch.get_num_threads()}'
           + (f'; GPU {torch.cuda.get_device_name(device)}' if device.type == 'cuda' else ''))
@@ -103,11 +106,11 @@ def main():
           f'{args.steps} steps with churn (S_churn 10, S_min 0.05, S_max 50), best of {args.repeats}')
 
     # Warm-up (allocations, kernel selection).
-    run(net, gnet, noise, labels, gens, device, 1, **dict(common, num_steps=2), guidance=2.0)
+    run(net, gnet, noise, labels, gens, device, 1, **dict(common, num_steps=2), weight=2.0)
 
     rows = {}
-    for name, kw in [('unguided', dict(guidance=1.0)), ('guided w=2', dict(guidance=2.0)),
-                     (f'guided w=2, interval {interval}', dict(guidance=2.0, guidance_interval=interval))]:
+    for name, kw in [('unguided', dict(weight=1.0)), ('guided w=2', dict(weight=2.0)),
+                     (f'guided w=2, interval ({interval.lo}, {interval.hi}]', dict(weight=2.0, interval=interval))]:
         rows[name] = run(net, gnet, noise, labels, gens, device, args.repeats, **common, **kw)
 
     print(f'{"setting":36s} {"images/s":>9s} {"evals/s":>9s} {"main":>6s} {"guide":>6s} {"outside nets":>13s}')

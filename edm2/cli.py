@@ -5,6 +5,7 @@ starts, so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line na
 """
 
 import math
+import os
 from decimal import Decimal, InvalidOperation
 
 import click
@@ -108,3 +109,24 @@ def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False
         if error:
             raise click.BadParameter(error, param_hint=hint)
     return result
+
+
+def check_output(path, flag, folder=False):
+    """Refuse, before any work, an output location that cannot be written: `path` exists as the wrong kind
+    (a file where a folder is wanted or the reverse), or it or its nearest existing parent folder is not
+    writable. Raises a one-line click error naming `flag`."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if folder != os.path.isdir(path):
+            fail(f'{path} exists and is {"a folder" if os.path.isdir(path) else "not a folder"}; '
+                 f'expected {"a folder" if folder else "a file"}', flag)
+        if not os.access(path if folder else os.path.dirname(path), os.W_OK):
+            fail(f'{path} is not writable', flag)
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f'cannot create {path}: {parent} is not a folder', flag)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f'cannot create {path}: {parent} is not writable', flag)

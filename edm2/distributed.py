@@ -81,3 +81,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def gather_to_main(obj) -> list:
+    """Every rank's picklable `obj` as a list on rank 0 (in rank order); None on the other ranks."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out

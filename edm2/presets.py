@@ -13,8 +13,10 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
+from .errors import EDM2Error
 
-class PresetError(ValueError):
+
+class PresetError(EDM2Error):
     """Unknown preset or missing config file; the message is a single line meant for users."""
 
 

@@ -26,7 +26,7 @@ import torch
 from edm2 import mp
 from edm2.fileio import atomic_path
 from edm2.phema import std_to_exp
-from edm2.sampling import time_steps
+from edm2.sampling import edm_schedule
 
 CLASSES = ('A', 'B', 'AB')
 SIGMA_DATA = 0.5
@@ -396,7 +396,7 @@ def ideal_models(main_blur=IDEAL_MAIN_BLUR, guide_blur=IDEAL_GUIDE_BLUR):
 def heun_sample(score_fn, x_init, num_steps=32, sigma_min=0.002, sigma_max=5.0, rho=7.0):
     """EDM Heun sampler (SPEC section 5, no churn) on a score: D(x; sigma) = x + sigma^2 score, so the ODE
     direction (x - D) / sigma is -sigma * score. x_init is already at noise level sigma_max."""
-    t = time_steps(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).tolist()
+    t = edm_schedule(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).tolist()
     x = x_init
     for i in range(num_steps):
         t_cur, t_next = t[i], t[i + 1]

@@ -1,5 +1,7 @@
 """generate_images.py: flags, presets, files, bad input, resume, grid, torchrun, and parity with the release."""
 
+import json
+import math
 import os
 import pathlib
 import shutil
@@ -14,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import generate_images
-from edm2 import presets, sampling
+from edm2 import generation, presets, sampling
 from edm2.checkpoint import save_network
 from edm2.encoders import StandardRGBEncoder
 from edm2.networks import build_network
@@ -45,11 +47,15 @@ def nets(tmp_path_factory):
     folder = tmp_path_factory.mktemp('nets')
     specs = {'main': (0, {}), 'guide': (1, dict(model_channels=4)), 'uncond': (2, dict(label_dim=0)),
              'res16': (3, dict(img_resolution=16)), 'labels3': (4, dict(label_dim=3)),
-             'rgba': (5, dict(img_channels=4))}
+             'rgba': (5, dict(img_channels=4)), 'nan': (6, {})}
     paths = {}
     for name, (seed, overrides) in specs.items():
         paths[name] = str(folder / f'{name}.safetensors')
-        save_network(paths[name], _tiny(seed, **overrides), StandardRGBEncoder())
+        net = _tiny(seed, **overrides)
+        if name == 'nan':  # a network whose output is NaN: nothing may be written from it
+            with torch.no_grad():
+                net.unet.out_gain.fill_(math.nan)
+        save_network(paths[name], net, StandardRGBEncoder())
     return paths
 
 
@@ -70,12 +76,15 @@ def read_png(path):
     return torch.from_numpy(np.array(PIL.Image.open(path))).permute(2, 0, 1)
 
 
-def library_images(paths, seeds, gnets=(), **kwargs):
+def library_images(paths, seeds, gnets=(), guidance=1.0, guide_weights=None, interval=None, num_steps=32,
+                   classes='random', batch_size=32, **churn):
     import edm2
     net, enc, _ = edm2.load_snapshot(paths['main'])
-    g = [edm2.load_snapshot(paths[name])[0] for name in gnets]
+    g = tuple(edm2.load_snapshot(paths[name])[0] for name in gnets)
+    spec = sampling.Guidance(g, guidance, guide_weights, interval)
     out = {}
-    for b in sampling.generate(net, seeds, encoder=enc, gnets=g, **kwargs):
+    for b in generation.generate(net, seeds, encoder=enc, guidance=spec, sigmas=sampling.edm_schedule(num_steps),
+                                 options=sampling.HeunOptions(**churn), classes=classes, batch_size=batch_size):
         out.update({s: img for s, img in zip(b.seeds, b.images)})
     return out
 
@@ -83,12 +92,14 @@ def library_images(paths, seeds, gnets=(), **kwargs):
 # ----------------------------------------------------------------------------------------------------
 # Parsing and presets.
 
-def test_parse_int_list():
-    assert generate_images.parse_int_list('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11]
-    assert generate_images.parse_int_list('5') == [5]
+def test_parse_seeds():
+    assert list(generate_images.parse_seeds('0-3,7, 10-11')) == [0, 1, 2, 3, 7, 10, 11]
+    assert list(generate_images.parse_seeds('5')) == [5]
     for bad in ['', 'a', '1-x', '5-2', '-3', '1,,2', '1.5']:
         with pytest.raises(ValueError):
-            generate_images.parse_int_list(bad)
+            generate_images.parse_seeds(bad)
+    huge = generate_images.parse_seeds('0-999999999999999')  # lazy: no list of 10^15 numbers
+    assert len(huge) == 10 ** 15 and huge[-1] == 10 ** 15 - 1
 
 
 def test_presets_cover_the_published_table():
@@ -109,7 +120,7 @@ def test_presets_cover_the_published_table():
         assert ('gnet' in cfg) == (cfg['guidance'] != 1), name
         if '-guid-' in name:  # CFG: the unconditional XS net with the same EMA length
             assert cfg['gnet'] == f'{ROOT}/edm2-img512-xs-uncond-2147483-{cfg["net"][-9:-4]}.pkl', name
-    # A few rows spelled out (SPEC section 5).
+    # A few rows spelled out (the papers' tables).
     assert table['edm2-img512-xxl-autog-fid'] == dict(
         net=f'{ROOT}/edm2-img512-xxl-0939524-0.075.pkl', gnet=f'{ROOT}/edm2-img512-m-0268435-0.155.pkl',
         guidance=2.05, reported='FID 1.25')
@@ -117,7 +128,11 @@ def test_presets_cover_the_published_table():
     assert table['edm2-img512-l-dino']['net'] == f'{ROOT}/edm2-img512-l-1879048-0.155.pkl'
     assert table['edm2-img512-m-guid-dino']['guidance'] == 2.0
     assert table['edm2-img512-s-guid-interval-fid']['guidance_interval'] == [0.28, 2.9]
-    assert table['edm2-img512-xxl-guid-interval-fid']['guidance_interval'] == [0.19, 1.61]
+    xxl = table['edm2-img512-xxl-guid-interval-fid']
+    assert xxl['guidance_interval_steps'] == [17, 22] and xxl['guidance'] == 2.0 and 'guidance_interval' not in xxl
+    assert xxl['net'] == f'{ROOT}/edm2-img512-xxl-0939524-0.015.pkl'
+    assert xxl['gnet'] == f'{ROOT}/edm2-img512-xs-uncond-2147483-0.015.pkl'
+    assert table['edm2-img512-s-guid-interval-fid']['guidance'] == 2.1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,6 +157,38 @@ def _closed_port():
     ('missing file', 'nothing.pkl'),
     ('bad interval', "'--guidance-interval'"),
     ('bad weights', "'--guide-weights'"),
+    ('both interval flags', '--guidance-interval or --guidance-interval-steps, not both'),
+    ('interval steps reversed', "'--guidance-interval-steps'"),
+    ('interval steps outside schedule', 'outside the schedule of 4 steps (0..3)'),
+    ('interval steps malformed', "'--guidance-interval-steps'"),
+    ('balanced unconditional', 'balanced labels need a conditional network'),
+    ('labels-out unconditional', '--labels-out'),
+    ('class and balanced', 'give --class or --labels balanced, not both'),
+    ('labels unknown', "'--labels'"),
+    ('sigma_max inf', "'--sigma_max'"),
+    ('sigma_max nan', "'--sigma_max'"),
+    ('sigma_max huge', "'--sigma_max'"),
+    ('sigma_min above sigma_max', 'exceeds sigma_max'),
+    ('rho tiny', "'--rho'"),
+    ('rho 1e-300', "'--rho'"),
+    ('steps negative', "'--steps'"),
+    ('steps zero', "'--steps'"),
+    ('batch zero', "'--batch'"),
+    ('churn negative', "'--S_churn'"),
+    ('S_noise nan', "'--S_noise'"),
+    ('S_max nan', "'--S_max'"),
+    ('guidance inf', "'--guidance'"),
+    ('guidance nan', "'--guidance'"),
+    ('guide weight nan', "'--guide-weights'"),
+    ('interval nan', "'--guidance-interval'"),
+    ('class negative', "'--class'"),
+    ('outdir is a file', '--outdir'),
+    ('grid is a folder', '--grid'),
+    ('labels-out under a file', '--labels-out'),
+    ('device unavailable', '--device'),
+    ('device malformed', '--device'),
+    ('grid of huge seeds', "'--grid'"),
+    ('non-finite network output', 'non-finite values'),
 ])
 def test_bad_input_gives_one_line_error_and_no_files(nets, tmp_path, case, message):
     out = tmp_path / 'out'
@@ -160,6 +207,42 @@ def test_bad_input_gives_one_line_error_and_no_files(nets, tmp_path, case, messa
         'bad interval': base + ['--gnet', nets['guide'], '--guidance', 2, '--guidance-interval', '2,1'],
         'bad weights': base + ['--gnet', nets['guide'], '--gnet', nets['uncond'], '--guidance', 2,
                                '--guide-weights', '0.5'],
+        'both interval flags': base + ['--gnet', nets['guide'], '--guidance', 2, '--guidance-interval', '0.1,5',
+                                       '--guidance-interval-steps', '1,2'],
+        'interval steps reversed': base + ['--gnet', nets['guide'], '--guidance', 2, '--guidance-interval-steps', '3,1'],
+        'interval steps outside schedule': base + ['--gnet', nets['guide'], '--guidance', 2, '--steps', 4,
+                                                   '--guidance-interval-steps', '2,4'],
+        'interval steps malformed': base + ['--guidance-interval-steps', '1.5,3'],
+        'balanced unconditional': ['--net', nets['uncond'], '--outdir', out, '--steps', 2, '--labels', 'balanced'],
+        'labels-out unconditional': ['--net', nets['uncond'], '--outdir', out, '--steps', 2, '--labels-out',
+                                     tmp_path / 'labels.json'],
+        'class and balanced': base + ['--class', 1, '--labels', 'balanced'],
+        'labels unknown': base + ['--labels', 'uniform'],
+        'sigma_max inf': base + ['--sigma_max', 'inf'],
+        'sigma_max nan': base + ['--sigma_max', 'nan'],
+        'sigma_max huge': base + ['--sigma_max', '1e39'],
+        'sigma_min above sigma_max': base + ['--sigma_min', 5, '--sigma_max', 1],
+        'rho tiny': base + ['--rho', '0.001'],
+        'rho 1e-300': base + ['--rho', '1e-300'],
+        'steps negative': base + ['--steps', -3],
+        'steps zero': base + ['--steps', 0],
+        'batch zero': base + ['--batch', 0],
+        'churn negative': base + ['--S_churn', -1],
+        'S_noise nan': base + ['--S_noise', 'nan'],
+        'S_max nan': base + ['--S_max', 'nan'],
+        'guidance inf': base + ['--gnet', nets['guide'], '--guidance', 'inf'],
+        'guidance nan': base + ['--gnet', nets['guide'], '--guidance', 'nan'],
+        'guide weight nan': base + ['--gnet', nets['guide'], '--gnet', nets['uncond'], '--guidance', 2,
+                                    '--guide-weights', '0.5,nan'],
+        'interval nan': base + ['--gnet', nets['guide'], '--guidance', 2, '--guidance-interval', '0.1,nan'],
+        'class negative': base + ['--class', -1],
+        'outdir is a file': ['--net', nets['main'], '--outdir', nets['main'], '--steps', 2],
+        'grid is a folder': base + ['--grid', tmp_path],
+        'labels-out under a file': base + ['--labels-out', pathlib.Path(nets['main']) / 'labels.json'],
+        'device unavailable': base + ['--device', 'cuda:7'],
+        'device malformed': base + ['--device', 'gpu-please'],
+        'grid of huge seeds': ['--net', nets['main'], '--grid', tmp_path / 'g.png', '--seeds', '0-999999999999'],
+        'non-finite network output': ['--net', nets['nan'], '--outdir', out, '--steps', 2, '--seeds', '0-1'],
     }[case]
     result = run_cli(*args)
     assert result.exit_code in (1, 2), result.output
@@ -168,7 +251,7 @@ def test_bad_input_gives_one_line_error_and_no_files(nets, tmp_path, case, messa
     error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
     assert len(error_lines) == 1 and message in error_lines[0], result.output
     assert 'Traceback' not in result.output
-    assert pngs(out) == []
+    assert pngs(out) == [] and not (tmp_path / 'labels.json').exists() and not (tmp_path / 'g.png').exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,7 +265,7 @@ def test_cli_writes_the_library_images(nets, tmp_path):
     assert result.exit_code == 0, result.output
     assert pngs(out) == [f'{s:06d}.png' for s in range(3, 8)]
     expected = library_images(nets, range(3, 8), gnets=['guide', 'uncond'], guidance=2.5, guide_weights=[0.25, 0.75],
-                              guidance_interval=(0.1, 5), batch_size=2, num_steps=4, S_churn=2, S_max=10)
+                              interval=sampling.SigmaInterval(0.1, 5), batch_size=2, num_steps=4, S_churn=2, S_max=10)
     for s in range(3, 8):
         assert torch.equal(read_png(out / f'{s:06d}.png'), expected[s])
     assert not [p for p in os.listdir(out) if not p.endswith('.png')]  # no temporary files left
@@ -195,7 +278,7 @@ def test_subdirs_grid_and_class(nets, tmp_path):
     assert result.exit_code == 0, result.output
     assert pngs(out) == ['000000/000998.png', '000000/000999.png', '001000/001000.png', '001000/001001.png',
                          '001000/001002.png']
-    expected = library_images(nets, range(998, 1003), class_idx=3, num_steps=2)
+    expected = library_images(nets, range(998, 1003), classes=3, num_steps=2)
     sheet = np.array(PIL.Image.open(grid))
     assert sheet.shape == (2 * 8, 3 * 8, 3)  # 5 images: 3 columns, 2 rows
     for i, s in enumerate(range(998, 1003)):
@@ -221,7 +304,7 @@ def test_skip_existing_resumes(nets, tmp_path):
 
 def test_preset_values_are_overridden_by_flags(nets, tmp_path, monkeypatch):
     table = {'tiny': dict(net=nets['main'], gnet=str(tmp_path / 'absent-guide.pkl'), guidance=2.0)}
-    monkeypatch.setattr(generate_images.presets, 'get', lambda name, key: dict(table[key]))
+    monkeypatch.setattr(presets, 'get', lambda name, key: dict(table[key]))
     common = ['--preset', 'tiny', '--seeds', '0-2', '--steps', 3]
     # The preset's guide does not exist: loading it is an error naming the flag ...
     result = run_cli(*common, '--outdir', tmp_path / 'a')
@@ -268,6 +351,31 @@ def test_torchrun_two_processes_write_the_same_files(nets, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_balanced_labels_agree_with_one_process(nets, tmp_path):
+    # Balanced classes depend on the seed's position only: one process with batch 3, two processes with
+    # batch 2, and a resumed two-process run with --skip-existing write the same labels file.
+    args = ['--net', nets['main'], '--seeds', '0-10', '--steps', 2, '--labels', 'balanced', '--device', 'cpu']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    script = str(REPO / 'generate_images.py')
+    runs = [([sys.executable, script], ['--batch', 3, '--outdir', tmp_path / 'one', '--labels-out', tmp_path / '1.json']),
+            (torchrun + [script], ['--batch', 2, '--outdir', tmp_path / 'two', '--labels-out', tmp_path / '2.json'])]
+    for launcher, extra in runs:
+        proc = subprocess.run([*launcher, *map(str, args + extra)], env=_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for s in (1, 6, 9):
+        (tmp_path / 'two' / f'{s:06d}.png').unlink()
+    proc = subprocess.run([*torchrun, script, *map(str, args + ['--batch', 2, '--outdir', tmp_path / 'two',
+                                                              '--skip-existing', '--labels-out', tmp_path / '3.json'])],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _labels(tmp_path / '1.json')
+    assert [c for _, c in one] == [p % 4 for p in range(11)]
+    assert _labels(tmp_path / '2.json') == one and _labels(tmp_path / '3.json') == one
+    assert pngs(tmp_path / 'two') == pngs(tmp_path / 'one') == [f'{s:06d}.png' for s in range(11)]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('case, flags', [
     ('guided_w2', ['--guidance', 2]),
     ('unguided', []),
@@ -283,3 +391,73 @@ def test_cli_parity_with_published_release(official, tmp_path, case, flags):
     identical = (diff == 0).float().mean().item()
     assert diff.max().item() <= 1 and identical >= 0.999, \
         f'{case}: max difference {diff.max().item()} levels, {identical:.2%} identical' + PARITY_HINT
+
+
+# ----------------------------------------------------------------------------------------------------
+# Guidance interval flags and class-balanced labels.
+
+def test_interval_flags_select_the_same_steps_at_32_steps(nets, tmp_path):
+    common = ['--net', nets['main'], '--gnet', nets['uncond'], '--guidance', 2, '--seeds', '0-2', '--steps', 32]
+    for name, flags in (('sigma', ['--guidance-interval', '0.19,1.61']), ('steps', ['--guidance-interval-steps', '17,22']),
+                        ('plain', []), ('none', ['--guidance', 1])):
+        result = run_cli(*common, *flags, '--outdir', tmp_path / name)
+        assert result.exit_code == 0, result.output
+    files = pngs(tmp_path / 'sigma')
+    assert files == pngs(tmp_path / 'steps') == [f'{s:06d}.png' for s in range(3)]
+    read = lambda name: [(tmp_path / name / f).read_bytes() for f in files]
+    assert read('sigma') == read('steps')
+    assert read('sigma') != read('plain') and read('sigma') != read('none')  # a real, partial interval
+    expected = library_images(nets, range(3), gnets=['uncond'], guidance=2.0, num_steps=32,
+                              interval=sampling.StepInterval(17, 22))
+    assert all(torch.equal(read_png(tmp_path / 'steps' / f'{s:06d}.png'), expected[s]) for s in range(3))
+
+
+def test_preset_interval_steps_and_explicit_override(nets, tmp_path, monkeypatch):
+    table = {'tiny': dict(net=nets['main'], gnet=nets['uncond'], guidance=2.0, guidance_interval_steps=[1, 2])}
+    monkeypatch.setattr(presets, 'get', lambda name, key: dict(table[key]))
+    assert run_cli('--preset', 'tiny', '--seeds', '0-1', '--steps', 4, '--outdir', tmp_path / 'a').exit_code == 0
+    expected = library_images(nets, range(2), gnets=['uncond'], guidance=2.0, num_steps=4,
+                              interval=sampling.StepInterval(1, 2))
+    assert all(torch.equal(read_png(tmp_path / 'a' / f'{s:06d}.png'), expected[s]) for s in range(2))
+    # An explicit --guidance-interval replaces the preset's interval of steps (no "both" error).
+    result = run_cli('--preset', 'tiny', '--seeds', '0-1', '--steps', 4, '--guidance-interval', '0,inf',
+                     '--outdir', tmp_path / 'b')
+    assert result.exit_code == 0, result.output
+    plain = library_images(nets, range(2), gnets=['uncond'], guidance=2.0, num_steps=4)
+    assert all(torch.equal(read_png(tmp_path / 'b' / f'{s:06d}.png'), plain[s]) for s in range(2))
+    # The preset's steps are checked against --steps before any work.
+    result = run_cli('--preset', 'tiny', '--seeds', '0-1', '--steps', 2, '--outdir', tmp_path / 'c')
+    assert result.exit_code == 2 and 'outside the schedule of 2 steps' in result.output and pngs(tmp_path / 'c') == []
+
+
+def _labels(path):
+    return json.loads(pathlib.Path(path).read_text())['labels']
+
+
+def test_balanced_labels_out_whatever_batch_and_skip(nets, tmp_path):
+    common = ['--net', nets['main'], '--seeds', '10-20', '--steps', 2, '--labels', 'balanced', '--subdirs']
+    result = run_cli(*common, '--batch', 3, '--outdir', tmp_path / 'a', '--labels-out', tmp_path / 'a.json')
+    assert result.exit_code == 0, result.output
+    a = _labels(tmp_path / 'a.json')
+    assert [f for f, _ in a] == [f'000000/{s:06d}.png' for s in range(10, 21)]
+    assert [c for _, c in a] == [p % 4 for p in range(11)]  # 4 classes: 3, 3, 3 and 2 images
+    expected = library_images(nets, range(10, 21), num_steps=2, classes='balanced', batch_size=3)
+    assert all(torch.equal(read_png(tmp_path / 'a' / '000000' / f'{s:06d}.png'), expected[s]) for s in range(10, 21))
+    # Another batch size; and a resumed run that skips most files: the same labels file.
+    result = run_cli(*common, '--batch', 5, '--outdir', tmp_path / 'b', '--labels-out', tmp_path / 'b.json')
+    assert result.exit_code == 0, result.output
+    assert _labels(tmp_path / 'b.json') == a
+    for s in (12, 13, 17):
+        (tmp_path / 'a' / '000000' / f'{s:06d}.png').unlink()
+    result = run_cli(*common, '--batch', 3, '--outdir', tmp_path / 'a', '--skip-existing',
+                     '--labels-out', tmp_path / 'a2.json')
+    assert result.exit_code == 0 and 'Done: 3 images written' in result.output, result.output
+    assert _labels(tmp_path / 'a2.json') == a
+    # The default rule is the published one, and its labels file lists the drawn classes.
+    result = run_cli('--net', nets['main'], '--seeds', '10-20', '--steps', 2, '--outdir', tmp_path / 'c',
+                     '--labels-out', tmp_path / 'c.json')
+    assert result.exit_code == 0, result.output
+    import edm2
+    net = edm2.load_snapshot(nets['main'])[0]
+    drawn = torch.cat([b.labels for b in generation.generate(net, range(10, 21), skip=lambda s: True)])
+    assert [c for _, c in _labels(tmp_path / 'c.json')] == drawn.tolist()

@@ -265,6 +265,64 @@ def test_gen_preset_gives_same_result_as_flags(assets, tmp_path, official, monke
     assert ra['runs'][0]['fid'] == rb['runs'][0]['fid']
 
 
+def test_gen_interval_steps_and_balanced_labels(assets, tmp_path, official):
+    net, gnet = official('main-rgb16.pkl'), official('guide-rgb16.pkl')
+    ref_path = tmp_path / 'ref.npz'
+    np.savez(ref_path, mu=np.zeros(128), sigma=np.eye(128))
+    common = ['--net', str(net), '--gnet', str(gnet), '--guidance', '2', '--ref', str(ref_path), '--metrics', 'fid',
+              '--num', '20', '--steps', '4', '--batch', '8']
+    result = _run(['gen', *common, '--guidance-interval-steps', '1,2', '--labels', 'balanced', '--repeats', '2',
+                   '--out', str(tmp_path / 'a.json')], assets)
+    assert result.exit_code == 0, result.output
+    res = json.loads((tmp_path / 'a.json').read_text())
+    assert res['guidance_interval_steps'] == [1, 2] and res['guidance_interval'] is None
+    assert res['labels'] == 'balanced'
+    for run in res['runs']:  # 20 images, 10 classes: every class twice, by position in the seed range
+        assert run['labels'] == [p % 10 for p in range(20)]
+    # The same steps named by sigma give the same result; the default rule records the drawn classes.
+    from edm2.sampling import edm_schedule
+    t = edm_schedule(4).tolist()  # sigma_lo between sigma_3 and sigma_2, sigma_hi between sigma_1 and sigma_0
+    result = _run(['gen', *common, '--guidance-interval', f'{(t[3] + t[2]) / 2},{(t[1] + t[0]) / 2}',
+                   '--out', str(tmp_path / 'b.json')], assets)
+    assert result.exit_code == 0, result.output
+    b = json.loads((tmp_path / 'b.json').read_text())
+    ref = torch.load(official('generate-rgb16.pt'))
+    assert b['runs'][0]['labels'][:8] == ref['labels'].tolist()
+    result = _run(['gen', *common, '--guidance-interval-steps', '1,2', '--out', str(tmp_path / 'c.json')], assets)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / 'c.json').read_text())['runs'][0]['fid'] == b['runs'][0]['fid']
+    assert res['runs'][0]['fid'] != b['runs'][0]['fid']  # balanced classes give other images
+
+
+def test_gen_bad_guidance_input_one_line(assets, tmp_path, official):
+    net, gnet = official('main-rgb16.pkl'), official('guide-rgb16.pkl')
+    ref_path = tmp_path / 'ref.npz'
+    np.savez(ref_path, mu=np.zeros(128), sigma=np.eye(128))
+    out = tmp_path / 'r.json'
+    common = ['gen', '--net', str(net), '--gnet', str(gnet), '--guidance', '2', '--ref', str(ref_path),
+              '--metrics', 'fid', '--num', '4', '--steps', '4', '--out', str(out)]
+    cases = [
+        (['--guidance-interval', '0.1,5', '--guidance-interval-steps', '1,2'], 'not both'),
+        (['--guidance-interval-steps', '3,1'], 'FIRST <= LAST'),
+        (['--guidance-interval-steps', '2,4'], 'outside the schedule of 4 steps'),
+        (['--guidance', 'nan'], '--guidance'),
+        (['--steps', '-1'], '--steps'),
+        (['--out', str(tmp_path)], '--out'),
+    ]
+    for extra, message in cases:
+        _assert_one_line_error(_run(common + extra, assets), message)
+        assert not out.exists()
+    uncond = tmp_path / 'uncond.safetensors'
+    from edm2.checkpoint import save_network
+    from edm2.networks import build_network
+    save_network(uncond, build_network(dict(img_resolution=16, img_channels=3, label_dim=0, model_channels=8,
+                                            channel_mult=[1], num_blocks=1, attn_resolutions=[])))
+    _assert_one_line_error(_run(['gen', '--net', str(uncond), '--labels', 'balanced', '--ref', str(ref_path),
+                                 '--metrics', 'fid', '--num', '4', '--steps', '2', '--out', str(out)], assets),
+                           'balanced labels need a conditional network')
+    assert not out.exists()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

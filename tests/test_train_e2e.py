@@ -169,8 +169,8 @@ def test_ddp_and_accumulation_match_one_process(tmp_path, one_thread):
 def test_learns_coloured_shapes(tmp_path, one_thread):
     from edm2.checkpoint import load_network
     from edm2.networks import build_network
-    from edm2.sampling import edm_sampler
     from edm2.data import ImageFolderDataset
+    from edm2.sampling import edm_schedule, heun_sampler
 
     data = make_shapes(tmp_path / 'shapes')
     run = tmp_path / 'run'
@@ -195,7 +195,7 @@ def test_learns_coloured_shapes(tmp_path, one_thread):
         for c in range(3):
             noise = torch.randn(16, 3, 8, 8, generator=gen)
             with torch.no_grad():
-                x = edm_sampler(net, noise, torch.eye(3)[[c] * 16], num_steps=12).clamp(-1, 1)
+                x = heun_sampler(net, noise, edm_schedule(12), torch.eye(3)[[c] * 16]).clamp(-1, 1)
             ref = real[labels == c]
             mean_err.append(float(((x.mean(0) - ref.mean(0)) ** 2).mean()))  # class-mean image error
             nn_dist.append(float(((x[:, None] - ref[None]) ** 2).flatten(2).mean(2).min(1).values.mean()))

@@ -1,0 +1,197 @@
+"""The guidance front end shared by the generating commands (`generate_images.py`, `calculate_metrics.py gen`).
+
+One place decides, from a `--preset` and the explicit flags, which networks guide with which weight and
+interval: `guidance_options` declares the flags, `resolve` merges them with the preset (explicit flags
+win; w = 1 drops the guides, so they are neither loaded nor evaluated), and `load_networks` loads the
+networks on rank 0 first (a download happens once; the other ranks then read the cache) and checks the
+guides against the main network. Errors are one-line click errors naming the flag.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import click
+
+from . import cli, distributed, presets, sampling
+
+
+class IntervalType(click.ParamType):
+    """'LO,HI' -> (lo, hi): 0 <= LO <= HI, LO finite, HI finite or inf."""
+    name = 'LO,HI'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(float(v) for v in value)
+        parts = str(value).split(',')
+        try:
+            lo, hi = (float(p) for p in parts)
+        except ValueError:
+            self.fail(f'expected two numbers LO,HI, got {value!r}', param, ctx)
+        error = cli.check_range(lo, 0) or (cli.check_range(hi, lo) if hi != math.inf else None)
+        if error:
+            self.fail(f'{error} (need 0 <= LO <= HI; HI may be inf)', param, ctx)
+        return lo, hi
+
+
+class StepsType(click.ParamType):
+    """'FIRST,LAST' -> (first, last): 0 <= FIRST <= LAST, inclusive step indices."""
+    name = 'FIRST,LAST'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(int(v) for v in value)
+        try:
+            first, last = (int(p) for p in str(value).split(','))
+        except ValueError:
+            self.fail(f'expected two step indices FIRST,LAST, got {value!r}', param, ctx)
+        if not 0 <= first <= last:
+            self.fail(f'need 0 <= FIRST <= LAST, got {first},{last}', param, ctx)
+        return first, last
+
+
+def _shares(ctx, param, value):
+    return None if value is None else tuple(cli.parse_number_list(value, "'--guide-weights'", lo=0, hi=1))
+
+
+def guidance_options(fn):
+    """The click options --preset --net --gnet --guidance --guide-weights --guidance-interval
+    --guidance-interval-steps (None or empty when not given, so that `resolve` sees what was explicit)."""
+    options = [
+        click.option('--preset', metavar='NAME',
+                     help='Named setting from configs/generate.toml (networks, weight, interval); flags given '
+                          'explicitly take precedence.'),
+        click.option('--net', metavar='PATH|URL',
+                     help='The network that generates: a .safetensors file of this project or a published '
+                          '.pkl snapshot, local or by URL.'),
+        click.option('--gnet', metavar='PATH|URL', multiple=True,
+                     help='A network that guides the main one; repeat the flag to guide with several.'),
+        click.option('--guidance', metavar='FLOAT', type=cli.Float(0, 100), default=None,
+                     help='Guidance weight w; 1 turns guidance off and loads no guide.  [default: 1, or the '
+                          "preset's]"),
+        click.option('--guide-weights', metavar='LIST', default=None, callback=_shares,
+                     help='With several --gnet, how the extra weight w - 1 is shared among them (numbers >= 0 '
+                          'that add up to 1).  [default: equal shares]'),
+        click.option('--guidance-interval', metavar='LO,HI', type=IntervalType(), default=None,
+                     help='Guide only the steps whose noise level sigma_i lies in (LO, HI].'),
+        click.option('--guidance-interval-steps', metavar='FIRST,LAST', type=StepsType(), default=None,
+                     help='Guide only steps FIRST..LAST (inclusive, counted from 0); an alternative to '
+                          '--guidance-interval.'),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceSetup:
+    """What the preset and the flags resolve to, before any network is loaded."""
+
+    net: str
+    gnets: tuple                 # paths/URLs of the guides to load; empty when the weight is 1
+    weight: float
+    shares: Optional[tuple]
+    interval: Optional[sampling.Interval]
+    preset: Optional[str] = None
+
+    def describe(self) -> dict:
+        """The settings as plain JSON values (for result files)."""
+        sigma = self.interval if isinstance(self.interval, sampling.SigmaInterval) else None
+        steps = self.interval if isinstance(self.interval, sampling.StepInterval) else None
+        return dict(preset=self.preset, net=self.net, gnet=list(self.gnets) or None, guidance=self.weight,
+                    guide_weights=None if self.shares is None else list(self.shares),
+                    guidance_interval=None if sigma is None else [sigma.lo, sigma.hi],
+                    guidance_interval_steps=None if steps is None else [steps.first, steps.last])
+
+
+def _preset_values(name):
+    try:
+        entry = presets.get('generate', name)
+    except presets.PresetError as e:
+        raise click.BadParameter(str(e), param_hint="'--preset'") from None
+    gnet = entry.get('gnet')
+    gnet = () if gnet is None else (gnet,) if isinstance(gnet, str) else tuple(gnet)
+    interval = None
+    try:
+        if entry.get('guidance_interval') is not None:
+            interval = sampling.SigmaInterval(*(float(v) for v in entry['guidance_interval']))
+        if entry.get('guidance_interval_steps') is not None:
+            interval = sampling.StepInterval(*(int(v) for v in entry['guidance_interval_steps']))
+    except (TypeError, sampling.SamplingError) as e:
+        raise click.BadParameter(f'preset {name!r}: {e}', param_hint="'--preset'") from None
+    shares = entry.get('guide_weights')
+    return dict(net=entry.get('net'), gnet=gnet, guidance=float(entry.get('guidance', 1.0)),
+                shares=None if shares is None else tuple(float(a) for a in shares), interval=interval)
+
+
+def resolve(preset=None, net=None, gnet=(), guidance=None, guide_weights=None, guidance_interval=None,
+            guidance_interval_steps=None) -> GuidanceSetup:
+    """Merge the preset with the flags given explicitly (None / empty = not given). Either interval flag
+    replaces the preset's interval; giving both is a usage error."""
+    if guidance_interval is not None and guidance_interval_steps is not None:
+        raise click.UsageError('give --guidance-interval or --guidance-interval-steps, not both')
+    base = _preset_values(preset) if preset is not None else dict(net=None, gnet=(), guidance=1.0, shares=None,
+                                                                 interval=None)
+    net = net if net is not None else base['net']
+    gnets = tuple(gnet) if gnet else base['gnet']
+    weight = float(guidance) if guidance is not None else base['guidance']
+    shares = guide_weights if guide_weights is not None else (base['shares'] if not gnet else None)
+    interval = base['interval']
+    if guidance_interval is not None:
+        interval = sampling.SigmaInterval(*guidance_interval)
+    elif guidance_interval_steps is not None:
+        interval = sampling.StepInterval(*guidance_interval_steps)
+    if net is None:
+        raise click.UsageError('give --net or --preset')
+    if weight != 1 and not gnets:
+        raise click.UsageError(f'--guidance {weight:g} needs a guiding network (--gnet)')
+    if weight == 1:  # the one place deciding that w = 1 neither loads nor evaluates a guide
+        gnets, shares = (), None
+    elif shares is not None:
+        try:
+            sampling.guide_shares(len(gnets), shares)
+        except sampling.SamplingError as e:
+            raise click.BadParameter(str(e), param_hint="'--guide-weights'") from None
+    return GuidanceSetup(net=net, gnets=gnets, weight=weight, shares=shares, interval=interval, preset=preset)
+
+
+def check_schedule(setup: GuidanceSetup, sigmas) -> None:
+    """Refuse an interval of steps that lies outside the schedule, before any work."""
+    if setup.interval is not None:
+        try:
+            setup.interval.select(sigmas)
+        except sampling.SamplingError as e:
+            raise click.BadParameter(str(e), param_hint="'--guidance-interval-steps'") from None
+
+
+def _load(path, device, flag):
+    from .checkpoint import load_snapshot  # the checkpoint module is heavy; load it when networks are needed
+    try:
+        net, encoder, _ = load_snapshot(path, device=device)
+    except ValueError as e:  # CheckpointError, EncoderError: bad or unreachable file
+        cli.fail(e, f'{flag} {path}')
+    return net.eval().requires_grad_(False), encoder
+
+
+def load_networks(setup: GuidanceSetup, device):
+    """(net, encoder, sampling.Guidance): rank 0 loads (and downloads) first, the other ranks after it."""
+    if not distributed.is_main():
+        distributed.barrier()
+    try:
+        distributed.print0(f'Loading network from {setup.net} ...')
+        net, encoder = _load(setup.net, device, '--net')
+        guides = []
+        for path in setup.gnets:
+            distributed.print0(f'Loading guiding network from {path} ...')
+            guide, _ = _load(path, device, '--gnet')
+            try:
+                sampling.check_guide(net, guide)
+            except sampling.SamplingError as e:
+                cli.fail(e, f'--gnet {path}')
+            guides.append(guide)
+    finally:
+        if distributed.is_main():
+            distributed.barrier()
+    guidance = sampling.Guidance(guides=tuple(guides), weight=setup.weight, shares=setup.shares,
+                                 interval=setup.interval)
+    return net, encoder, guidance
