@@ -85,7 +85,8 @@ class Block(torch.nn.Module):
         return x if self.conv_skip is None else self.conv_skip(x)
 
     def _enter(self, x):
-        """Resampled input; encoder blocks also widen it and normalise each pixel vector (config G)."""
+        """Resampled input; encoder blocks also widen it and normalise each pixel vector to unit RMS
+        (the pixel norm that replaces group normalisation in config F)."""
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
         if self.flavor == 'enc':
             x = normalize(self._widen(x), dim=1)
