@@ -16,6 +16,7 @@ Building a published configuration (sizes and shapes live in `configs/networks.t
 """
 
 import functools
+import json
 import math
 from typing import NamedTuple
 
@@ -267,14 +268,13 @@ def precond_coefficients(sigma, sigma_data):
 
 
 def _jsonable(value):
-    """Tuples -> lists, numpy scalars -> Python, recursively (for init_kwargs and the native format)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    """`value` as it comes back from JSON: tuples become lists, numpy numbers Python ones (init_kwargs
+    must survive the native format's JSON header unchanged)."""
+    def numpy_to_python(item):
+        if isinstance(item, (np.generic, np.ndarray)):
+            return item.tolist()
+        raise TypeError(f'network arguments must be plain data, got a {type(item).__name__}')
+    return json.loads(json.dumps(value, default=numpy_to_python))
 
 
 class Precond(torch.nn.Module):
@@ -306,8 +306,7 @@ class Precond(torch.nn.Module):
         self.use_fp16 = use_fp16
         self.precision = 'fp16' if use_fp16 else 'fp32'
         self.sigma_data = sigma_data
-        self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                         **unet_kwargs)
+        self.unet = UNet(img_resolution, img_channels, label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
@@ -379,14 +378,12 @@ def network_kwargs(size, shape, **overrides):
     win over all of them. Unknown names raise edm2.presets.PresetError naming the choices.
     """
     table = presets.load('networks')
-    sizes = table['sizes']
-    shapes = table['shapes']
-    if str(size).lower() not in sizes:
+    sizes, shapes, size_key = table['sizes'], table['shapes'], str(size).lower()
+    if size_key not in sizes:
         raise presets.PresetError(f'unknown network size {size!r}; choose one of: {", ".join(sizes)}')
     if shape not in shapes:
         raise presets.PresetError(f'unknown network shape {shape!r}; choose one of: {", ".join(shapes)}')
-    kwargs = dict(shapes[shape])
-    kwargs['model_channels'] = sizes[str(size).lower()]
+    kwargs = dict(shapes[shape], model_channels=sizes[size_key])
     kwargs.update(table.get('unet', {}))
     kwargs.update(overrides)
     return _jsonable(kwargs)
