@@ -5,8 +5,8 @@ ln σ ~ N(P_mean, P_std²) and noise n ~ N(0, σ² I), every element contributes
 
     L = λ(σ) / e^{u(σ)} · (D(y + n; σ, c) − y)² + u(σ),      λ(σ) = (σ² + σ_d²) / (σ σ_d)²,
 
-where λ(σ) is EDM's weighting (EDM paper, Table 1), which gives the preconditioned network an
-output of unit variance, and u(σ) is the network's log-uncertainty head. For a fixed σ the
+where λ(σ) = 1 / c_out(σ)² is EDM's weighting (EDM paper, Table 1), which weights the error of
+the raw network output F equally at every σ, and u(σ) is the network's log-uncertainty head. For a fixed σ the
 minimising u is the log of the expected weighted error, so dividing by e^{u} levels the loss
 across noise levels (the homoscedastic-uncertainty weighting of Kendall et al., CVPR 2018).
 """
