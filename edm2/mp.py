@@ -71,6 +71,9 @@ class MPFourier(torch.nn.Module):
     """Random Fourier features of a scalar (the noise level): sqrt(2) cos(2 pi (f x + phi)), unit RMS.
 
     Buffers: `freqs` = 2 pi N(0, 1) * bandwidth and `phases` = 2 pi U(0, 1), fixed at construction.
+
+        num_channels  number of features
+        bandwidth     standard deviation of the frequencies, in cycles per unit of x
     """
 
     def __init__(self, num_channels, bandwidth=1):
@@ -86,10 +89,11 @@ class MPFourier(torch.nn.Module):
 class MPConv(torch.nn.Module):
     """Magnitude-preserving convolution or fully connected layer with forced weight normalisation.
 
-    EDM2 paper, configs D and E: the weight in use is the stored one scaled to unit norm per output
-    channel and then by gain / sqrt(fan_in), so a unit-variance input gives a unit-variance output
-    when gain = 1. While training, the stored weight itself is also kept at unit norm ("forced weight
-    normalisation"), so an optimiser step changes its direction but not its size.
+    EDM2 paper, configs D and E: the weight in use is the stored one brought to unit RMS per output
+    channel and scaled by gain / sqrt(fan_in) (unit norm per output channel for gain 1), so a
+    unit-variance input gives a unit-variance output. While training, the stored weight itself is
+    also kept at unit RMS ("forced weight normalisation"), so an optimiser step changes its
+    direction but not its size.
 
         in_channels   input channels
         out_channels  output channels
@@ -119,12 +123,12 @@ class MPConv(torch.nn.Module):
         return scale
 
     def _renormalise_stored_weight(self):
-        """Forced weight normalisation (config E): overwrite the parameter with its unit-norm version."""
+        """Forced weight normalisation (config E): overwrite the parameter with its unit-RMS version."""
         with torch.no_grad():
             self.weight.copy_(normalize(self.weight.float()))
 
     def effective_weight(self, gain=1):
-        """The float32 weight the layer applies: unit-norm rows times gain / sqrt(fan_in).
+        """The float32 weight the layer applies: unit-RMS rows times gain / sqrt(fan_in).
 
         Normalising inside the graph (even right after the forced renormalisation, where it changes
         nothing but the eps) makes the gradient orthogonal to the weight, as weight normalisation needs.

@@ -71,7 +71,7 @@ class Block(torch.nn.Module):
         self.attn_balance = attn_balance
         self.clip_act = clip_act
 
-        # Parameters in the order of the published state dicts (and of their random initialisation).
+        # The order of registration fixes the order of random initialisation and of parameters().
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         branch_in = out_channels if flavor == 'enc' else in_channels  # encoders widen before the branch
         self.conv_res0 = MPConv(branch_in, out_channels, kernel=[3, 3])
