@@ -21,7 +21,7 @@ import torch
 from edm2.errors import EDM2Error, one_line
 from edm2.networks import Precond
 
-__all__ = ['NetworkConfigError', 'check_network_kwargs', 'count_parameters', 'DEFAULT_MAX_PARAMS']
+__all__ = ['NetworkConfigError', 'check_network_kwargs', 'count_parameters', 'state_shapes', 'DEFAULT_MAX_PARAMS']
 
 # Ten billion parameters (40 GB in float32): about 6.5 times the largest published network (XXL).
 DEFAULT_MAX_PARAMS = 10_000_000_000
@@ -127,14 +127,23 @@ def _check_geometry(kw):
             raise _fail('attn_resolutions', 'powers of two', kw['attn_resolutions'])
 
 
+def _meta_network(kwargs):
+    with torch.device('meta'):
+        return Precond(**kwargs)
+
+
 def count_parameters(kwargs):
     """Parameters of Precond(**kwargs), counted on the meta device (no memory, no random numbers).
 
     Call check_network_kwargs first for untrusted input; this only builds the module tree.
     """
-    with torch.device('meta'):
-        net = Precond(**kwargs)
-    return sum(p.numel() for p in net.parameters())
+    return sum(p.numel() for p in _meta_network(kwargs).parameters())
+
+
+def state_shapes(kwargs):
+    """{state-dict key: shape} of Precond(**kwargs), from the meta device: what a checkpoint's tensors
+    must match before the network is built for real (check the kwargs first)."""
+    return {name: tuple(t.shape) for name, t in _meta_network(kwargs).state_dict().items()}
 
 
 def check_network_kwargs(kwargs, max_params=DEFAULT_MAX_PARAMS):

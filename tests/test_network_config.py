@@ -10,7 +10,8 @@ import torch
 
 from edm2 import presets
 from edm2.errors import EDM2Error
-from edm2.network_config import DEFAULT_MAX_PARAMS, NetworkConfigError, check_network_kwargs, count_parameters
+from edm2.network_config import (DEFAULT_MAX_PARAMS, NetworkConfigError, check_network_kwargs, count_parameters,
+                                 state_shapes)
 from edm2.networks import build_network, network_kwargs
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -41,7 +42,9 @@ def test_published_presets_pass_with_their_parameter_count(size, shape):
 ])
 def test_counts_equal_the_allocated_network(overrides):
     kwargs = dict(TINY, **overrides)
-    assert check_network_kwargs(kwargs) == sum(p.numel() for p in build_network(kwargs).parameters())
+    net = build_network(kwargs)
+    assert check_network_kwargs(kwargs) == sum(p.numel() for p in net.parameters())
+    assert state_shapes(kwargs) == {name: tuple(t.shape) for name, t in net.state_dict().items()}
 
 
 def test_checking_draws_no_random_numbers():
