@@ -1,5 +1,6 @@
-"""Magnitude-preserving building blocks of EDM2 (paper section 3, appendix B; SPEC section 1).
+"""Magnitude-preserving building blocks: the layers of the EDM2 U-Net that keep activations at unit variance.
 
+EDM2 paper (Karras et al., CVPR 2024), section 2: configs D-G and their appendix derivations.
 Each primitive maps unit-variance inputs to (about) unit-variance outputs, which is what lets the
 network train without normalisation layers while activations and weights keep their magnitudes.
 """
@@ -18,7 +19,7 @@ def normalize(x, dim=None, eps=1e-4):
     """Scale every group of `x` to unit RMS: x / (eps + RMS(x)), the RMS taken over `dim` in float32.
 
     `dim` defaults to every axis but the first, so a weight [out, in, kh, kw] is normalised per output
-    channel. RMS = ||x|| / sqrt(group size), which is SPEC's ||x|| * sqrt(n_norm / n_x).
+    channel. RMS = ||x|| / sqrt(group size), i.e. ||x|| * sqrt(n_norm / n_x) with n_norm/n_x the fraction of elements in one group.
     """
     dims = tuple(range(1, x.ndim)) if dim is None else dim
     group_norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
@@ -49,7 +50,7 @@ def mp_cat(a, b, dim=1, t=0.5):
 
 
 def resample(x, f=(1, 1), mode='keep'):
-    """2x resampling with the normalised 2-tap box filter [1, 1] (SPEC section 1).
+    """2x resampling with the normalised 2-tap box filter [1, 1] (EDM2 paper, appendix B).
 
     'down': each output pixel is the mean of a 2x2 input block (the depthwise 2x2 conv of 0.25s with
     stride 2); 'up': each input pixel is copied into a 2x2 output block (the transposed conv of the
@@ -70,6 +71,9 @@ class MPFourier(torch.nn.Module):
     """Random Fourier features of a scalar (the noise level): sqrt(2) cos(2 pi (f x + phi)), unit RMS.
 
     Buffers: `freqs` = 2 pi N(0, 1) * bandwidth and `phases` = 2 pi U(0, 1), fixed at construction.
+
+        num_channels  number of features
+        bandwidth     standard deviation of the frequencies, in cycles per unit of x
     """
 
     def __init__(self, num_channels, bandwidth=1):
@@ -83,16 +87,22 @@ class MPFourier(torch.nn.Module):
 
 
 class MPConv(torch.nn.Module):
-    """Magnitude-preserving convolution (kernel [k, k], 'same' padding) or linear layer (kernel []).
+    """Magnitude-preserving convolution or fully connected layer with forced weight normalisation.
 
-    The effective weight is normalize(weight) * gain / sqrt(fan_in), so unit-RMS inputs give unit-RMS
-    outputs for gain 1. In training mode the stored weight is also reset to unit norm before each use
-    (forced weight normalisation, paper section 3.2), which keeps its effective learning rate constant.
+    EDM2 paper, configs D and E: the weight in use is the stored one brought to unit RMS per output
+    channel and scaled by gain / sqrt(fan_in) (unit norm per output channel for gain 1), so a
+    unit-variance input gives a unit-variance output. While training, the stored weight itself is
+    also kept at unit RMS ("forced weight normalisation"), so an optimiser step changes its
+    direction but not its size.
+
+        in_channels   input channels
+        out_channels  output channels
+        kernel        [] for a fully connected layer (x @ W^T), [k, k] for a k x k 'same' convolution
     """
 
-    # dtype in which a tensor-valued gain is divided by sqrt(fan_in); None = float32. Published
-    # snapshots store their parameters in float16 and the release uses them as stored, so their gain
-    # scales are rounded to float16; the importer sets this to reproduce it (Precond.gain_precision).
+    # Precision of a learned (tensor) gain divided by sqrt(fan_in); None means float32. Networks
+    # imported from a published snapshot set it to float16 through Precond.gain_precision, because
+    # the published parameters are stored in float16 and that is where their rounding shows.
     gain_dtype = None
 
     def __init__(self, in_channels, out_channels, kernel):
@@ -100,18 +110,35 @@ class MPConv(torch.nn.Module):
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
-    def forward(self, x, gain=1):
-        weight = self.weight.float()
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(weight))
-        # Normalising again here (a no-op on the values in training) is what makes the gradient
-        # orthogonal to the weight, as weight normalisation requires.
-        fan_in = math.prod(weight.shape[1:])
-        scale = gain / math.sqrt(fan_in)
-        if self.gain_dtype is not None and torch.is_tensor(scale):
+    @property
+    def fan_in(self):
+        """Inputs that feed one output value: in_channels times the kernel's taps."""
+        return math.prod(self.weight.shape[1:])
+
+    def _gain_scale(self, gain):
+        """gain / sqrt(fan_in), rounded to `gain_dtype` when the gain is a learned tensor."""
+        scale = gain / math.sqrt(self.fan_in)
+        if torch.is_tensor(scale) and self.gain_dtype is not None:
             scale = scale.to(self.gain_dtype)
-        weight = (normalize(weight) * scale).to(x.dtype)
-        if weight.ndim == 2:
+        return scale
+
+    def _renormalise_stored_weight(self):
+        """Forced weight normalisation (config E): overwrite the parameter with its unit-RMS version."""
+        with torch.no_grad():
+            self.weight.copy_(normalize(self.weight.float()))
+
+    def effective_weight(self, gain=1):
+        """The float32 weight the layer applies: unit-RMS rows times gain / sqrt(fan_in).
+
+        Normalising inside the graph (even right after the forced renormalisation, where it changes
+        nothing but the eps) makes the gradient orthogonal to the weight, as weight normalisation needs.
+        """
+        return normalize(self.weight.float()) * self._gain_scale(gain)
+
+    def forward(self, x, gain=1):
+        if self.training:
+            self._renormalise_stored_weight()
+        weight = self.effective_weight(gain).to(x.dtype)
+        if not self.weight.shape[2:]:
             return F.linear(x, weight)
         return F.conv2d(x, weight, padding=weight.shape[-1] // 2)

@@ -1,4 +1,4 @@
-"""Magnitude-preserving primitives (SPEC section 1): exact identities and unit-variance behaviour.
+"""Magnitude-preserving primitives (EDM2 paper configs D-G): exact identities and unit-variance behaviour.
 
 Statistical checks use n samples and allow 6 standard errors of the estimated mean square
 (sqrt(Var[y^2] / n)), so they fail by chance with probability < 1e-8.
@@ -147,3 +147,36 @@ def test_resample_box_filter():
     torch.testing.assert_close(resample(up, mode='down'), x)
     with pytest.raises(ValueError):
         resample(x, mode='sideways')
+
+
+def test_mpconv_effective_weight_and_gain_precision():
+    torch.manual_seed(8)
+    conv = MPConv(6, 5, [3, 3])
+    with torch.no_grad():
+        conv.weight.mul_(torch.tensor([0.1, 1.0, 4.0, 9.0, 50.0]).reshape(-1, 1, 1, 1))
+    assert conv.fan_in == 54
+    gain = torch.tensor(1.37)
+    w = conv.effective_weight(gain).double()
+    # Each output row has norm (r / (eps + r)) * gain, r the RMS of the stored row (norm / sqrt(fan_in)).
+    r = conv.weight.detach().double().pow(2).mean(dim=[1, 2, 3]).sqrt()
+    torch.testing.assert_close(w.pow(2).sum(dim=[1, 2, 3]).sqrt(), r / (1e-4 + r) * 1.37, rtol=1e-6, atol=0)
+    # Rows point along the stored weight.
+    cos = torch.nn.functional.cosine_similarity(w.flatten(1), conv.weight.detach().double().flatten(1))
+    torch.testing.assert_close(cos, torch.ones(5, dtype=torch.float64))
+    # gain_dtype rounds the tensor gain's scale gain / sqrt(fan_in) to that precision, nothing else.
+    scale16 = (gain / math.sqrt(54)).half().float()
+    assert scale16 != gain / math.sqrt(54)  # 1.37 / sqrt(54) is not a float16 number
+    w32 = conv.effective_weight(gain)
+    conv.gain_dtype = torch.float16
+    try:
+        w16 = conv.effective_weight(gain)
+        torch.testing.assert_close(w16, normalize(conv.weight.detach()) * scale16, rtol=0, atol=0)
+        assert not torch.equal(w16, w32)
+        # A plain Python gain is never rounded.
+        torch.testing.assert_close(conv.effective_weight(), normalize(conv.weight.detach()) * (1 / math.sqrt(54)),
+                                   rtol=0, atol=0)
+    finally:
+        conv.gain_dtype = None
+    x = torch.randn(2, 6, 5, 5)
+    torch.testing.assert_close(conv.eval()(x, gain=gain),
+                               torch.nn.functional.conv2d(x, conv.effective_weight(gain), padding=1))

@@ -1,4 +1,5 @@
-"""Block / UNet / Precond (SPEC section 2), size presets, and parity with the published release."""
+"""Block / UNet / Precond (EDM2 paper config G; EDM paper Table 1), size presets, and parity with the
+published release."""
 
 import copy
 import math
@@ -9,7 +10,8 @@ import torch
 from edm2 import presets
 from edm2.checkpoint import load_network, load_snapshot
 from edm2.mp import MPConv, mp_sum, normalize
-from edm2.networks import Block, Precond, build_network, network_kwargs
+from edm2.networks import Block, Precond, build_network, network_kwargs, precond_coefficients
+from training.loss import edm_weight
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -118,6 +120,24 @@ def test_preconditioning_formula():
     assert torch.equal(labels, torch.zeros(3, 10))  # labels omitted -> all-zero rows
 
 
+def test_precond_coefficients_satisfy_the_edm_identities():
+    # EDM paper, appendix B.6: c_in gives the network unit-variance input, and c_out and c_skip give
+    # its training target (y - c_skip (y + n)) / c_out unit variance, for data of std sigma_data and
+    # noise of std sigma.
+    sigma = torch.logspace(-3, 2.5, 50, dtype=torch.float64)
+    for sd in (0.5, 1.0, 0.1):
+        c = precond_coefficients(sigma, sd)
+        torch.testing.assert_close(c.c_in ** 2 * (sigma ** 2 + sd ** 2), torch.ones_like(sigma))
+        target_var = ((1 - c.c_skip) ** 2 * sd ** 2 + c.c_skip ** 2 * sigma ** 2) / c.c_out ** 2
+        torch.testing.assert_close(target_var, torch.ones_like(sigma))
+        # c_skip minimises that variance: its derivative in c_skip vanishes.
+        torch.testing.assert_close(-(1 - c.c_skip) * sd ** 2 + c.c_skip * sigma ** 2, torch.zeros_like(sigma))
+        torch.testing.assert_close(c.c_noise, sigma.log() / 4)
+        # The loss weight lambda(sigma) is 1 / c_out^2 (EDM paper, Table 1).
+        torch.testing.assert_close(edm_weight(sigma, sd), 1 / c.c_out ** 2)
+    assert precond_coefficients(torch.tensor([0.3]), 0.5).c_skip.dtype == torch.float32
+
+
 def test_conditional_and_unconditional_labels():
     net = _tiny()
     x = torch.randn(2, 3, 16, 16)
@@ -207,7 +227,7 @@ def test_training_mode_forces_unit_weights_and_backpropagates():
 
 
 def _reference_attention(block, x):
-    """Attention of SPEC section 2 step 4, written out head by head with explicit loops."""
+    """Self-attention with unit-RMS q, k, v per head, written out head by head with explicit loops."""
     n, c, h, w = x.shape
     qkv = block.attn_qkv(x).reshape(n, c * 3, h * w)
     heads = block.num_heads
