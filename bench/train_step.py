@@ -73,6 +73,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
     from training import loop
     from training.dataset import ImageFolderDataset
     from training.loss import EDM2Loss
+    from training.options import TrainingOptions
 
     if threads:
         torch.set_num_threads(threads)
@@ -83,10 +84,10 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
     tmp = pathlib.Path(tempfile.mkdtemp(prefix='bench-train-'))
     try:
         data = make_dataset(tmp / 'data', 512, res, classes)
-        opts = dict(outdir=str(tmp / 'run'), data=str(data), cond=True, duration=steps * batch, batch=batch,
-                    channels=channels, lr=0.01, decay=0, rampup=0, status=0, snapshot=0,
-                    checkpoint=0, workers=workers, device=str(device), precision=precision,
-                    network=dict(channel_mult=mult, num_blocks=num_blocks, attn_resolutions=attn))
+        opts = TrainingOptions(outdir=str(tmp / 'run'), data=str(data), cond=True, duration=steps * batch,
+                               batch=batch, channels=channels, lr=0.01, decay=0, rampup=0, status=0, snapshot=0,
+                               checkpoint=0, workers=workers, device=str(device), precision=precision,
+                               network=dict(channel_mult=mult, num_blocks=num_blocks, attn_resolutions=attn))
 
         # --- Bare forward + backward on ready inputs (same network, same loss). ---------------------
         torch.manual_seed(0)
@@ -163,7 +164,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
             torch.randn([batch, 3, res, res], device=device, generator=gen)
         t_noise = best(noise)
 
-        opt = loop._adam(net.parameters(), lr=1e-4)  # the loop's optimiser
+        opt = loop.adam(net.parameters(), lr=1e-4)  # the loop's optimiser
         loss_fn(net, x, y, rnd_normal=rnd, eps=eps).sum().backward()
         grads = [p.grad for p in net.parameters()]
         opt.step()

@@ -11,22 +11,22 @@ from click.testing import CliRunner
 
 import train_edm2
 from edm2 import presets
-from training import loop
+from training import loop, options
 from training.loss import EDM2Loss
 
 
 def test_parse_nimg_units():
-    assert loop.parse_nimg('2048Mi') == 2048 << 20
-    assert loop.parse_nimg('128Ki') == 128 << 10
-    assert loop.parse_nimg('10M') == 10_000_000
-    assert loop.parse_nimg('8192') == 8192 and loop.parse_nimg(7) == 7
+    assert options.parse_nimg('2048Mi') == 2048 << 20
+    assert options.parse_nimg('128Ki') == 128 << 10
+    assert options.parse_nimg('10M') == 10_000_000
+    assert options.parse_nimg('8192') == 8192 and options.parse_nimg(7) == 7
     for bad in ('12Xi', 'abc', '0.5'):
         with pytest.raises(ValueError):
-            loop.parse_nimg(bad)
+            options.parse_nimg(bad)
 
 
 def test_learning_rate_schedule():
-    # SPEC section 3: alpha_ref / sqrt(max(t/(t_ref B), 1)) * min(t/rampup, 1).
+    # EDM2 paper, Sec. 2.4: alpha_ref / sqrt(max(t/(t_ref B), 1)), times a linear ramp min(t/rampup, 1).
     B, ref, decay, ramp = 2048, 0.01, 70000, 10_000_000
     assert loop.learning_rate(0, B, ref, decay, ramp) == 0
     assert loop.learning_rate(ramp // 2, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
@@ -83,7 +83,7 @@ def test_loss_matches_definition():
 
 
 def test_presets_match_spec_table():
-    table = {  # SPEC section 3
+    table = {  # the EDM2 paper's table of training configurations (ImageNet-512 and ImageNet-64)
         'edm2-img512-xxs': (64, '2048Mi', 0.0170, 70000, 0.00, -0.4, 1.0),
         'edm2-img512-xs': (128, '2048Mi', 0.0120, 70000, 0.00, -0.4, 1.0),
         'edm2-img512-s': (192, '2048Mi', 0.0100, 70000, 0.00, -0.4, 1.0),
