@@ -70,7 +70,8 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
 
     from edm2.networks import build_network
     from edm2.phema import PowerFunctionEMA
-    from training import loop
+    from training import loop, stream
+    from training.optimizer import adam
     from training.dataset import ImageFolderDataset
     from training.loss import EDM2Loss
     from training.options import TrainingOptions
@@ -152,7 +153,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
             return min(times)
 
         ds = ImageFolderDataset(data, use_labels=True)
-        sampler = loop.InfiniteSampler(len(ds), batch, batch, seed=0)
+        sampler = stream.InfiniteSampler(len(ds), batch, batch, seed=0)
         it = iter(torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0))
         t_data_serial = best(lambda k: next(it)[0].to(device).float().div(127.5).sub(1))
 
@@ -164,7 +165,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
             torch.randn([batch, 3, res, res], device=device, generator=gen)
         t_noise = best(noise)
 
-        opt = loop.adam(net.parameters(), lr=1e-4)  # the loop's optimiser
+        opt = adam(net.parameters(), lr=1e-4)  # the loop's optimiser
         loss_fn(net, x, y, rnd_normal=rnd, eps=eps).sum().backward()
         grads = [p.grad for p in net.parameters()]
         opt.step()

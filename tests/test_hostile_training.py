@@ -134,6 +134,24 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, bad, flag):
     assert not run.exists()
 
 
+@pytest.mark.parametrize('flag', ['--outdir', '--data'])
+def test_empty_paths_are_refused(tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(make_images(tmp_path / 'data'))  # an empty --data must not mean "the current folder"
+    args = {'--outdir': str(tmp_path / 'run'), '--data': str(tmp_path / 'data'), flag: ''}
+    code, out = invoke(*[x for kv in args.items() for x in kv], *TINY, '--duration', 8, '--batch', 4)
+    assert_one_line_error(code, out, flag, 'empty')
+    assert not (tmp_path / 'run').exists() and sorted(os.listdir(tmp_path)) == ['data']
+
+
+def test_outdir_that_is_or_lies_under_a_file_is_refused(tmp_path):
+    data = make_images(tmp_path / 'data')
+    (tmp_path / 'file').write_text('precious')
+    for outdir in (tmp_path / 'file', tmp_path / 'file' / 'run', tmp_path / 'file' / 'a' / 'b'):
+        code, out = invoke('--outdir', outdir, '--data', data, *TINY, '--duration', 8, '--batch', 4)
+        assert_one_line_error(code, out, '--outdir', 'not a folder' if outdir.name == 'file' else 'is a file')
+        assert (tmp_path / 'file').read_text() == 'precious'
+
+
 def test_enormous_network_is_refused_without_allocating(tmp_path):
     data = make_images(tmp_path / 'data', res=64)
     run = tmp_path / 'run'
@@ -326,6 +344,30 @@ def test_nonfinite_latents_stop_the_run(tmp_path):
     code, out = invoke('--outdir', run, '--data', lat, *TINY, '--workers', 0, '--batch', 4, '--duration', 16)
     assert_one_line_error(code, out, 'non-finite')
     assert_no_final_outputs(run)
+
+
+def test_unexpected_error_mid_run_is_one_line_and_stops_the_workers(tmp_path, monkeypatch):
+    from edm2.phema import PowerFunctionEMA
+    data = make_images(tmp_path / 'data', n=32)
+    run = tmp_path / 'run'
+    calls = []
+    real = PowerFunctionEMA.update
+
+    def broken(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError('simulated failure inside the loop')
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PowerFunctionEMA, 'update', broken)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    code, out = invoke('--outdir', run, '--data', data, *TINY, '--workers', 2, '--batch', 4, '--duration', 64,
+                       '--snapshot', 0)
+    assert_one_line_error(code, out, 'training stopped at 12 images', 'RuntimeError: simulated failure', 'log.txt')
+    log = (run / 'log.txt').read_text()
+    assert 'Traceback' in log and 'in broken' in log
+    assert {p.pid for p in psutil.Process().children(recursive=True)} - before == set()
+    assert not list(run.glob('training-state-*')) and not list(run.glob('network-snapshot-*'))
 
 
 # ----------------------------------------------------------------------------------------------

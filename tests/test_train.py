@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import train_edm2
 from edm2 import presets
-from training import loop, options
+from training import optimizer, options, stream
 from training.loss import EDM2Loss
 
 
@@ -28,22 +28,22 @@ def test_parse_nimg_units():
 def test_learning_rate_schedule():
     # EDM2 paper, Sec. 2.4: alpha_ref / sqrt(max(t/(t_ref B), 1)), times a linear ramp min(t/rampup, 1).
     B, ref, decay, ramp = 2048, 0.01, 70000, 10_000_000
-    assert loop.learning_rate(0, B, ref, decay, ramp) == 0
-    assert loop.learning_rate(ramp // 2, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
+    assert optimizer.learning_rate(0, B, ref, decay, ramp) == 0
+    assert optimizer.learning_rate(ramp // 2, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
     t = decay * B
-    assert loop.learning_rate(t, B, ref, decay, ramp) == pytest.approx(ref, rel=1e-12)
-    assert loop.learning_rate(4 * t, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
-    assert loop.learning_rate(123, B, ref, 0, 0) == ref
+    assert optimizer.learning_rate(t, B, ref, decay, ramp) == pytest.approx(ref, rel=1e-12)
+    assert optimizer.learning_rate(4 * t, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
+    assert optimizer.learning_rate(123, B, ref, 0, 0) == ref
 
 
 @pytest.mark.parametrize('world,batch_gpu', [(2, 4), (1, 2), (4, 1)])
 def test_sampler_gives_each_step_the_same_images(world, batch_gpu):
     B, N = 8, 13
-    single = loop.InfiniteSampler(N, B, B, seed=3)
+    single = stream.InfiniteSampler(N, B, B, seed=3)
     it = iter(single)
     ref = [[next(it) for _ in range(B)] for _ in range(5)]  # 5 steps of one process
     rounds = B // (world * batch_gpu)
-    iters = [iter(loop.InfiniteSampler(N, B, batch_gpu, r, world, seed=3)) for r in range(world)]
+    iters = [iter(stream.InfiniteSampler(N, B, batch_gpu, r, world, seed=3)) for r in range(world)]
     for step in range(5):
         got = []
         for a in range(rounds):
@@ -53,7 +53,7 @@ def test_sampler_gives_each_step_the_same_images(world, batch_gpu):
     # Every epoch is a permutation of the dataset; a sampler started at step 3 continues the stream.
     flat = sum(ref, [])
     assert sorted(flat[:N]) == list(range(N)) and sorted(flat[N:2 * N]) == list(range(N))
-    late = iter(loop.InfiniteSampler(N, B, B, seed=3, start_step=3))
+    late = iter(stream.InfiniteSampler(N, B, B, seed=3, start_step=3))
     assert [next(late) for _ in range(2 * B)] == flat[3 * B:5 * B]
 
 

@@ -1,13 +1,7 @@
 """The EDM2 training loop: one call of `training_loop(opts)` trains or resumes the run in `opts.outdir`.
 
-- data: `training.dataset.ImageFolderDataset`, read by DataLoader workers through `InfiniteSampler`,
-  which gives every optimiser step the same B images whatever the number of processes and the
-  per-process batch: global position p of step k is k*B + a*W*b + r*b + j for accumulation round a,
-  rank r (of W) and row j (of b = batch_gpu). Positions index a fresh seeded permutation per epoch.
-- noise: sigma and n for the B rows of step k come from one generator seeded by (seed, k), and each
-  process takes its rows; so the loss of a step does not depend on W or b either, and a resumed run
-  draws exactly what an uninterrupted one would. Dropout uses torch's global RNG, reseeded per step
-  from (seed, k, rank).
+- data and noise: the images and noise of every optimiser step are functions of (seed, step) alone
+  (`training.stream`), whatever the number of processes W and accumulation rounds.
 - loss: `training.loss.EDM2Loss` (learned uncertainty weighting) summed over all elements, divided by the
   per-process batch B/W (DDP then averages over processes: the gradient is the mean over the B
   images), times --ls.
@@ -24,18 +18,13 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
-import re
 import signal
-import threading
 import time
 import traceback
 
-import numpy as np
 import psutil
 import torch
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 from tqdm import tqdm
 
 from edm2 import distributed as dist
@@ -47,100 +36,10 @@ from edm2.networks import build_network
 from edm2.phema import PowerFunctionEMA
 from training import state as run_state
 from training.loss import EDM2Loss
+from training.optimizer import adam, learning_rate
 from training.options import TrainingError, check_snapshot_names, format_nimg, prepare, settings
-
-
-def learning_rate(cur_nimg, batch, lr, decay, rampup):
-    """alpha(t) = alpha_ref / sqrt(max(t / (t_ref B), 1)) * min(t / rampup, 1) at t = `cur_nimg` images:
-    the inverse-square-root decay after t_ref = `decay` batches of the EDM2 paper (Sec. 2.4, Config E),
-    times a linear warm-up over `rampup` images (0 disables either part)."""
-    value = lr
-    if decay > 0:
-        value /= math.sqrt(max(cur_nimg / (decay * batch), 1))
-    if rampup > 0:
-        value *= min(cur_nimg / rampup, 1)
-    return value
-
-
-def step_seed(seed, step, stream):
-    """Distinct 63-bit seeds per (seed, step, stream) from numpy's SeedSequence hashing."""
-    return int(np.random.SeedSequence([seed % (1 << 32), step, stream]).generate_state(2, np.uint32)
-               .astype(np.uint64).dot([1 << 31, 1]))
-
-
-class InfiniteSampler(torch.utils.data.Sampler):
-    """Dataset indices for this rank, forever, starting at optimiser step `start_step` (see module doc)."""
-
-    def __init__(self, size, batch, batch_gpu, rank=0, world_size=1, seed=0, start_step=0):
-        assert batch % (batch_gpu * world_size) == 0
-        self.size, self.batch, self.batch_gpu = size, batch, batch_gpu
-        self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
-        self._perm_epoch, self._perm = None, None
-
-    def _index(self, position):
-        epoch, offset = divmod(position, self.size)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed % (1 << 32), epoch]).permutation(self.size)
-            self._perm_epoch = epoch
-        return int(self._perm[offset])
-
-    def __iter__(self):
-        step = self.start_step
-        rounds = self.batch // (self.batch_gpu * self.world_size)
-        while True:
-            for a in range(rounds):
-                base = step * self.batch + (a * self.world_size + self.rank) * self.batch_gpu
-                for j in range(self.batch_gpu):
-                    yield self._index(base + j)
-            step += 1
-
-    def __len__(self):  # DataLoader asks; the stream is endless
-        return 1 << 62
-
-
-def adam(params, lr):
-    """Adam (0.9, 0.99), eps 1e-8, no weight decay (the EDM2 paper's training configuration); the
-    fused kernel where torch has one (several times faster than the per-tensor loop on the CPU)."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # older torch or an unsupported device
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), eps=1e-8, foreach=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data workers, signals and the log.
-
-def _ignore_stop_signals(_worker_id):
-    # Ctrl-C reaches the whole process group, and torchrun sends SIGTERM to each rank's group: the main
-    # process handles both (checkpoint, then clean exit) and shuts its workers down itself
-    # (`_shut_down_workers`). Workers whose main process dies exit on their own (DataLoader's watchdog).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _shut_down_workers(data_iter):
-    """Stop the DataLoader's workers now. Left to garbage collection, an exception's traceback keeps the
-    iterator alive, and at exit the interpreter would SIGTERM (ignored, see above) and wait forever."""
-    if isinstance(data_iter, _MultiProcessingDataLoaderIter):
-        data_iter._shutdown_workers()
-        for worker in data_iter._workers:
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=5)
-
-
-def _worker_error_text(error):
-    """One line for an error raised in a DataLoader worker (re-raised with the worker's traceback as
-    its text): the original message without its exception class."""
-    return re.sub(r'^[\w.]+(Error|Exception): ', '', one_line(error))
-
-
-def _peer_failed(error):
-    """Whether a collective failed because another process of the job went away (gloo raises a plain
-    RuntimeError saying so; newer backends raise DistError)."""
-    return isinstance(error, torch.distributed.DistError) or bool(
-        re.search(r'closed by peer|Connection reset|remote worker', str(error)))
+from training.processes import StopFlag, ignore_stop_signals, peer_failed, shut_down_workers, worker_error_text
+from training.stream import InfiniteSampler, step_seed
 
 
 class _Logger:
@@ -163,27 +62,6 @@ class _Logger:
         if self.file is not None:
             self.file.close()
             self.file = None
-
-
-class _StopFlag:
-    """Records SIGINT / SIGTERM instead of dying, so that the step in progress can finish."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-
-    def _handler(self, signum, _frame):
-        self.signum = signum
-
-    def restore(self):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old = {}
 
 
 def _format_time(seconds):
@@ -268,7 +146,7 @@ class _Session:
         self.checked_nimg = 0  # image count at the last check of the loss
         self.stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, element count, non-finite
         self.noise_gen = torch.Generator(device=device)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         if device.type == 'cuda':
             torch.backends.cudnn.benchmark = bool(opts.bench)
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; reduced precision is --precision
@@ -294,7 +172,7 @@ class _Session:
                                   opts.seed, self.cur_nimg // opts.batch)
         return torch.utils.data.DataLoader(
             self.prep.dataset, batch_size=self.prep.batch_gpu, sampler=sampler, num_workers=workers,
-            pin_memory=self.device.type == 'cuda', worker_init_fn=_ignore_stop_signals if workers else None,
+            pin_memory=self.device.type == 'cuda', worker_init_fn=ignore_stop_signals if workers else None,
             prefetch_factor=2 if workers else None, persistent_workers=False)
 
     def run(self, start, step_callback=None):
@@ -325,14 +203,14 @@ class _Session:
         """A one-line TrainingError for any failure; the traceback of unexpected ones goes to log.txt."""
         if isinstance(error, TrainingError):
             return error
-        if self.world > 1 and _peer_failed(error):
+        if self.world > 1 and peer_failed(error):
             return TrainingError('stopped: another process failed', report='none')  # that one reports
+        where, details = (f' (rank {self.rank})' if self.world > 1 else ''), ''
         if dist.is_main() and self.log.file is not None:
             self.log(''.join(traceback.format_exception(error)), console=False)
-        where = f' (rank {self.rank})' if self.world > 1 else ''
+            details = f' (traceback in {os.path.join(self.opts.outdir, "log.txt")})'
         return TrainingError(f'training stopped at {self.cur_nimg} images{where}: {type(error).__name__}: '
-                             f'{one_line(error)} (traceback in {os.path.join(self.opts.outdir, "log.txt")})',
-                             report='self')
+                             f'{one_line(error)}{details}', report='self')
 
     def _describe(self):
         opts, prep, ds = self.opts, self.prep, self.prep.dataset
@@ -370,7 +248,7 @@ class _Session:
                 if stopped or done:
                     break
         finally:
-            _shut_down_workers(data_iter)
+            shut_down_workers(data_iter)
             if bar is not None:
                 bar.close()
                 self.log.bar = None
@@ -385,7 +263,7 @@ class _Session:
         try:
             return next(data_iter)
         except Exception as e:  # a worker could not read an image: its message, on the rank that met it
-            raise TrainingError(f'--data: {_worker_error_text(e)}', report='self') from None
+            raise TrainingError(f'--data: {worker_error_text(e)}', report='self') from None
 
     def _step(self, ddp, data_iter):
         """One optimiser step over --batch images (accumulation rounds included); returns its learning rate."""

@@ -135,6 +135,8 @@ class TrainingOptions:
                     setattr(self, name, parse_nimg(value))
                 except ValueError as e:
                     raise TrainingError(f'{flag(name)}: {e}') from None
+        for name in ('outdir', 'data'):
+            _check(str(getattr(self, name)).strip(), f'{flag(name)}: expected a path, got an empty string')
         self.outdir = str(self.outdir)
         self.data = os.path.abspath(str(self.data))
         self.ema_stds = [float(s) for s in self.ema_stds]
@@ -225,8 +227,7 @@ class Prepared:
 def prepare(opts, world_size=1):
     """Check every option, open the dataset, resolve and size-check the network (nothing is written)."""
     opts.check_numbers()
-    _check(not os.path.exists(opts.outdir) or os.path.isdir(opts.outdir),
-           f'--outdir {opts.outdir} exists and is not a folder')
+    check_outdir(opts.outdir)
     batch_gpu = opts.batch_gpu or opts.batch // world_size
     _check(batch_gpu >= 1 and opts.batch % (world_size * batch_gpu) == 0,
            f'--batch={opts.batch} is not divisible by {world_size} process(es) x --batch-gpu={batch_gpu}')
@@ -239,6 +240,16 @@ def prepare(opts, world_size=1):
         dataset.close()
         raise
     return Prepared(dataset, net_kwargs, batch_gpu, opts.batch // (world_size * batch_gpu), num_params)
+
+
+def check_outdir(outdir):
+    """--outdir must be a writable folder, or creatable: its nearest existing ancestor a writable folder."""
+    _check(not os.path.exists(outdir) or os.path.isdir(outdir), f'--outdir {outdir} exists and is not a folder')
+    existing = os.path.abspath(outdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _check(os.path.isdir(existing), f'--outdir {outdir}: {existing} is a file, not a folder')
+    _check(os.access(existing, os.W_OK | os.X_OK), f'--outdir {outdir}: {existing} is not writable')
 
 
 def open_dataset(opts):
