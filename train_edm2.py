@@ -1,4 +1,4 @@
-"""Train EDM2 diffusion models (SPEC sections 3 and 4).
+"""Train EDM2 diffusion models (EDM2 paper, Sec. 2-3): the command line over `training.loop`.
 
 Runs on CPU, one GPU, or several processes under torchrun (nccl on GPU, gloo on CPU). The run
 directory --outdir receives log.txt, stats.jsonl, training_options.json, EMA snapshots
@@ -10,127 +10,169 @@ import click
 
 from edm2 import distributed as dist
 from edm2 import presets
+from edm2.cli import Float, Int, fail, parse_number_list
+from edm2.errors import EDM2Error
+from training.loop import training_loop
+from training.options import (FLOAT_RANGES, INT_RANGES, NIMG_RANGES, TrainingError, TrainingOptions,
+                              parse_nimg)
 
 
-def _parse_nimg(ctx, param, value):
-    from training.loop import parse_nimg
-    if value is None:
-        return None
-    try:
-        return parse_nimg(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+class ImageCount(click.ParamType):
+    """An image count such as 2048Mi, 128Ki, 10M or 8192, within the range of `NIMG_RANGES[name]`."""
+    name = 'nimg'
+
+    def __init__(self, field):
+        self.lo, self.hi = NIMG_RANGES[field]
+
+    def convert(self, value, param, ctx):
+        try:
+            n = parse_nimg(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        if not self.lo <= n <= self.hi:
+            self.fail(f'must lie in [{self.lo}, {self.hi}] images, got {n}', param, ctx)
+        return n
 
 
-def _list_of(kind, what):
-    """click callback parsing a comma-separated list of `kind` (None stays None, "" is the empty list)."""
+def _float(field):
+    return Float(*FLOAT_RANGES[field])
+
+
+def _int(field):
+    return Int(*INT_RANGES[field])
+
+
+def _integer_list(field, allow_empty):
+    """click callback: comma-separated integers in the range of INT_RANGES[field] (None stays None)."""
     def parse(ctx, param, value):
         if value is None:
             return None
-        try:
-            return [kind(v) for v in value.split(',') if v.strip()]
-        except ValueError:
-            raise click.BadParameter(f'expected a comma-separated list of {what}, got {value!r}') from None
+        if allow_empty and not value.strip():
+            return []
+        hint = param.opts[0]
+        numbers = parse_number_list(value, hint, *INT_RANGES[field])
+        if any(v != int(v) for v in numbers):
+            raise click.BadParameter(f'expected whole numbers, got {value!r}', param_hint=hint)
+        return [int(v) for v in numbers]
     return parse
+
+
+def _ema_lengths(ctx, param, value):
+    return parse_number_list(value, '--ema-stds', lo=0, lo_open=True)
 
 
 EPILOG = """\b
 Examples:
-  # ImageNet-512, EDM2-S, 8 GPUs (published recipe):
+  # EDM2-S on ImageNet-512 latents with 8 GPUs; each process handles 32 images per
+  # accumulation round:
   torchrun --standalone --nproc_per_node=8 train_edm2.py \\
       --outdir=training-runs/00000-edm2-img512-s --data=datasets/img512-sd.zip \\
       --preset=edm2-img512-s --batch-gpu=32
-  # Tiny CPU run on a small dataset; run the same command again to resume:
+  # A small model on the CPU; repeating the command continues where it stopped:
   python train_edm2.py --outdir=runs/tiny --data=datasets/shapes16.zip --cond=1 \\
       --duration=256Ki --batch=64 --channels=32 --channel-mult=1,2 --lr=0.01 --rampup=0 \\
       --status=16Ki --snapshot=64Ki --checkpoint=64Ki --device=cpu
-  # Two CPU processes (gloo):
+  # The same on two CPU processes (gloo backend):
   torchrun --standalone --nproc_per_node=2 train_edm2.py --outdir=runs/tiny2 ...
+
+\b
+Image counts take the suffixes Ki/Mi/Gi (powers of 1024) or k/M/G (powers of 1000).
+Every number is checked before anything is written; an error is one line naming the flag.
 """
 
 
 @click.command(epilog=EPILOG)
-# Main options (published).
-@click.option('--outdir', help='Run directory (created; an existing run is resumed)', metavar='DIR', required=True)
-@click.option('--data', help='Dataset: folder or ZIP of PNGs or VAE latents (.npy)', metavar='PATH', required=True)
-@click.option('--cond', help='Train a class-conditional model', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--preset', help='Configuration preset (configs/train.toml)', metavar='STR')
-# Hyper-parameters (published; default: the preset's value).
-@click.option('--duration', help='Training duration in images, e.g. 2048Mi', metavar='NIMG', callback=_parse_nimg)
-@click.option('--batch', help='Total batch size', metavar='NIMG', callback=_parse_nimg)
-@click.option('--channels', help='Channel multiplier (model_channels)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
-@click.option('--P_mean', 'P_mean', help='Noise level mean (of ln sigma)', metavar='FLOAT', type=float)
-@click.option('--P_std', 'P_std', help='Noise level standard deviation', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--lr', help='Reference learning rate alpha_ref', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--decay', help='Learning rate decay t_ref, in batches (0 = none)', metavar='BATCHES', type=click.FloatRange(min=0))
-# Performance-related (published).
-@click.option('--batch-gpu', help='Maximum batch per process (gradient accumulation beyond)', metavar='NIMG', callback=_parse_nimg)
-@click.option('--fp16', help='Mixed precision on CUDA (= --precision fp16 / fp32)', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
-@click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
-# I/O-related (published).
-@click.option('--status', help='Interval of status prints', metavar='NIMG', callback=_parse_nimg, default='128Ki', show_default=True)
-@click.option('--snapshot', help='Interval of network snapshots (0 = end only)', metavar='NIMG', callback=_parse_nimg, default='8Mi', show_default=True)
-@click.option('--checkpoint', help='Interval of training-state checkpoints (0 = end only)', metavar='NIMG', callback=_parse_nimg, default='128Mi', show_default=True)
-@click.option('--seed', help='Random seed', metavar='INT', type=int, default=0, show_default=True)
-@click.option('-n', '--dry-run', help='Print the training options and exit', is_flag=True)
-# Extensions.
-@click.option('--precision', help='U-Net precision on CUDA (overrides --fp16); CPU always runs fp32',
+# Main options (published names).
+@click.option('--outdir', help='Run folder; created if missing, continued if it holds a run', metavar='DIR',
+              required=True)
+@click.option('--data', help='Training images: a folder or ZIP of PNG files or of VAE latents (.npy)',
+              metavar='PATH', required=True)
+@click.option('--cond', help='Use the class labels of dataset.json', metavar='BOOL', type=bool, default=True,
+              show_default=True)
+@click.option('--preset', help='Named hyper-parameter set from configs/train.toml', metavar='STR')
+# Hyper-parameters (published names; default: the preset's value).
+@click.option('--duration', help='Images to train on in total, e.g. 2048Mi', metavar='NIMG',
+              type=ImageCount('duration'))
+@click.option('--batch', help='Images per optimiser step, over all processes', metavar='NIMG',
+              type=ImageCount('batch'))
+@click.option('--channels', help='Width of the first U-Net level (model_channels)', metavar='INT',
+              type=_int('channels'))
+@click.option('--dropout', help='Dropout rate inside the U-Net blocks', metavar='FLOAT', type=_float('dropout'))
+@click.option('--P_mean', 'P_mean', help='Mean of ln(sigma) for training noise levels', metavar='FLOAT',
+              type=_float('P_mean'))
+@click.option('--P_std', 'P_std', help='Spread of ln(sigma) for training noise levels', metavar='FLOAT',
+              type=_float('P_std'))
+@click.option('--lr', help='Peak learning rate (alpha_ref)', metavar='FLOAT', type=_float('lr'))
+@click.option('--decay', help='Batches after which the learning rate starts to fall as 1/sqrt (t_ref; 0 = never)',
+              metavar='BATCHES', type=_float('decay'))
+# Performance (published names).
+@click.option('--batch-gpu', help='Cap on images per process per pass; the rest is gradient accumulation',
+              metavar='NIMG', type=ImageCount('batch_gpu'))
+@click.option('--fp16', help='Half-precision U-Net on CUDA (shorthand for --precision fp16 or fp32)',
+              metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--ls', help='Factor applied to the loss before backpropagation', metavar='FLOAT', type=_float('ls'),
+              default=1, show_default=True)
+@click.option('--bench', help='Let cuDNN pick the fastest kernels', metavar='BOOL', type=bool, default=True,
+              show_default=True)
+# Outputs (published names).
+@click.option('--status', help='Images between progress lines in log.txt / stats.jsonl', metavar='NIMG',
+              type=ImageCount('status'), default='128Ki', show_default=True)
+@click.option('--snapshot', help='Images between EMA snapshots (0 = only the last one)', metavar='NIMG',
+              type=ImageCount('snapshot'), default='8Mi', show_default=True)
+@click.option('--checkpoint', help='Images between resumable training states (0 = only at the end)',
+              metavar='NIMG', type=ImageCount('checkpoint'), default='128Mi', show_default=True)
+@click.option('--seed', help='Seeds weights, data order and noise', metavar='INT', type=_int('seed'), default=0,
+              show_default=True)
+@click.option('-n', '--dry-run', help='Show the resolved settings and parameter count, write nothing', is_flag=True)
+# Additions of this project.
+@click.option('--precision', help='Arithmetic of the U-Net on CUDA, overriding --fp16 (the CPU uses fp32)',
               type=click.Choice(['fp32', 'fp16', 'bf16']))
-@click.option('--device', help='Device, e.g. cpu, cuda (default: cuda when available)', metavar='STR')
-@click.option('--ema-stds', help='Power-function EMA lengths sigma_rel', metavar='LIST', callback=_list_of(float, 'numbers'),
-              default='0.050,0.100', show_default=True)
-@click.option('--rampup', help='Learning-rate ramp-up in images', metavar='NIMG', callback=_parse_nimg, default='10M', show_default=True)
-@click.option('--workers', help='DataLoader worker processes per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
-@click.option('--snapshot-dtype', help='Storage dtype of EMA parameters in snapshots', type=click.Choice(['fp16', 'fp32']),
-              default='fp16', show_default=True)
-@click.option('--channel-mult', help='U-Net channel multipliers per level (default 1,2,3,4)', metavar='LIST', callback=_list_of(int, 'integers'))
-@click.option('--num-blocks', help='U-Net blocks per level (default 3)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--attn-res', help='Resolutions with self-attention (default 16,8; "" = none)', metavar='LIST', callback=_list_of(int, 'integers'))
+@click.option('--device', help='Where to train, e.g. cpu or cuda:1 (default: CUDA if present)', metavar='STR')
+@click.option('--ema-stds', help='Relative lengths sigma_rel of the tracked EMAs', metavar='LIST',
+              callback=_ema_lengths, default='0.050,0.100', show_default=True)
+@click.option('--rampup', help='Images over which the learning rate grows linearly from zero', metavar='NIMG',
+              type=ImageCount('rampup'), default='10M', show_default=True)
+@click.option('--workers', help='Image-reading processes per rank (0 = read in the training process)',
+              metavar='INT', type=_int('workers'), default=2, show_default=True)
+@click.option('--snapshot-dtype', help='Float type of EMA weights written to snapshots',
+              type=click.Choice(['fp16', 'fp32']), default='fp16', show_default=True)
+@click.option('--channel-mult', help='Width factor of each U-Net level [default: 1,2,3,4]', metavar='LIST',
+              callback=_integer_list('channel_mult', allow_empty=False))
+@click.option('--num-blocks', help='Residual blocks per U-Net level [default: 3]', metavar='INT',
+              type=_int('num_blocks'))
+@click.option('--attn-res', help='Resolutions that get self-attention ("" for none) [default: 16,8]',
+              metavar='LIST', callback=_integer_list('attn_res', allow_empty=True))
 def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean, P_std, lr, decay, batch_gpu,
          fp16, ls, bench, status, snapshot, checkpoint, seed, dry_run, precision, device, ema_stds, rampup,
          workers, snapshot_dtype, channel_mult, num_blocks, attn_res):
-    """Train an EDM2 model (power-function EMA snapshots, resumable checkpoints).
+    """Train an EDM2 model, writing power-function EMA snapshots and resumable checkpoints.
 
-    Without --preset, --duration is required and the other hyper-parameters default to the
-    edm2-img512-s values (batch 2048, channels 192, lr 0.0100, decay 70000, dropout 0, P_mean -0.4,
-    P_std 1.0). Options given explicitly override the preset.
+    Hyper-parameters come from --preset when given, else from the EDM2-S ImageNet-512 recipe
+    (then --duration is required); any of them given on the command line wins.
     """
-    from training.loop import TrainingError, training_loop
-
-    opts = dict(batch=2048, channels=192, lr=0.0100, decay=70000, dropout=0.0, P_mean=-0.4, P_std=1.0)
+    values = {}
     if preset is not None:
         try:
-            row = presets.get('train', preset)
+            values.update(presets.get('train', preset))
         except presets.PresetError as e:
             raise click.BadParameter(str(e), param_hint='--preset') from None
-        opts.update(row)
-    explicit = dict(duration=duration, batch=batch, channels=channels, dropout=dropout, P_mean=P_mean, P_std=P_std,
-                    lr=lr, decay=decay)
-    opts.update({k: v for k, v in explicit.items() if v is not None})
-    if opts.get('duration') is None:
+    given = dict(duration=duration, batch=batch, channels=channels, dropout=dropout, P_mean=P_mean, P_std=P_std,
+                 lr=lr, decay=decay)
+    values.update({k: v for k, v in given.items() if v is not None})
+    if values.get('duration') is None:
         raise click.UsageError('--duration is required without --preset')
-    if isinstance(opts['decay'], float) and opts['decay'].is_integer():
-        opts['decay'] = int(opts['decay'])
-    network = {}
-    if channel_mult is not None:
-        if not channel_mult:
-            raise click.BadParameter('needs at least one level', param_hint='--channel-mult')
-        network['channel_mult'] = channel_mult
-    if num_blocks is not None:
-        network['num_blocks'] = num_blocks
-    if attn_res is not None:
-        network['attn_resolutions'] = attn_res
-    opts.update(outdir=outdir, data=data, cond=cond, batch_gpu=batch_gpu, ls=ls, bench=bench, status=status,
-                snapshot=snapshot, checkpoint=checkpoint, seed=seed, device=device, ema_stds=ema_stds,
-                rampup=rampup, workers=workers, snapshot_dtype=snapshot_dtype, network=network,
-                precision=precision or ('fp16' if fp16 else 'fp32'))
+    network = dict(channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_res)
     try:
+        opts = TrainingOptions(
+            outdir=outdir, data=data, cond=cond, batch_gpu=batch_gpu, ls=ls, bench=bench, status=status,
+            snapshot=snapshot, checkpoint=checkpoint, seed=seed, device=device, ema_stds=ema_stds, rampup=rampup,
+            workers=workers, snapshot_dtype=snapshot_dtype, precision=precision or ('fp16' if fp16 else 'fp32'),
+            network={k: v for k, v in network.items() if v is not None}, **values)
         training_loop(opts, dry_run=dry_run)
-    except TrainingError as e:
-        if dist.is_main():
-            raise click.ClickException(str(e)) from None
+    except EDM2Error as e:
+        report = e.report if isinstance(e, TrainingError) else 'rank0'
+        if report == 'self' or (report == 'rank0' and dist.is_main()):
+            fail(e)
         raise SystemExit(1) from None
     finally:
         dist.shutdown()

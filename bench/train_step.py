@@ -70,9 +70,11 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
 
     from edm2.networks import build_network
     from edm2.phema import PowerFunctionEMA
-    from training import loop
+    from training import loop, stream
+    from training.optimizer import adam
     from edm2.data import ImageFolderDataset
     from training.loss import EDM2Loss
+    from training.options import TrainingOptions
 
     if threads:
         torch.set_num_threads(threads)
@@ -83,10 +85,10 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
     tmp = pathlib.Path(tempfile.mkdtemp(prefix='bench-train-'))
     try:
         data = make_dataset(tmp / 'data', 512, res, classes)
-        opts = dict(outdir=str(tmp / 'run'), data=str(data), cond=True, duration=steps * batch, batch=batch,
-                    channels=channels, lr=0.01, decay=0, rampup=0, status=0, snapshot=0,
-                    checkpoint=0, workers=workers, device=str(device), precision=precision,
-                    network=dict(channel_mult=mult, num_blocks=num_blocks, attn_resolutions=attn))
+        opts = TrainingOptions(outdir=str(tmp / 'run'), data=str(data), cond=True, duration=steps * batch,
+                               batch=batch, channels=channels, lr=0.01, decay=0, rampup=0, status=0, snapshot=0,
+                               checkpoint=0, workers=workers, device=str(device), precision=precision,
+                               network=dict(channel_mult=mult, num_blocks=num_blocks, attn_resolutions=attn))
 
         # --- Bare forward + backward on ready inputs (same network, same loss). ---------------------
         torch.manual_seed(0)
@@ -151,7 +153,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
             return min(times)
 
         ds = ImageFolderDataset(data, use_labels=True)
-        sampler = loop.InfiniteSampler(len(ds), batch, batch, seed=0)
+        sampler = stream.InfiniteSampler(len(ds), batch, batch, seed=0)
         it = iter(torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0))
         t_data_serial = best(lambda k: next(it)[0].to(device).float().div(127.5).sub(1))
 
@@ -163,7 +165,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
             torch.randn([batch, 3, res, res], device=device, generator=gen)
         t_noise = best(noise)
 
-        opt = loop._adam(net.parameters(), lr=1e-4)  # the loop's optimiser
+        opt = adam(net.parameters(), lr=1e-4)  # the loop's optimiser
         loss_fn(net, x, y, rnd_normal=rnd, eps=eps).sum().backward()
         grads = [p.grad for p in net.parameters()]
         opt.step()

@@ -11,39 +11,39 @@ from click.testing import CliRunner
 
 import train_edm2
 from edm2 import presets
-from training import loop
+from training import optimizer, options, stream
 from training.loss import EDM2Loss
 
 
 def test_parse_nimg_units():
-    assert loop.parse_nimg('2048Mi') == 2048 << 20
-    assert loop.parse_nimg('128Ki') == 128 << 10
-    assert loop.parse_nimg('10M') == 10_000_000
-    assert loop.parse_nimg('8192') == 8192 and loop.parse_nimg(7) == 7
+    assert options.parse_nimg('2048Mi') == 2048 << 20
+    assert options.parse_nimg('128Ki') == 128 << 10
+    assert options.parse_nimg('10M') == 10_000_000
+    assert options.parse_nimg('8192') == 8192 and options.parse_nimg(7) == 7
     for bad in ('12Xi', 'abc', '0.5'):
         with pytest.raises(ValueError):
-            loop.parse_nimg(bad)
+            options.parse_nimg(bad)
 
 
 def test_learning_rate_schedule():
-    # SPEC section 3: alpha_ref / sqrt(max(t/(t_ref B), 1)) * min(t/rampup, 1).
+    # EDM2 paper, Sec. 2.4: alpha_ref / sqrt(max(t/(t_ref B), 1)), times a linear ramp min(t/rampup, 1).
     B, ref, decay, ramp = 2048, 0.01, 70000, 10_000_000
-    assert loop.learning_rate(0, B, ref, decay, ramp) == 0
-    assert loop.learning_rate(ramp // 2, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
+    assert optimizer.learning_rate(0, B, ref, decay, ramp) == 0
+    assert optimizer.learning_rate(ramp // 2, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
     t = decay * B
-    assert loop.learning_rate(t, B, ref, decay, ramp) == pytest.approx(ref, rel=1e-12)
-    assert loop.learning_rate(4 * t, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
-    assert loop.learning_rate(123, B, ref, 0, 0) == ref
+    assert optimizer.learning_rate(t, B, ref, decay, ramp) == pytest.approx(ref, rel=1e-12)
+    assert optimizer.learning_rate(4 * t, B, ref, decay, ramp) == pytest.approx(ref / 2, rel=1e-12)
+    assert optimizer.learning_rate(123, B, ref, 0, 0) == ref
 
 
 @pytest.mark.parametrize('world,batch_gpu', [(2, 4), (1, 2), (4, 1)])
 def test_sampler_gives_each_step_the_same_images(world, batch_gpu):
     B, N = 8, 13
-    single = loop.InfiniteSampler(N, B, B, seed=3)
+    single = stream.InfiniteSampler(N, B, B, seed=3)
     it = iter(single)
     ref = [[next(it) for _ in range(B)] for _ in range(5)]  # 5 steps of one process
     rounds = B // (world * batch_gpu)
-    iters = [iter(loop.InfiniteSampler(N, B, batch_gpu, r, world, seed=3)) for r in range(world)]
+    iters = [iter(stream.InfiniteSampler(N, B, batch_gpu, r, world, seed=3)) for r in range(world)]
     for step in range(5):
         got = []
         for a in range(rounds):
@@ -53,7 +53,7 @@ def test_sampler_gives_each_step_the_same_images(world, batch_gpu):
     # Every epoch is a permutation of the dataset; a sampler started at step 3 continues the stream.
     flat = sum(ref, [])
     assert sorted(flat[:N]) == list(range(N)) and sorted(flat[N:2 * N]) == list(range(N))
-    late = iter(loop.InfiniteSampler(N, B, B, seed=3, start_step=3))
+    late = iter(stream.InfiniteSampler(N, B, B, seed=3, start_step=3))
     assert [next(late) for _ in range(2 * B)] == flat[3 * B:5 * B]
 
 
@@ -83,7 +83,7 @@ def test_loss_matches_definition():
 
 
 def test_presets_match_spec_table():
-    table = {  # SPEC section 3
+    table = {  # the EDM2 paper's table of training configurations (ImageNet-512 and ImageNet-64)
         'edm2-img512-xxs': (64, '2048Mi', 0.0170, 70000, 0.00, -0.4, 1.0),
         'edm2-img512-xs': (128, '2048Mi', 0.0120, 70000, 0.00, -0.4, 1.0),
         'edm2-img512-s': (192, '2048Mi', 0.0100, 70000, 0.00, -0.4, 1.0),
