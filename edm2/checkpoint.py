@@ -98,10 +98,12 @@ def _check_header(doc, path):
     version = doc.get('format_version')
     field('format_version', _is_int(version) and 1 <= version <= FORMAT_VERSION,
           f'an integer from 1 to {FORMAT_VERSION} (a newer edm2 may read it)')
-    field('class', doc.get('class') in _NETWORK_CLASSES, f'one of {", ".join(_NETWORK_CLASSES)}')
+    field('class', isinstance(doc.get('class'), str) and doc['class'] in _NETWORK_CLASSES, f'one of {", ".join(_NETWORK_CLASSES)}')
     field('init_kwargs', isinstance(doc.get('init_kwargs'), dict), 'a dict of constructor arguments')
     field('encoder', doc.get('encoder') is None or isinstance(doc['encoder'], dict), 'null or a dict')
-    field('gain_precision', doc.get('gain_precision') in _GAIN_PRECISIONS, 'null, "fp16", "bf16" or "fp32"')
+    precision = doc.get('gain_precision')
+    field('gain_precision', precision is None or isinstance(precision, str) and precision in _GAIN_PRECISIONS,
+          'null, "fp16", "bf16" or "fp32"')
     kimg = doc.get('kimg')
     field('kimg', kimg is None or _is_int(kimg) and kimg >= 0, 'null or a non-negative integer')
     std = doc.get('ema_std')
