@@ -98,7 +98,8 @@ def _check_header(doc, path):
     version = doc.get('format_version')
     field('format_version', _is_int(version) and 1 <= version <= FORMAT_VERSION,
           f'an integer from 1 to {FORMAT_VERSION} (a newer edm2 may read it)')
-    field('class', isinstance(doc.get('class'), str) and doc['class'] in _NETWORK_CLASSES, f'one of {", ".join(_NETWORK_CLASSES)}')
+    field('class', isinstance(doc.get('class'), str) and doc['class'] in _NETWORK_CLASSES,
+          f'one of {", ".join(_NETWORK_CLASSES)}')
     field('init_kwargs', isinstance(doc.get('init_kwargs'), dict), 'a dict of constructor arguments')
     field('encoder', doc.get('encoder') is None or isinstance(doc['encoder'], dict), 'null or a dict')
     precision = doc.get('gain_precision')

@@ -166,7 +166,8 @@ def _check_shapes(ref_shapes, ref_source, shapes, source):
     if shapes != ref_shapes:
         diff = sorted(set(ref_shapes) ^ set(shapes))
         what = f'tensor {diff[0]} present in only one' if diff else next(
-            f'{k} has shape {list(shapes[k])} vs {list(ref_shapes[k])}' for k in ref_shapes if ref_shapes[k] != shapes[k])
+            f'{k} has shape {list(shapes[k])} vs {list(ref_shapes[k])}'
+            for k in ref_shapes if ref_shapes[k] != shapes[k])
         raise PhemaError(f'{source}: network does not match {ref_source} ({what})')
 
 

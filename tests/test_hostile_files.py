@@ -375,3 +375,27 @@ def test_malformed_reference_npz(tmp_path):
     with pytest.raises(ReferenceFileError, match='expected') as e:
         load_reference(path)
     assert str(path) in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.slow
+def test_reconstruct_under_torchrun_splits_outputs_and_cleans_up(tmp_path):
+    """Two gloo processes share the outputs; a stale temporary of a dead process is removed once."""
+    run = _make_run(tmp_path / 'run', _tiny_net())
+    out = tmp_path / 'out'
+    out.mkdir()
+    from edm2 import fileio
+    stale = fileio.temporary_name(out / 'phema-0000016-0.090.safetensors')
+    stale = stale.with_name(stale.name.replace(f'edm2-{os.getpid()}-', 'edm2-999999999-'))
+    stale.write_bytes(b'\x00' * 4096)
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'reconstruct_phema.py',
+                             '--indir', str(run), '--outdir', str(out), '--outstd', '0.07,0.09,0.11',
+                             '--device', 'cpu'], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [f'phema-0000016-{s}.safetensors' for s in ('0.070', '0.090', '0.110')]
+    single = tmp_path / 'single'
+    assert _run('reconstruct_phema.py', '--indir', run, '--outdir', single, '--outstd', '0.09').returncode == 0
+    a = load_network(out / 'phema-0000016-0.090.safetensors').state_dict()
+    b = load_network(single / 'phema-0000016-0.090.safetensors').state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

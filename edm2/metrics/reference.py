@@ -5,8 +5,9 @@ at https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl, or an EDM1 `.n
 (FID only). Files written here use the same pickle layout, plus, with `ref --keep-features`, a
 'features' entry {detector name: float32 [N, D]} for precision/recall.
 
-Pickles are read by a restricted unpickler that can only build dicts, lists, numbers, strings and
-numpy arrays: a reference file cannot run code.
+Pickles are read by `edm2.safe_pickle`'s plain allow-list, which can only build dicts, lists, numbers,
+strings and numpy arrays: a reference file cannot run code. Every array is then checked to be real,
+finite and of the expected shape, with errors naming the file and the key (e.g. `fid.sigma`).
 """
 
 import io
@@ -80,7 +81,8 @@ def load_reference(path_or_url) -> dict:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 ref = {'fid': {'mu': z['mu'], 'sigma': z['sigma']}}
         except Exception as e:  # noqa: BLE001 -- numpy raises many types for foreign or damaged archives
-            raise ReferenceFileError(f'{path} is not an EDM1 statistics .npz with mu and sigma: {one_line(e)}') from None
+            raise ReferenceFileError(f'{path} is not an EDM1 statistics .npz with mu and sigma: '
+                                     f'{one_line(e)}') from None
     else:
         try:
             ref = safe_pickle.load(data)
