@@ -409,3 +409,38 @@ def test_find_snapshots_reads_native_headers(official, tmp_path):
     assert found == {'network-snapshot-0000002-0.050.safetensors': (2, 0.05, 2000),
                      'renamed.safetensors': (3, 0.1, 3000), 'run-0000004-0.100.safetensors': (4, 0.1, 4096)}
     assert [s.kimg for s in phema_reconstruct.find_snapshots(tmp_path, inprefix='run', instd=[0.1])] == [4]
+
+
+def test_in_memory_api_counts_reads_and_batches_do_not_change_results(tmp_path):
+    """reconstruct(..., reads=Counter) counts each input once per batch, also for native inputs that are
+    streamed one tensor at a time; batching changes neither the order nor a single bit of the outputs."""
+    import collections
+
+    from edm2.checkpoint import save_network
+    from edm2.networks import build_network
+    torch.manual_seed(0)
+    net = build_network(dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=8, channel_mult=[1],
+                             attn_resolutions=[], num_blocks=1))
+    for kimg in (4, 8):
+        for std in (0.05, 0.10):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(torch.randn_like(p), alpha=0.1)
+            save_network(tmp_path / f'network-snapshot-{kimg:07d}-{std:.3f}.safetensors', net, kimg=kimg, ema_std=std)
+    snaps = phema_reconstruct.find_snapshots(tmp_path)
+    stds = [0.06, 0.08, 0.12]
+    results = {}
+    for batch in (1, 2, 3):
+        reads = collections.Counter()
+        recs = list(phema_reconstruct.reconstruct(snaps, stds, batch=batch, reads=reads))
+        batches = -(-len(stds) // batch)
+        assert reads == {s.source: batches for s in snaps}
+        assert [r.std for r in recs] == stds and all(r.kimg == 8 and r.nimg == 8192 for r in recs)
+        results[batch] = [r.net.state_dict() for r in recs]
+    for batch in (2, 3):
+        for a, b in zip(results[1], results[batch]):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    # The plan alone reads nothing and gives the weights used.
+    kimg, nimg, inputs, X = phema_reconstruct.plan_reconstruction(snaps, stds)
+    assert (kimg, nimg, len(inputs), X.shape) == (8, 8192, 4, (4, 3))
+    np.testing.assert_allclose([c for _, c in recs[0].coefficients], X[:, 0], rtol=0, atol=0)
