@@ -41,7 +41,10 @@ class PersistentRecord:
 
 
 class _ModuleDictRecord(PersistentRecord):
-    """Stand-in for torch.nn.ModuleDict: keeps the pickled __dict__ (its `_modules`)."""
+    """Stand-in for torch.nn.ModuleDict: keeps the pickled __dict__ (its `_modules`). Pickles may create
+    it without calling __init__, hence the class attributes."""
+    class_name = 'ModuleDict'
+    state = {}
 
     def __init__(self):
         super().__init__('ModuleDict', {})
