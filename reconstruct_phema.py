@@ -14,191 +14,174 @@ Examples:
   python generate_images.py --net=out/phema-2147483-0.130.safetensors --outdir=images --seeds=0-63
 
 Inputs are the files `{prefix}-{kimg:07d}-{std:.3f}.pkl` (published pickles, opened without executing
-them) and native snapshots in --indir, in any mix. Outputs are native files
-`{outprefix}-{kimg:07d}-{std:.3f}` plus the native extension, stored in float32 unless --dtype=float16.
-Under torchrun the outputs are split between the processes.
+them) and native `.safetensors` snapshots in --indir, in any mix. Outputs are native files
+`{outprefix}-{kimg:07d}-{std:.3f}.safetensors`, float32 unless --dtype=float16. Under torchrun the
+outputs are split between the processes.
 """
 
 import os
 import re
-import uuid
 
 import click
+import torch
 
-from edm2 import distributed, phema
+from edm2 import checkpoint, distributed, fileio, phema, phema_reconstruct
+from edm2.cli import Int, fail, parse_number_list
+from edm2.errors import EDM2Error
 
-STD_RANGE = f'(0, {phema.SIGMA_REL_MAX:.4f})'
-
-
-def parse_float_list(text, name='--outstd'):
-    """'0.05,0.1' -> [0.05, 0.1]; '0.010,0.015,...,0.250' -> the evenly spaced range 0.010, 0.015, ..., 0.250
-    (the step is the difference of the two values before '...'; the range must land on the value after)."""
-    from decimal import Decimal, InvalidOperation
-    items = [s.strip() for s in str(text).split(',') if s.strip()]
-    values = []
-    i = 0
-    try:
-        while i < len(items):
-            if items[i] in ('...', '…'):
-                if len(values) < 2 or i + 1 >= len(items):
-                    raise click.BadParameter(f'"..." needs two values before it and one after, e.g. '
-                                             f'0.010,0.015,...,0.250; got {text!r}', param_hint=name)
-                step, end = values[-1] - values[-2], Decimal(items[i + 1])
-                count = (end - values[-1]) / step if step != 0 else Decimal(-1)
-                if step <= 0 or count < 1 or count != count.to_integral_value():
-                    raise click.BadParameter(f'range {values[-2]},{values[-1]},...,{end} does not step evenly '
-                                             f'upwards onto {end}', param_hint=name)
-                values += [values[-1] + step * (k + 1) for k in range(int(count))]
-                i += 2
-            else:
-                values.append(Decimal(items[i]))
-                i += 1
-    except InvalidOperation:
-        raise click.BadParameter(f'expected numbers separated by commas, got {text!r}', param_hint=name) from None
-    if not values:
-        raise click.BadParameter('expected at least one value', param_hint=name)
-    return [float(v) for v in values]
-
-
-def parse_std_list(text, name):
-    stds = parse_float_list(text, name)
-    for std in stds:
-        if not 0 < std < phema.SIGMA_REL_MAX:
-            raise click.BadParameter(f'EMA length {std} outside {STD_RANGE}', param_hint=name)
-    return stds
-
-
-def native_suffix():
-    from edm2 import checkpoint
-    for name in ('NATIVE_SUFFIX', 'NATIVE_EXTENSION', 'SUFFIX', 'EXTENSION'):
-        if isinstance(getattr(checkpoint, name, None), str):
-            return getattr(checkpoint, name)
-    return '.safetensors'
+STD_BOUNDS = dict(lo=0, hi=phema.SIGMA_REL_MAX, lo_open=True, hi_open=True)
 
 
 def output_name(outprefix, kimg, std):
-    return f'{outprefix}-{kimg:07d}-{std:.3f}{native_suffix()}'
+    return checkpoint.snapshot_file_name(outprefix, kimg, std)
 
 
-def _save(path, rec, dtype):
-    import torch
-    from edm2.checkpoint import save_network
-    # The first input's metadata (dataset, loss, batch, ...) carries over; time and length are the output's.
-    extra = {k: v for k, v in (rec.metadata or {}).items() if k not in ('kimg', 'ema_std', 'nimg', 'format', 'phema')}
-    provenance = dict(inputs=[os.path.basename(str(s.source)) for s, _ in rec.coefficients],
-                      coefficients=[c for _, c in rec.coefficients])
-    save_network(path, rec.net, rec.encoder, dtype=getattr(torch, dtype), kimg=rec.kimg, ema_std=rec.std,
-                 nimg=rec.nimg, phema=provenance, **extra)
+def _check_outdir(outdir):
+    """--outdir must be a writable folder, or creatable inside one."""
+    if os.path.exists(outdir):
+        if not os.path.isdir(outdir):
+            raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise click.BadParameter(f'{outdir} is not writable', param_hint='--outdir')
+        return
+    parent = os.path.dirname(os.path.abspath(outdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f'{outdir} cannot be created: {parent} is not a writable folder',
+                                 param_hint='--outdir')
 
 
-@click.command(help=__doc__, context_settings=dict(max_content_width=110))
-@click.option('--indir', help='Folder of input snapshots', metavar='DIR', type=str, required=True)
-@click.option('--inprefix', help='Only inputs whose file name starts with this', metavar='STR', type=str)
-@click.option('--instd', help='Only inputs of these EMA lengths', metavar='LIST', type=str)
-@click.option('--outdir', help='Where to save the reconstructed networks', metavar='DIR', type=str, required=True)
-@click.option('--outprefix', help='Output file name prefix', metavar='STR', type=str, default='phema',
-              show_default=True)
-@click.option('--outstd', help='EMA lengths to reconstruct, e.g. 0.1,0.2 or 0.010,0.015,...,0.250',
-              metavar='LIST', type=str, required=True)
-@click.option('--outkimg', help='Training time of the outputs  [default: latest input]', metavar='KIMG',
-              type=click.IntRange(min=0))
-@click.option('--skip', help='Skip outputs whose file already exists', is_flag=True)
-@click.option('--batch', help='Outputs reconstructed per pass over the inputs', metavar='INT',
-              type=click.IntRange(min=1), default=8, show_default=True)
-@click.option('--dtype', help='Storage precision of the outputs', type=click.Choice(['float32', 'float16']),
-              default='float32', show_default=True)
-@click.option('--device', help='Device to sum on  [default: cuda if available, else cpu]', metavar='STR',
-              type=str)
-def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, dtype, device):
-    dev = distributed.init(device)
-    try:
-        run(dev, indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, dtype)
-    finally:
-        distributed.shutdown()
-
-
-def run(dev, indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, dtype):
-    out_stds = parse_std_list(outstd, '--outstd')
-    in_stds = parse_std_list(instd, '--instd') if instd is not None else None
-    if not re.fullmatch(r'[^/\\]+', outprefix):
-        raise click.BadParameter(f'expected a file name prefix without slashes, got {outprefix!r}',
-                                 param_hint='--outprefix')
+def _find_inputs(indir, inprefix, instd):
     if not os.path.isdir(indir):
         raise click.BadParameter(f'{indir} is not a folder', param_hint='--indir')
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')
-    snapshots = phema.find_snapshots(indir, inprefix=inprefix, instd=in_stds)
+    snapshots = phema_reconstruct.find_snapshots(indir, inprefix=inprefix, instd=instd)
     if not snapshots:
         what = ''.join([f' starting with {inprefix!r}' if inprefix else '',
                         f' with EMA length in {instd}' if instd else ''])
-        raise click.ClickException(f'no snapshots named PREFIX-KIMG-STD.pkl or PREFIX-KIMG-STD{native_suffix()}'
-                                   f'{what} found in {indir}')
-    names = {}
+        raise click.ClickException(f'no snapshots named PREFIX-KIMG-STD.pkl or PREFIX-KIMG-STD'
+                                   f'{checkpoint.NATIVE_SUFFIX}{what} found in {indir}')
+    return snapshots
+
+
+def _output_paths(outdir, outprefix, kimg, out_stds, skip):
+    """[(std, path)] still to write; refuses σ_rel that share a file name and paths that are not files."""
+    names, todo = {}, []
     for std in out_stds:
-        name = output_name(outprefix, 0, std)
+        name = output_name(outprefix, kimg, std)
         if name in names:
             raise click.BadParameter(f'{names[name]} and {std} give the same file name (3 decimals)',
                                      param_hint='--outstd')
         names[name] = std
-    try:
-        kimg, nimg, inputs, X = phema.plan_reconstruction(snapshots, out_stds, outkimg)
-    except phema.PhemaError as e:
-        raise click.ClickException(str(e)) from None
-
-    # Plan.
-    todo = []
-    for std in out_stds:
-        path = os.path.join(outdir, output_name(outprefix, kimg, std))
+        path = os.path.join(outdir, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise click.BadParameter(f'{path} exists and is not a file', param_hint='--outdir')
         if not (skip and os.path.exists(path)):
             todo.append((std, path))
+    return todo
+
+
+def _print_plan(indir, outdir, outprefix, snapshots, inputs, kimg, nimg, X, out_stds, todo, batch, dtype):
     distributed.print0(f'Inputs: {len(inputs)} of {len(snapshots)} snapshots in {indir} (time <= kimg {kimg}):')
     for s in snapshots:
         used = 'used' if s in inputs else 'after the target time, unused'
         distributed.print0(f'  {os.path.basename(str(s.source))}  kimg {s.kimg}  std {s.std:.3f}  {used}')
-    distributed.print0(f'Outputs: {len(todo)} networks at kimg {kimg} ({nimg} images) in {outdir}, '
-                       f'{dtype}, {batch} per pass over the inputs'
-                       + (f'; {len(out_stds) - len(todo)} skipped as existing' if len(todo) < len(out_stds) else ''))
+    skipped = len(out_stds) - len(todo)
+    distributed.print0(f'Outputs: {len(todo)} networks at kimg {kimg} ({nimg} images) in {outdir}, {dtype}, '
+                       f'{batch} per pass over the inputs' + (f'; {skipped} skipped as existing' if skipped else ''))
+    pending = {std for std, _ in todo}
     for j, std in enumerate(out_stds):
         rho = phema.fit_error([s.nimg for s in inputs], [s.std for s in inputs], X[:, j], nimg, std)
-        path = os.path.join(outdir, output_name(outprefix, kimg, std))
-        state = '' if any(p == path for _, p in todo) else '  (exists, skipped)'
-        distributed.print0(f'  {os.path.basename(path)}  std {std:.3f}  profile fit error {rho:.2e}{state}')
+        state = '' if std in pending else '  (exists, skipped)'
+        distributed.print0(f'  {output_name(outprefix, kimg, std)}  std {std:.3f}  profile fit error {rho:.2e}{state}')
+
+
+@click.command(help=__doc__, context_settings=dict(max_content_width=110))
+@click.option('--indir', help='Folder holding the snapshots saved during training', metavar='DIR', type=str,
+              required=True)
+@click.option('--inprefix', help='Use only snapshots whose file name begins with this', metavar='STR', type=str)
+@click.option('--instd', help='Use only snapshots with these EMA lengths, e.g. 0.050', metavar='LIST', type=str)
+@click.option('--outdir', help='Folder for the reconstructed networks (created if needed)', metavar='DIR',
+              type=str, required=True)
+@click.option('--outprefix', help='Start of each output file name', metavar='STR', type=str, default='phema',
+              show_default=True)
+@click.option('--outstd', help='EMA lengths sigma_rel to build: a list (0.1,0.2) or a range (0.010,0.015,...,0.250)',
+              metavar='LIST', type=str, required=True)
+@click.option('--outkimg', help='Training time of the outputs, in kimg; one of the inputs\' times  '
+                                '[default: the latest]', metavar='KIMG', type=Int(lo=0))
+@click.option('--skip', help='Leave outputs that already exist untouched', is_flag=True)
+@click.option('--batch', help='Outputs summed in one pass over the inputs (memory grows with it)', metavar='INT',
+              type=Int(lo=1, hi=4096), default=8, show_default=True)
+@click.option('--dtype', help='Precision the outputs are stored in', type=click.Choice(['float32', 'float16']),
+              default='float32', show_default=True)
+@click.option('--device', help='Where the sums are computed  [default: cuda when present, else cpu]',
+              metavar='STR', type=str)
+def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch, dtype, device):
+    out_stds = parse_number_list(outstd, '--outstd', **STD_BOUNDS)
+    in_stds = parse_number_list(instd, '--instd', **STD_BOUNDS) if instd is not None else None
+    if not re.fullmatch(r'[^/\\]+', outprefix) or outprefix.startswith('.'):
+        raise click.BadParameter(f'expected a file name prefix without slashes or a leading dot, got {outprefix!r}',
+                                 param_hint='--outprefix')
+    _check_outdir(outdir)
+    try:
+        dev = distributed.init(device)
+    except EDM2Error as e:
+        fail(e)
+    try:
+        run(dev, indir, inprefix, in_stds, outdir, outprefix, out_stds, outkimg, skip, batch, dtype)
+    finally:
+        distributed.shutdown()
+
+
+def run(dev, indir, inprefix, in_stds, outdir, outprefix, out_stds, outkimg, skip, batch, dtype):
+    try:
+        snapshots = _find_inputs(indir, inprefix, in_stds)
+        kimg, nimg, inputs, X = phema_reconstruct.plan_reconstruction(snapshots, out_stds, outkimg)
+    except phema.PhemaError as e:
+        fail(e)
+    todo = _output_paths(outdir, outprefix, kimg, out_stds, skip)
+    _print_plan(indir, outdir, outprefix, snapshots, inputs, kimg, nimg, X, out_stds, todo, batch, dtype)
     if not todo:
         distributed.print0('Nothing to do.')
         return
-
-    # Reconstruct; each rank takes every world_size-th output. The barrier makes every rank decide --skip
-    # before any rank writes.
+    if distributed.is_main():  # the folder itself is created with the first output
+        for path in fileio.remove_stale_temporaries(outdir):
+            distributed.print0(f'Removed {path.name}, left by an interrupted run')
+    # Each rank takes every world_size-th output. The barrier makes every rank decide --skip before
+    # any rank writes.
     distributed.barrier()
     mine = todo[distributed.get_rank()::distributed.get_world_size()]
     if mine:
-        from edm2.checkpoint import CheckpointError
-        paths = dict((std, path) for std, path in mine)
+        paths = dict(mine)
         try:
-            batches = phema.reconstruct_batches(inputs, [std for std, _ in mine], out_kimg=kimg, batch=batch,
-                                                device=dev, progress=distributed.is_main())
-            for recs in batches:
-                write_batch(outdir, [(paths[rec.std], rec) for rec in recs], dtype)
+            for recs in phema_reconstruct.reconstruct_batches(inputs, [std for std, _ in mine], kimg, batch=batch,
+                                                              device=dev, progress=distributed.is_main()):
+                write_batch([(paths[rec.std], rec) for rec in recs], getattr(torch, dtype))
                 del recs
-        except (phema.PhemaError, CheckpointError) as e:  # one line naming the file
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            raise click.ClickException(f'cannot write to {outdir}: {e.strerror or e}') from None
+        except (EDM2Error, OSError) as e:  # one line naming the file
+            fail(e)
     distributed.barrier()
     distributed.print0(f'Done: {len(todo)} networks in {outdir}')
 
 
-def write_batch(outdir, items, dtype):
-    """Write a batch of outputs all-or-nothing: every file goes to a temporary name first and they are
-    renamed only once all of them were written; on any failure the temporaries are removed."""
-    os.makedirs(outdir, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
+def _save(path, rec, dtype):
+    # The first input's metadata (dataset, loss, batch, ...) carries over; time and length are the output's.
+    extra = {k: v for k, v in (rec.metadata or {}).items() if k not in ('kimg', 'ema_std', 'nimg', 'format', 'phema')}
+    provenance = dict(inputs=[os.path.basename(str(s.source)) for s, _ in rec.coefficients],
+                      coefficients=[c for _, c in rec.coefficients])
+    checkpoint.save_network(path, rec.net, rec.encoder, dtype=dtype, kimg=rec.kimg, ema_std=rec.std,
+                            nimg=rec.nimg, phema=provenance, **extra)
+
+
+def write_batch(items, dtype):
+    """Write a batch of outputs all-or-nothing: every file goes to a temporary name (edm2.fileio's
+    recognisable pattern) and they are renamed only once all were written; on failure the temporaries
+    are removed, and those of a killed run are removed by the next run."""
     temps = []
     try:
         for path, rec in items:
-            tmp = os.path.join(os.path.dirname(path), f'.tmp-{tag}-{os.path.basename(path)}')
-            temps.append((tmp, path))
-            _save(tmp, rec, dtype)
+            temps.append((fileio.temporary_name(path), path))
+            _save(temps[-1][0], rec, dtype)
         for tmp, path in temps:
             os.replace(tmp, path)
         temps = []

@@ -2,8 +2,8 @@
 
 Writes M synthetic native snapshots (float16, like training snapshots) of a U-Net of a stated size,
 then runs `reconstruct_phema.py` in a fresh process for N outputs at several --batch values. Each run
-reports wall seconds, snapshot reads, and the peak RSS above the process's own baseline (RSS after
-imports), measured by psutil sampling every 5 ms and cross-checked with the kernel's ru_maxrss.
+reports wall seconds, snapshot reads (counted by the library's `reads` counter), and the peak RSS
+above the process's own baseline (RSS after imports, torch's meta kernels included), measured by psutil sampling every 5 ms and cross-checked with the kernel's ru_maxrss.
 The bound to check: peak - baseline <= (batch + 2) networks (float32 size), i.e. `batch` outputs, the
 input being read and one transient (a loading or serialising buffer).
 
@@ -11,6 +11,7 @@ input being read and one transient (a loading or serialising buffer).
     python bench/phema.py --channels 64 --outputs 16 --times 8 --batches 1,4,16
 """
 
+import collections
 import json
 import os
 import platform
@@ -60,7 +61,16 @@ def child(args):
 
     import edm2.checkpoint  # noqa: F401  (part of the baseline, like the command's own imports)
     import reconstruct_phema
+    from edm2 import phema_reconstruct
+    reads = collections.Counter()
+    streaming = phema_reconstruct.reconstruct_batches
+
+    def counted(*a, **k):  # the command's own call, with the library's read counter attached
+        return streaming(*a, reads=reads, **k)
+    reconstruct_phema.phema_reconstruct.reconstruct_batches = counted
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
+    with torch.device('meta'):  # torch imports its meta kernels (~75 MiB, once per process) on first use;
+        torch.randn(1) * 2      # loading a checkpoint uses them to check shapes: part of the baseline
     proc = psutil.Process()
     baseline = proc.memory_info().rss
     peak = [baseline]
@@ -78,7 +88,8 @@ def child(args):
     stop.set()
     thread.join()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print('BENCH ' + json.dumps(dict(seconds=seconds, baseline=baseline, peak=peak[0], maxrss=maxrss)))
+    print('BENCH ' + json.dumps(dict(seconds=seconds, baseline=baseline, peak=peak[0], maxrss=maxrss,
+                                     reads=sum(reads.values()))))
 
 
 @click.command()
@@ -119,7 +130,8 @@ def main(channels, times, outputs, batches, dtype, child_args):
                 raise click.ClickException(f'child failed: {run.stderr.strip().splitlines()[-1:]}')
             r = json.loads(line[0][6:])
             used = (r['peak'] - r['baseline']) / net_bytes
-            reads = -(-outputs // batch) * m
+            reads = r['reads']
+            assert reads == -(-outputs // batch) * m, reads  # each input once per batch
             results.append((batch, r['seconds'], used))
             print(f'{batch:>5} {r["seconds"]:>8.2f} {r["seconds"] / outputs:>8.3f} {reads:>5} '
                   f'{(r["peak"] - r["baseline"]) / 2**20:>13.1f} {used:>11.2f} {batch + 2:>5} '

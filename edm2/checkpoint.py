@@ -1,584 +1,307 @@
-"""Network checkpoints: our native format, safe import of published pickles, URL cache.
+"""Network files: the native format (safetensors + a JSON header) written and read, published pickles
+read, and networks built from either only after their stored shapes are checked.
 
-Native format (written by `save_network`, one `.safetensors` file): the tensors of
-`net.state_dict()` plus, in the safetensors header metadata under the key "edm2", a JSON document
+Native format (`save_network`, one `.safetensors` file): the tensors of `net.state_dict()` plus, in the
+safetensors header metadata under the key "edm2", a JSON document
 
     {"format": "edm2-network", "format_version": 1, "class": "Precond",
-     "init_kwargs": {...}, "encoder": {"class": ...} | null, "gain_precision": null | "fp16",
-     "kimg": int | null,
-     "ema_std": float | null, "metadata": {...any other JSON metadata...}}
+     "init_kwargs": {...}, "encoder": {"class": ...} | null, "gain_precision": null | "fp16" | "bf16",
+     "kimg": int | null, "ema_std": float | null, "metadata": {...any other JSON metadata...}}
 
-Loading it reads JSON and raw tensors only: nothing is unpickled.
+Reading it parses JSON and raw tensors only: nothing is unpickled. Every header field is type- and
+range-checked, and the network the header describes is first built on the meta device (no memory) and
+compared with the shapes the file stores, so a small file cannot make us allocate a large network.
+Published pickles are read as data by `edm2.published` and pass the same check.
 
-Published snapshots (`*.pkl`, SPEC section 6) are pickles of a dict {ema, encoder, dataset_kwargs,
-loss_fn} whose objects are rebuilt by `torch_utils.persistence._reconstruct_persistent_obj(meta)`
-with the defining module's source in `meta['module_src']`. `_SafeUnpickler` maps a small allow-list of
-globals to harmless replacements, turns every persistent object into an inert record (module_src is
-never looked at), opens each nested tensor-storage archive with `torch.load(weights_only=True)`, and
-refuses every other global with an error naming it. Our own classes are then instantiated from the
-recorded constructor kwargs and the tensors copied in.
-
-Command line:
-    python -m edm2.checkpoint info FILE_OR_URL
-    python -m edm2.checkpoint convert IN OUT [--half]
+Snapshot files are named `{prefix}-{kimg:07d}-{sigma_rel:.3f}` plus `.pkl` (published) or
+`NATIVE_SUFFIX`; `parse_snapshot_name` is the one parser of that rule.
 """
 
 import collections
-import hashlib
-import io
+import contextlib
 import json
+import math
 import os
 import pathlib
-import pickle
 import re
 import struct
-import tempfile
-import urllib.parse
 
-import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from edm2 import encoders as _encoders
+from edm2 import encoders, published
+from edm2.download import DownloadError, fetch
+from edm2.errors import EDM2Error, one_line
 from edm2.fileio import atomic_path
 from edm2.networks import Precond
+from edm2.phema import SIGMA_REL_MAX
 
-__all__ = ['CheckpointError', 'load_network', 'load_snapshot', 'save_network', 'fetch', 'read_published',
-           'parse_snapshot_name', 'FORMAT', 'FORMAT_VERSION', 'NATIVE_SUFFIX']
+__all__ = ['CheckpointError', 'NativeFile', 'SnapshotName', 'load_network', 'load_snapshot', 'save_network',
+           'read_header', 'parse_snapshot_name', 'snapshot_file_name', 'FORMAT', 'FORMAT_VERSION',
+           'NATIVE_SUFFIX', 'PUBLISHED_SUFFIX']
 
 NATIVE_SUFFIX = '.safetensors'
+PUBLISHED_SUFFIX = '.pkl'
 FORMAT = 'edm2-network'
 FORMAT_VERSION = 1
-_METADATA_KEY = 'edm2'
+_HEADER_KEY = 'edm2'
 _NETWORK_CLASSES = {'Precond': Precond}
+_GAIN_PRECISIONS = (None, 'fp16', 'bf16', 'fp32')
 
 
-class CheckpointError(ValueError):
-    """Any failure to find, download, read or write a checkpoint; the message is one line naming the file."""
+class CheckpointError(EDM2Error):
+    """Any failure to find, download, read or write a network file; the message is one line naming it."""
 
 
-def _err(path, msg):
-    return CheckpointError(f'{path}: {msg}')
-
-
-def _one_line(e):
-    text = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {text[0]}' if text else type(e).__name__
+def _error(path, message):
+    return CheckpointError(f'{path}: {message}')
 
 
 # ------------------------------------------------------------------------------------------------
-# Locating files: local paths and the URL cache.
+# Snapshot names.
 
-def _cache_dir(cache_dir=None):
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir)
-    env = os.environ.get('EDM2_CACHE_DIR')
-    return pathlib.Path(env) if env else pathlib.Path.home() / '.cache' / 'edm2'
-
-
-def _is_url(s):
-    return isinstance(s, str) and re.match(r'^https?://', s) is not None
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch(path_or_url, cache_dir=None, sha256_prefix=None):
-    """Local path of a file or URL: local paths are checked to exist; http(s) URLs are downloaded once
-    into `cache_dir` (default $EDM2_CACHE_DIR or ~/.cache/edm2) with a progress bar, written under a
-    temporary name and renamed (safe with several processes), and reused afterwards. With
-    `sha256_prefix` the file's SHA-256 hex digest must start with it.
-    """
-    s = str(path_or_url)
-    if s.startswith('file://'):
-        s = urllib.parse.unquote(urllib.parse.urlparse(s).path)
-    if not _is_url(s):
-        path = pathlib.Path(s).expanduser()
-        if not path.is_file():
-            raise _err(path, 'no such file')
-        if sha256_prefix and not _sha256(path).startswith(sha256_prefix.lower()):
-            raise _err(path, f'SHA-256 does not start with {sha256_prefix}')
-        return path
-
-    url = s
-    base = os.path.basename(urllib.parse.urlparse(url).path) or 'download'
-    base = re.sub(r'[^A-Za-z0-9._-]', '_', base)
-    folder = _cache_dir(cache_dir) / 'downloads'
-    target = folder / f'{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}'
-    if target.is_file():
-        if sha256_prefix and not _sha256(target).startswith(sha256_prefix.lower()):
-            raise _err(url, f'cached file {target} does not match SHA-256 prefix {sha256_prefix}; delete it to retry')
-        return target
-
-    import requests
-    from tqdm import tqdm
-    from edm2 import distributed
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _err(url, f'cannot create cache folder {folder}: {_one_line(e)}') from None
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{base}.', suffix='.tmp')
-    try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, 'wb') as f:
-            try:
-                with requests.get(url, stream=True, timeout=60) as r:
-                    if r.status_code != 200:
-                        raise _err(url, f'download failed with HTTP status {r.status_code}')
-                    total = int(r.headers.get('content-length', 0)) or None
-                    with tqdm(total=total, unit='B', unit_scale=True, desc=f'Downloading {base}',
-                              disable=not distributed.is_main(), leave=False) as bar:
-                        for chunk in r.iter_content(chunk_size=1 << 20):
-                            f.write(chunk)
-                            h.update(chunk)
-                            bar.update(len(chunk))
-                    if total is not None and f.tell() != total:
-                        raise _err(url, f'download incomplete: {f.tell()} of {total} bytes')
-            except requests.RequestException as e:
-                raise _err(url, f'download failed: {_one_line(e)}') from None
-        if sha256_prefix and not h.hexdigest().startswith(sha256_prefix.lower()):
-            raise _err(url, f'downloaded file has SHA-256 {h.hexdigest()[:16]}..., expected prefix {sha256_prefix}')
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
-
-
-_SNAPSHOT_NAME = re.compile(r'-(\d{7})-(\d+\.\d+)\.(?:pkl|safetensors)$')
+SnapshotName = collections.namedtuple('SnapshotName', 'prefix kimg std suffix')
+_SNAPSHOT_NAME = re.compile(r'^(?P<prefix>.*)-(?P<kimg>\d+)-(?P<std>\d+\.\d+)'
+                            rf'(?P<suffix>{re.escape(PUBLISHED_SUFFIX)}|{re.escape(NATIVE_SUFFIX)})$')
 
 
 def parse_snapshot_name(name):
-    """(kimg, ema_std) from a name like `network-snapshot-0002147-0.100.pkl`, else (None, None)."""
-    m = _SNAPSHOT_NAME.search(os.path.basename(str(name)))
-    if not m:
-        return None, None
-    return int(m.group(1)), float(m.group(2))
+    """'network-snapshot-0002147-0.100.pkl' -> SnapshotName('network-snapshot', 2147, 0.1, '.pkl'); None
+    for names that do not follow the rule (other suffixes included). Folders in `name` are ignored."""
+    match = _SNAPSHOT_NAME.match(os.path.basename(str(name)))
+    if match is None:
+        return None
+    return SnapshotName(match['prefix'], int(match['kimg']), float(match['std']), match['suffix'])
+
+
+def snapshot_file_name(prefix, kimg, std, suffix=NATIVE_SUFFIX):
+    """The inverse of parse_snapshot_name: '{prefix}-{kimg:07d}-{std:.3f}{suffix}'."""
+    return f'{prefix}-{int(kimg):07d}-{float(std):.3f}{suffix}'
 
 
 # ------------------------------------------------------------------------------------------------
-# The restricted unpickler for published pickles.
+# The native header.
 
-class _Refused(Exception):
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_header(doc, path):
+    """Raise CheckpointError naming the first field of the "edm2" header document with a wrong type or value."""
+    def field(name, ok, expected):
+        if not ok:
+            raise _error(path, f'header field {name!r} must be {expected}, got {doc.get(name)!r:.80}')
+
+    if not isinstance(doc, dict) or doc.get('format') != FORMAT:
+        raise _error(path, f'"{_HEADER_KEY}" header of an unknown format (expected "format": "{FORMAT}")')
+    version = doc.get('format_version')
+    field('format_version', _is_int(version) and 1 <= version <= FORMAT_VERSION,
+          f'an integer from 1 to {FORMAT_VERSION} (a newer edm2 may read it)')
+    field('class', isinstance(doc.get('class'), str) and doc['class'] in _NETWORK_CLASSES,
+          f'one of {", ".join(_NETWORK_CLASSES)}')
+    field('init_kwargs', isinstance(doc.get('init_kwargs'), dict), 'a dict of constructor arguments')
+    field('encoder', doc.get('encoder') is None or isinstance(doc['encoder'], dict), 'null or a dict')
+    precision = doc.get('gain_precision')
+    field('gain_precision', precision is None or isinstance(precision, str) and precision in _GAIN_PRECISIONS,
+          'null, "fp16", "bf16" or "fp32"')
+    kimg = doc.get('kimg')
+    field('kimg', kimg is None or _is_int(kimg) and kimg >= 0, 'null or a non-negative integer')
+    std = doc.get('ema_std')
+    field('ema_std', std is None or (isinstance(std, (int, float)) and not isinstance(std, bool)
+                                     and math.isfinite(std) and 0 < std <= SIGMA_REL_MAX),
+          f'null or a number in (0, {SIGMA_REL_MAX:.4f}]')
+    field('metadata', doc.get('metadata') is None or isinstance(doc['metadata'], dict), 'null or a dict')
+    nimg = (doc.get('metadata') or {}).get('nimg')
+    if nimg is not None and not (_is_int(nimg) and nimg >= 0):
+        raise _error(path, f'header field metadata.nimg must be a non-negative integer, got {nimg!r:.80}')
+    return doc
+
+
+class NativeFile:
+    """An open native network file: `header` (the checked "edm2" document), `shapes` ({name: shape} of
+    the stored tensors, read from the safetensors header without touching the data) and `tensor(name)`,
+    which reads one tensor. Use as a context manager; errors are CheckpointError naming the file."""
+
+    def __init__(self, path):
+        self.path = path
+        self._stack = contextlib.ExitStack()
+        try:
+            self._file = self._stack.enter_context(safe_open(str(path), framework='pt', device='cpu'))
+            text = (self._file.metadata() or {}).get(_HEADER_KEY)
+            if text is None:
+                raise _error(path, f'safetensors file without {_HEADER_KEY} metadata (not a network checkpoint)')
+            self.header = _check_header(json.loads(text), path)
+            self.shapes = {name: tuple(self._file.get_slice(name).get_shape()) for name in self._file.keys()}
+        except CheckpointError:
+            self.close()
+            raise
+        except Exception as e:  # noqa: BLE001 -- SafetensorError, JSONDecodeError, OSError, ...
+            self.close()
+            raise _error(path, f'unreadable native checkpoint ({one_line(e)})') from None
+
+    def tensor(self, name):
+        try:
+            return self._file.get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise _error(self.path, f'cannot read tensor {name} ({one_line(e)})') from None
+
+    def close(self):
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_header(path):
+    """The checked "edm2" header document of a native file, without reading its tensors."""
+    with NativeFile(path) as f:
+        return f.header
+
+
+# ------------------------------------------------------------------------------------------------
+# Building a network from stored constructor arguments, checked against the stored shapes.
+
+class _TooMuchConstruction(Exception):
     pass
 
 
-class _PersistentRecord:
-    """What a published persistent object becomes: its class name and its __dict__, nothing else."""
+class _ConstructionBudget(torch.overrides.TorchFunctionMode):
+    """Stops a constructor after `limit` torch calls: a header asking for far more modules than the file
+    stores tensors is refused before it costs time (a U-Net makes about 2 calls per stored tensor)."""
 
-    def __init__(self, class_name, state):
-        self.class_name = class_name
-        self.state = state
+    def __init__(self, limit):
+        super().__init__()
+        self.remaining = limit
 
-
-class _ModuleDictRecord:
-    """Stand-in for torch.nn.ModuleDict: keeps the pickled __dict__ (its `_modules`)."""
-
-    def __setstate__(self, state):
-        self.class_name = 'ModuleDict'
-        self.state = state
-
-
-class _EasyDict(dict):
-    """Stand-in for dnnlib.util.EasyDict (a dict with attribute access); a plain dict is enough."""
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.remaining -= 1
+        if self.remaining < 0:
+            raise _TooMuchConstruction
+        return func(*args, **(kwargs or {}))
 
 
-def _reconstruct_persistent_obj(meta):
-    # Replaces torch_utils.persistence._reconstruct_persistent_obj: meta['module_src'] is ignored.
-    if not isinstance(meta, dict) or meta.get('type') != 'class' or not isinstance(meta.get('class_name'), str):
-        raise _Refused('malformed persistent object record')
-    state = meta.get('state')
-    if not isinstance(state, dict):
-        raise _Refused(f'persistent object {meta["class_name"]} without a state dict')
-    return _PersistentRecord(meta['class_name'], state)
-
-
-def _load_from_bytes(b):
-    # Replaces torch.storage._load_from_bytes, which would open the nested archive with weights_only=False.
-    if not isinstance(b, (bytes, bytearray)):
-        raise _Refused('tensor storage is not a byte string')
-    try:
-        storage = torch.load(io.BytesIO(b), weights_only=True, map_location='cpu')
-    except Exception as e:  # noqa: BLE001
-        raise _Refused(f'nested tensor archive refused by torch.load(weights_only=True): {_one_line(e)}') from None
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise _Refused(f'nested tensor archive holds {type(storage).__name__}, not a storage')
-    return storage
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise _Refused('tensor built from something that is not a storage')
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride),
-                                           bool(requires_grad), collections.OrderedDict())
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks=None):
-    if not isinstance(data, torch.Tensor):
-        raise _Refused('parameter built from something that is not a tensor')
-    return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
-
-
-def _codecs_encode(obj, encoding='utf-8'):
-    # How protocol-2 pickles spell bytes; only the text codecs are allowed.
-    if not isinstance(obj, str) or encoding not in ('latin1', 'latin-1', 'utf-8', 'utf8'):
-        raise _Refused('_codecs.encode with a non-text argument')
-    return obj.encode(encoding)
-
-
-def _numpy_globals():
-    out = {}
-    for mod in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        out[(mod, '_reconstruct')] = _np_reconstruct
-        out[(mod, 'scalar')] = _np_scalar
-    for mod in ('numpy.core.numeric', 'numpy._core.numeric'):
-        out[(mod, '_frombuffer')] = _np_frombuffer
-    out[('numpy', 'ndarray')] = np.ndarray
-    out[('numpy', 'dtype')] = np.dtype
-    return out
-
-
-def _np_reconstruct(subtype, shape, dtype):
-    if subtype is not np.ndarray:
-        raise _Refused('numpy array of a subclass')
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
-
-
-def _np_frombuffer(buf, dtype, shape, order):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise _Refused('numpy array that is not plain numeric data')
-    return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order).copy()
-
-
-def _np_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
-        raise _Refused('numpy scalar that is not plain numeric data')
-    return np.frombuffer(bytes(data), dtype=dtype)[0]
-
-
-_ALLOWED = {
-    ('dnnlib.util', 'EasyDict'): _EasyDict,
-    ('dnnlib', 'EasyDict'): _EasyDict,
-    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
-    ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictRecord,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch.storage', '_load_from_bytes'): _load_from_bytes,
-    ('torch', 'Size'): torch.Size,
-    ('_codecs', 'encode'): _codecs_encode,
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-    **_numpy_globals(),
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise _Refused(f'refusing to load global {module}.{name} (not on the allow-list of published '
-                       f'EDM2 snapshots)')
-
-    def persistent_load(self, pid):
-        raise _Refused('refusing a pickle with persistent ids (not a published EDM2 snapshot)')
-
-
-def _collect_state_dict(record, prefix, out, path):
-    """Flatten the parameters and buffers of a module record tree into a state dict."""
-    if record is None:
-        return
-    if not isinstance(record, (_PersistentRecord, _ModuleDictRecord)):
-        raise _err(path, f'{prefix or "network"} is a {type(record).__name__}, not a module')
-    state = record.state
-    for key in ('_parameters', '_buffers'):
-        tensors = state.get(key, {})
-        if not isinstance(tensors, dict):
-            raise _err(path, f'{prefix}{key} is not a dict')
-        for name, t in tensors.items():
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise _err(path, f'{prefix}{name} is not a tensor')
-            out[prefix + name] = t.detach()
-    modules = state.get('_modules', {})
-    if not isinstance(modules, dict):
-        raise _err(path, f'{prefix}_modules is not a dict')
-    for name, sub in modules.items():
-        _collect_state_dict(sub, f'{prefix}{name}.', out, path)
-
-
-def _plain(value, path, what):
-    """Check a recorded value is plain data (numbers, strings, lists, dicts) and return it JSON-ready."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v, path, what) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, path, what) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray) and not value.dtype.hasobject:
-        return value.tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise _err(path, f'{what} holds a {type(value).__name__}, expected plain data')
-
-
-def _network_from_record(record, path):
-    if not isinstance(record, _PersistentRecord):
-        raise _err(path, 'the snapshot has no network ("ema" is not a persistent module)')
-    cls = _NETWORK_CLASSES.get(record.class_name)
-    if cls is None:
-        raise _err(path, f'unsupported network class {record.class_name!r} (expected one of {", ".join(_NETWORK_CLASSES)})')
-    args = _plain(list(record.state.get('_init_args', ())), path, 'constructor arguments')
-    kwargs = _plain(dict(record.state.get('_init_kwargs', {})), path, 'constructor arguments')
-    try:
-        net = cls(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise _err(path, f'cannot build {record.class_name} from the recorded arguments: {_one_line(e)}') from None
-    state_dict = {}
-    _collect_state_dict(record, '', state_dict, path)
-    _load_state_dict(net, state_dict, path)
-    # The release runs the network with its parameters as stored (float16 in published snapshots);
-    # the only place where that precision reaches float32 inference is gain / sqrt(fan_in).
-    gain = state_dict.get('unet.out_gain')
-    if gain is not None and gain.dtype in (torch.float16, torch.bfloat16):
-        net.gain_precision = 'fp16' if gain.dtype == torch.float16 else 'bf16'
-    return net
-
-
-def _load_state_dict(net, state_dict, path):
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+def _compare_shapes(expected, stored, path):
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f'missing {len(missing)} tensors (e.g. {missing[0]})')
-        if unexpected:
-            parts.append(f'{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})')
-        raise _err(path, 'weights do not match the network: ' + ', '.join(parts))
-    with torch.no_grad():
-        for name, t in own.items():
-            src = state_dict[name]
-            if tuple(src.shape) != tuple(t.shape):
-                raise _err(path, f'{name} has shape {list(src.shape)}, the network expects {list(t.shape)}')
-            t.copy_(src.to(t.dtype))
+        parts = ([f'missing {len(missing)} tensors (e.g. {missing[0]})'] if missing else []) + \
+                ([f'{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})'] if unexpected else [])
+        raise _error(path, 'weights do not match the network: ' + ', '.join(parts))
+    for name, shape in expected.items():
+        if tuple(stored[name]) != tuple(shape):
+            raise _error(path, f'{name} has shape {list(stored[name])}, the network expects {list(shape)}')
 
 
-def _encoder_from_record(record, path):
-    if record is None:
-        return None
-    if not isinstance(record, _PersistentRecord):
-        raise _err(path, f'encoder is a {type(record).__name__}, expected a persistent object')
-    state = record.state
-    if record.class_name == 'StandardRGBEncoder':
-        return _encoders.StandardRGBEncoder()
-    if record.class_name == 'StabilityVAEEncoder':
-        kwargs = _plain(dict(state.get('_init_kwargs', {})), path, 'encoder arguments')
-        for key in ('vae_name', 'batch_size'):
-            if key in state:
-                kwargs[key] = _plain(state[key], path, 'encoder ' + key)
-        for key in ('scale', 'bias'):
-            if key in state:
-                kwargs[key] = _plain(state[key], path, 'encoder ' + key)
-        allowed = {'vae_name', 'raw_mean', 'raw_std', 'final_mean', 'final_std', 'batch_size', 'scale', 'bias'}
-        try:
-            return _encoders.StabilityVAEEncoder(**{k: v for k, v in kwargs.items() if k in allowed})
-        except Exception as e:  # noqa: BLE001
-            raise _err(path, f'cannot build the StabilityVAEEncoder: {_one_line(e)}') from None
-    raise _err(path, f'unsupported encoder class {record.class_name!r}')
-
-
-def _unpickle_published(path):
+def _build_network(class_name, args, kwargs, stored_shapes, path):
+    """A network of class `class_name` whose parameters and buffers have exactly `stored_shapes`,
+    allocated but not initialised (the caller copies the stored tensors in)."""
+    cls = _NETWORK_CLASSES.get(class_name)
+    if cls is None:
+        raise _error(path, f'unsupported network class {class_name!r} (expected one of {", ".join(_NETWORK_CLASSES)})')
+    # Issue 14: edm2.networks.check_network_kwargs(kwargs, max_params=...) belongs here, for messages that
+    # name the offending argument; until then the budgeted meta build below bounds time and memory.
     try:
-        with open(path, 'rb') as f:
-            return _SafeUnpickler(f).load()
-    except _Refused as e:
-        raise _err(path, str(e)) from None
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- truncated or corrupt pickles raise many different types
-        raise _err(path, f'not a readable published snapshot ({_one_line(e)})') from None
+        with torch.device('meta'), _ConstructionBudget(8 * len(stored_shapes) + 64):
+            net = cls(*args, **kwargs)
+    except _TooMuchConstruction:
+        raise _error(path, f'the stored arguments describe a network far larger than the {len(stored_shapes)} '
+                           f'tensors the file holds') from None
+    except Exception as e:  # noqa: BLE001 -- wrong types or values in the arguments raise many types
+        raise _error(path, f'cannot build {class_name} from the stored arguments: {one_line(e)}') from None
+    _compare_shapes({k: v.shape for k, v in net.state_dict().items()}, stored_shapes, path)
+    names = {n for n, _ in net.named_parameters()} | {n for n, _ in net.named_buffers()}
+    if names != set(stored_shapes):  # a non-persistent buffer needs its constructor's value
+        return cls(*args, **kwargs)
+    return net.to_empty(device='cpu')
 
 
-def read_published(path):
-    """(net, encoder, metadata) from a published snapshot pickle, without executing anything from it."""
-    data = _unpickle_published(path)
-    if not isinstance(data, dict):
-        raise _err(path, f'expected a pickled dict with an "ema" network, found {type(data).__name__}')
-    if 'ema' not in data:
-        raise _err(path, f'no "ema" network in the snapshot (keys: {", ".join(map(str, data))})')
-    net = _network_from_record(data['ema'], path)
-    encoder = _encoder_from_record(data.get('encoder'), path)
-    metadata = {}
-    if isinstance(data.get('dataset_kwargs'), dict):
-        try:
-            metadata['dataset_kwargs'] = _plain(data['dataset_kwargs'], path, 'dataset_kwargs')
-        except CheckpointError:
-            pass  # informational only
-    loss = data.get('loss_fn')
-    if isinstance(loss, _PersistentRecord):
-        loss_state = {k: v for k, v in loss.state.items() if not k.startswith('_')}
-        try:
-            metadata['loss_fn'] = {'class': loss.class_name, **_plain(loss_state, path, 'loss_fn')}
-        except CheckpointError:
-            pass
-    return net, encoder, metadata
+def _copy_tensors(net, read):
+    """Copy `read(name)` into every parameter and buffer of `net` (converted to the net's dtypes)."""
+    with torch.no_grad():
+        for name, tensor in net.state_dict().items():
+            tensor.copy_(read(name).to(tensor.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
-# Native format.
+# Reading either kind, writing the native one.
 
-def _jsonable_metadata(metadata, path):
+def _read_native(path):
+    with NativeFile(path) as f:
+        doc = f.header
+        net = _build_network(doc['class'], [], doc['init_kwargs'], f.shapes, path)
+        _copy_tensors(net, f.tensor)
+    net.gain_precision = doc['gain_precision']
     try:
-        return json.loads(json.dumps(metadata, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise _err(path, f'metadata is not JSON-serialisable: {_one_line(e)}') from None
+        encoder = encoders.from_spec(doc['encoder'])
+    except encoders.EncoderError as e:
+        raise _error(path, f'header field \'encoder\': {one_line(e)}') from None
+    metadata = dict(doc.get('metadata') or {})
+    metadata.update(kimg=doc.get('kimg'), ema_std=doc.get('ema_std'))
+    return net, encoder, metadata
 
 
-def save_network(path, net, encoder=None, *, dtype=None, **metadata):
-    """Write `net` (a Precond) and its encoder in the native format, atomically.
-
-    Keyword metadata: `kimg` (training time in thousands of images) and `ema_std` (EMA length
-    sigma_rel) are stored at the top level; everything else (JSON-serialisable) under "metadata".
-    `dtype` (e.g. torch.float16) converts floating-point tensors for storage; default: as they are.
-    """
-    from safetensors.torch import save_file
-
-    path = pathlib.Path(path)
-    cls_name = type(net).__name__
-    if not hasattr(net, 'init_kwargs'):
-        raise _err(path, f'cannot save a {cls_name}: it has no init_kwargs')
-    kimg = metadata.pop('kimg', None)
-    ema_std = metadata.pop('ema_std', None)
-    doc = {
-        'format': FORMAT,
-        'format_version': FORMAT_VERSION,
-        'class': cls_name,
-        'init_kwargs': net.init_kwargs,
-        'encoder': encoder.spec() if encoder is not None else None,
-        'gain_precision': None,
-        'kimg': None if kimg is None else int(kimg),
-        'ema_std': None if ema_std is None else float(ema_std),
-        'metadata': metadata,
-    }
-    tensors = {}
-    for name, t in net.state_dict().items():
-        t = t.detach().to('cpu')
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        tensors[name] = t.contiguous()
-    # Like the release, a network stored in reduced precision computes its gain scales in that
-    # precision (see Precond.gain_precision); an explicit setting on the network wins.
-    gain = tensors.get('unet.out_gain')
-    stored = {torch.float16: 'fp16', torch.bfloat16: 'bf16'}.get(gain.dtype) if gain is not None else None
-    doc['gain_precision'] = getattr(net, 'gain_precision', None) or stored
-    doc = _jsonable_metadata(doc, path)
+def _read_published(path):
     try:
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(doc)})
-    except OSError as e:
-        raise _err(path, f'cannot write: {_one_line(e)}') from None
-    return path
+        snap = published.read(path)
+    except published.PublishedSnapshotError as e:
+        raise CheckpointError(str(e)) from None
+    shapes = {name: tuple(t.shape) for name, t in snap.state_dict.items()}
+    net = _build_network(snap.class_name, snap.init_args, snap.init_kwargs, shapes, path)
+    _copy_tensors(net, snap.state_dict.__getitem__)
+    # The release runs the network with its parameters as stored (float16 in published snapshots);
+    # the only place where that precision reaches float32 inference is gain / sqrt(fan_in).
+    gain = snap.state_dict.get('unet.out_gain')
+    if gain is not None and gain.dtype in (torch.float16, torch.bfloat16):
+        net.gain_precision = 'fp16' if gain.dtype == torch.float16 else 'bf16'
+    return net, snap.encoder, snap.metadata
 
 
 def _sniff(path):
-    """'native' | 'pickle' | a description of what else it is."""
+    """'native' | 'pickle' | a description of what else the file is."""
     try:
         with open(path, 'rb') as f:
             head = f.read(16)
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise _err(path, f'cannot read: {_one_line(e)}') from None
-    if len(head) >= 9:
-        n = struct.unpack('<Q', head[:8])[0]
-        if head[8:9] == b'{' and 8 + n <= size:
-            return 'native'
-        if head[8:9] == b'{':
-            return 'truncated safetensors file'
+        raise _error(path, f'cannot read: {one_line(e)}') from None
+    if len(head) >= 9 and head[8:9] == b'{':
+        return 'native' if 8 + struct.unpack('<Q', head[:8])[0] <= size else 'truncated safetensors file'
     if head[:1] == b'\x80' and len(head) >= 2 and 2 <= head[1] <= 5:
         return 'pickle'
     if head[:4] == b'PK\x03\x04':
         return 'zip archive (torch.save?), not a network snapshot'
-    if not head:
-        return 'empty file'
-    return 'not a network checkpoint'
-
-
-def _read_native(path):
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework='pt', device='cpu') as f:
-            header = f.metadata() or {}
-            if _METADATA_KEY not in header:
-                raise _err(path, 'safetensors file without edm2 metadata (not a network checkpoint)')
-            doc = json.loads(header[_METADATA_KEY])
-            state_dict = {name: f.get_tensor(name) for name in f.keys()}
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- SafetensorError, JSONDecodeError, ...
-        raise _err(path, f'unreadable native checkpoint ({_one_line(e)})') from None
-    if not isinstance(doc, dict) or doc.get('format') != FORMAT:
-        raise _err(path, 'edm2 metadata of an unknown format')
-    if not isinstance(doc.get('format_version'), int) or doc['format_version'] > FORMAT_VERSION:
-        raise _err(path, f'format version {doc.get("format_version")} is newer than this edm2 reads ({FORMAT_VERSION})')
-    cls = _NETWORK_CLASSES.get(doc.get('class'))
-    if cls is None:
-        raise _err(path, f'unsupported network class {doc.get("class")!r}')
-    try:
-        net = cls(**doc.get('init_kwargs', {}))
-    except Exception as e:  # noqa: BLE001
-        raise _err(path, f'cannot build {doc.get("class")} from the stored arguments: {_one_line(e)}') from None
-    _load_state_dict(net, state_dict, path)
-    try:
-        net.gain_precision = doc.get('gain_precision')
-    except ValueError as e:
-        raise _err(path, str(e)) from None
-    try:
-        encoder = _encoders.from_spec(doc.get('encoder'))
-    except _encoders.EncoderError as e:
-        raise _err(path, str(e)) from None
-    metadata = dict(doc.get('metadata') or {})
-    metadata['kimg'] = doc.get('kimg')
-    metadata['ema_std'] = doc.get('ema_std')
-    return net, encoder, metadata
+    return 'empty file' if not head else 'not a network checkpoint'
 
 
 def load_snapshot(path_or_url, device=None):
     """(net, encoder, metadata) from a native file or a published pickle (local path or URL).
 
     The net is a Precond in eval mode with float32 weights on `device` (default CPU). metadata has
-    at least `kimg` and `ema_std` (from the file, else parsed from a name like
-    `...-{kimg:07d}-{std:.3f}.pkl`, else None) and `format` ('native' or 'published').
+    at least `kimg` and `ema_std` (from the file, else parsed from a snapshot name, else None) and
+    `format` ('native' or 'published'). Raises CheckpointError.
     """
-    path = fetch(path_or_url)
+    try:
+        path = fetch(path_or_url)
+    except DownloadError as e:
+        raise CheckpointError(str(e)) from None
     kind = _sniff(path)
     if kind == 'native':
         net, encoder, metadata = _read_native(path)
     elif kind == 'pickle':
-        net, encoder, metadata = read_published(path)
+        net, encoder, metadata = _read_published(path)
     else:
-        raise _err(path, kind)
+        raise _error(path, kind)
     metadata['format'] = 'native' if kind == 'native' else 'published'
-    kimg, std = parse_snapshot_name(path_or_url)
+    name = parse_snapshot_name(str(path_or_url))
     if metadata.get('kimg') is None:
-        metadata['kimg'] = kimg
+        metadata['kimg'] = name.kimg if name else None
     if metadata.get('ema_std') is None:
-        metadata['ema_std'] = std
+        metadata['ema_std'] = name.std if name else None
     net = net.eval().to(torch.float32)
-    if device is not None:
-        net = net.to(device)
-    return net, encoder, metadata
+    return net if device is None else net.to(device), encoder, metadata
 
 
 def load_network(path_or_url, device=None):
@@ -586,57 +309,42 @@ def load_network(path_or_url, device=None):
     return load_snapshot(path_or_url, device=device)[0]
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line: python -m edm2.checkpoint {info,convert}.
+def save_network(path, net, encoder=None, *, dtype=None, **metadata):
+    """Write `net` (a Precond) and its encoder in the native format, atomically, with umask permissions.
 
-import click  # noqa: E402 -- the command line below; cheap to import
-
-
-@click.group(help='Inspect and convert EDM2 network checkpoints (native .safetensors or published .pkl).')
-def cli():
-    pass
-
-
-@cli.command(help='Print kind, configuration, parameter count, training time and EMA length.\n\n'
-                  'Example: python -m edm2.checkpoint info network-snapshot-0002147-0.100.pkl')
-@click.argument('file')
-def info(file):
+    Keyword metadata: `kimg` (training time in thousands of images) and `ema_std` (EMA length
+    sigma_rel) are stored at the top level; everything else (JSON-serialisable) under "metadata".
+    `dtype` (e.g. torch.float16) converts floating-point tensors for storage; default: as they are.
+    """
+    path = pathlib.Path(path)
+    if not hasattr(net, 'init_kwargs'):
+        raise _error(path, f'cannot save a {type(net).__name__}: it has no init_kwargs')
+    kimg, ema_std = metadata.pop('kimg', None), metadata.pop('ema_std', None)
+    tensors = {}
+    for name, t in net.state_dict().items():
+        t = t.detach().to('cpu')
+        tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    # Like the release, a network stored in reduced precision computes its gain scales in that
+    # precision (see Precond.gain_precision); an explicit setting on the network wins.
+    gain = tensors.get('unet.out_gain')
+    stored = {torch.float16: 'fp16', torch.bfloat16: 'bf16'}.get(gain.dtype) if gain is not None else None
+    doc = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'class': type(net).__name__,
+           'init_kwargs': net.init_kwargs, 'encoder': encoder.spec() if encoder is not None else None,
+           'gain_precision': getattr(net, 'gain_precision', None) or stored,
+           'kimg': None if kimg is None else int(kimg), 'ema_std': None if ema_std is None else float(ema_std),
+           'metadata': metadata}
     try:
-        net, encoder, meta = load_snapshot(file)
-    except CheckpointError as e:
-        raise click.ClickException(str(e))
-    kimg = meta.get('kimg')
-    std = meta.get('ema_std')
-    kind = 'native (safetensors + JSON)' if meta['format'] == 'native' else 'published pickle (imported safely)'
-    click.echo(f'file:        {file}')
-    click.echo(f'kind:        {kind}')
-    click.echo(f'class:       {type(net).__name__}')
-    click.echo(f'config:      {json.dumps(net.init_kwargs)}')
-    click.echo(f'parameters:  {sum(p.numel() for p in net.parameters()):,}')
-    click.echo(f'training:    {"unknown" if kimg is None else f"{kimg} kimg"}')
-    click.echo(f'EMA length:  {"unknown" if std is None else f"sigma_rel = {std:.3f}"}')
-    click.echo(f'encoder:     {json.dumps(encoder.spec()) if encoder is not None else "none"}')
-    extra = {k: v for k, v in meta.items() if k not in ('kimg', 'ema_std', 'format')}
-    if extra:
-        click.echo(f'metadata:    {json.dumps(extra)}')
-
-
-@cli.command(help='Convert a published pickle or a native file to the native format (atomic write).\n\n'
-                  'Example: python -m edm2.checkpoint convert edm2-img512-xs-2147483-0.135.pkl '
-                  'edm2-img512-xs-2147483-0.135.safetensors')
-@click.argument('src')
-@click.argument('dst', type=click.Path(dir_okay=False))
-@click.option('--half', is_flag=True,
-              help='Store float16 weights (lossless for published snapshots, which are float16).')
-def convert(src, dst, half):
+        text = json.dumps(doc, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise _error(path, f'metadata is not JSON-serialisable: {one_line(e)}') from None
     try:
-        net, encoder, meta = load_snapshot(src)
-        meta.pop('format', None)
-        save_network(dst, net, encoder, dtype=torch.float16 if half else None, **meta)
-    except CheckpointError as e:
-        raise click.ClickException(str(e))
-    click.echo(f'wrote {dst}')
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={_HEADER_KEY: text})
+    except OSError as e:
+        raise _error(path, f'cannot write: {one_line(e)}') from None
+    return path
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # `python -m edm2.checkpoint info|convert`, kept for existing scripts
+    from edm2.checkpoint_cli import cli
     cli(prog_name='python -m edm2.checkpoint')

@@ -17,8 +17,9 @@ import torch
 from click.testing import CliRunner
 
 import edm2
-from edm2 import checkpoint
-from edm2.checkpoint import CheckpointError, fetch, load_network, load_snapshot, save_network
+from edm2 import checkpoint, checkpoint_cli
+from edm2.checkpoint import CheckpointError, load_network, load_snapshot, save_network
+from edm2.download import DownloadError, fetch
 from edm2.encoders import StabilityVAEEncoder, StandardRGBEncoder
 from edm2.networks import build_network
 
@@ -48,7 +49,7 @@ def _outputs(net):
 
 
 # ------------------------------------------------------------------------------------------------
-# Writing published-format pickles (SPEC section 6) without the release: stand-in globals are
+# Writing published-format pickles without the release: stand-in globals are
 # registered under the release's module names only while pickling.
 
 @contextlib.contextmanager
@@ -159,8 +160,13 @@ def test_kimg_and_std_from_the_file_name(tmp_path):
     path = save_network(tmp_path / 'network-snapshot-0002147-0.100.safetensors', net)
     _, encoder, meta = load_snapshot(path)
     assert (meta['kimg'], meta['ema_std'], encoder) == (2147, 0.1, None)
-    assert checkpoint.parse_snapshot_name('edm2-img512-xs-2147483-0.135.pkl') == (2147483, 0.135)
-    assert checkpoint.parse_snapshot_name('net.pkl') == (None, None)
+    assert checkpoint.parse_snapshot_name('edm2-img512-xs-2147483-0.135.pkl') == ('edm2-img512-xs', 2147483, 0.135, '.pkl')
+    assert checkpoint.parse_snapshot_name('net.pkl') is None
+    # One rule for every reader: kimg of any width, only the two snapshot suffixes, folders ignored.
+    assert checkpoint.parse_snapshot_name('/runs/a-1/network-snapshot-12345678-0.050.safetensors') == \
+        ('network-snapshot', 12345678, 0.05, '.safetensors')
+    assert checkpoint.parse_snapshot_name('notes-0000005-0.100.txt') is None
+    assert checkpoint.snapshot_file_name('phema', 49, 0.07) == 'phema-0000049-0.070.safetensors'
 
 
 def test_failed_save_leaves_nothing(tmp_path):
@@ -230,17 +236,17 @@ def test_published_format_import_and_native_conversion(tmp_path):
     # convert -> native gives identical outputs, float32 or float16 storage.
     runner = CliRunner()
     for extra, name in [([], 'a.safetensors'), (['--half'], 'b.safetensors')]:
-        result = runner.invoke(checkpoint.cli, ['convert', str(path), str(tmp_path / name)] + extra)
+        result = runner.invoke(checkpoint_cli.cli, ['convert', str(path), str(tmp_path / name)] + extra)
         assert result.exit_code == 0, result.output
         native, _, meta2 = load_snapshot(tmp_path / name)
         assert (meta2['kimg'], meta2['ema_std']) == (64, 0.05)
         for a, b in zip(_outputs(imported), _outputs(native)):
             assert torch.equal(a, b)
-    result = runner.invoke(checkpoint.cli, ['info', str(tmp_path / 'a.safetensors')])
+    result = runner.invoke(checkpoint_cli.cli, ['info', str(tmp_path / 'a.safetensors')])
     assert result.exit_code == 0
     assert 'native' in result.output and '64 kimg' in result.output and 'sigma_rel = 0.050' in result.output
     assert f'{sum(p.numel() for p in net.parameters()):,}' in result.output
-    result = runner.invoke(checkpoint.cli, ['info', str(tmp_path / 'nothing.pkl')])
+    result = runner.invoke(checkpoint_cli.cli, ['info', str(tmp_path / 'nothing.pkl')])
     assert result.exit_code == 1 and 'no such file' in result.output and 'Traceback' not in result.output
 
 
@@ -265,7 +271,7 @@ def test_published_official_fixture_round_trip(official, tmp_path, half):
     src = official('main-rgb16.pkl')
     net = load_network(src)
     dst = tmp_path / 'main.safetensors'
-    result = CliRunner().invoke(checkpoint.cli, ['convert', str(src), str(dst)] + (['--half'] if half else []))
+    result = CliRunner().invoke(checkpoint_cli.cli, ['convert', str(src), str(dst)] + (['--half'] if half else []))
     assert result.exit_code == 0, result.output
     native = load_network(dst)
     x = torch.randn(3, 3, 16, 16)
@@ -310,7 +316,7 @@ def test_module_src_is_never_executed(tmp_path):
 
 
 def _storage_pickle(nested):
-    """A pickle holding one tensor whose storage is the torch.save archive `nested` (SPEC section 6)."""
+    """A pickle holding one tensor whose storage is the torch.save archive `nested`, as in published pickles."""
     class Storage:
         def __reduce__(self):
             return torch.storage._load_from_bytes, (nested,)
@@ -394,10 +400,10 @@ def test_fetch_downloads_once_and_checks_hash(http_server, tmp_path):
 
     # A wrong hash prefix: refused, nothing cached.
     cache = tmp_path / 'other-cache'
-    with pytest.raises(CheckpointError, match='SHA-256'):
+    with pytest.raises(DownloadError, match='SHA-256'):
         fetch(url, cache_dir=cache, sha256_prefix='0000000000')
     assert not any(p.is_file() for p in cache.rglob('*'))
     # Missing file on the server: one line naming the URL.
-    with pytest.raises(CheckpointError, match='404') as e:
+    with pytest.raises(DownloadError, match='404') as e:
         fetch(f'{base}/missing.pkl')
     assert f'{base}/missing.pkl' in str(e.value) and '\n' not in str(e.value)

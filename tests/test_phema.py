@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from edm2 import phema
+from edm2 import checkpoint, phema, phema_reconstruct
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scalars (SPEC section 4 check values and the official fixture).
+# Scalars (the official fixture).
 
 def test_scalars_match_official(official):
     ref = torch.load(official('phema-scalars.pt'), weights_only=False)
@@ -102,7 +102,7 @@ def test_profile_inner_matches_quadrature():
 
 
 def _fixture_inputs(expected):
-    parsed = [phema.parse_snapshot_name(name) for name in expected['in_files']]
+    parsed = [checkpoint.parse_snapshot_name(name) for name in expected['in_files']]
     return [phema.kimg_to_nimg(p[1]) for p in parsed], [p[2] for p in parsed]
 
 
@@ -161,7 +161,7 @@ def test_reconstruction_matches_directly_computed_ema():
                 snap.tag.fill_(k)
                 store[(k * dt, std)] = snap
     # Snapshot kimg labels are images//1000; pass the exact image counts like a native file would.
-    snaps = [phema.Snapshot(key, kimg=key[0] // 1000, std=key[1], nimg=key[0]) for key in store]
+    snaps = [phema_reconstruct.Snapshot(key, kimg=key[0] // 1000, std=key[1], nimg=key[0]) for key in store]
     out_stds = [0.15, 0.07]
     loads = []
 
@@ -169,7 +169,7 @@ def test_reconstruction_matches_directly_computed_ema():
         loads.append(source)
         return store[source], None, {}
 
-    recs = list(phema.reconstruct(snaps, out_stds, batch=1, loader=loader))
+    recs = list(phema_reconstruct.reconstruct(snaps, out_stds, batch=1, loader=loader))
     assert len(loads) == 2 * len(snaps)  # every input read once per batch, batch=1 -> twice
     n = steps * dt
     for rec, std in zip(recs, out_stds):
@@ -202,7 +202,7 @@ def test_streaming_holds_at_most_batch_outputs_plus_one_input():
     store = {(k, std): _Vec(64) for k in (1024, 2048, 3072) for std in (0.05, 0.1)}
     for v in store.values():
         v.theta.data.normal_()
-    snaps = [phema.Snapshot(key, kimg=1, std=key[1], nimg=key[0]) for key in store]
+    snaps = [phema_reconstruct.Snapshot(key, kimg=1, std=key[1], nimg=key[0]) for key in store]
     live_inputs, live_outputs, alive = [], [], []
 
     def loader(source, device):
@@ -214,7 +214,7 @@ def test_streaming_holds_at_most_batch_outputs_plus_one_input():
         return net, None, {}
 
     sizes = []
-    for recs in phema.reconstruct_batches(snaps, [0.06, 0.07, 0.08, 0.09, 0.11], batch=2, loader=loader):
+    for recs in phema_reconstruct.reconstruct_batches(snaps, [0.06, 0.07, 0.08, 0.09, 0.11], batch=2, loader=loader):
         sizes.append(len(recs))
         live_outputs.extend(weakref.ref(r.net) for r in recs)
         del recs
@@ -225,8 +225,12 @@ def test_streaming_holds_at_most_batch_outputs_plus_one_input():
 # ----------------------------------------------------------------------------------------------------
 # reconstruct_phema.py
 
+def parse_float_list(text):
+    from edm2.cli import parse_number_list
+    return parse_number_list(text, '--outstd')
+
+
 def test_parse_float_list():
-    from reconstruct_phema import parse_float_list
     values = parse_float_list('0.010,0.015,...,0.250')
     assert len(values) == 49 and values[0] == 0.010 and values[-1] == 0.250 and values[1] == 0.015
     assert values[20] == 0.110  # decimal arithmetic: no drift, so file names are exact
@@ -267,13 +271,13 @@ def test_library_parity_with_official(official):
     folder = official('phema-snapshots')
     expected = torch.load(official('phema-expected.pt'), weights_only=False)
     inputs = [load_snapshot(folder / name)[0].state_dict() for name in expected['in_files']]
-    snaps = phema.find_snapshots(folder)
+    snaps = phema_reconstruct.find_snapshots(folder)
     assert [pathlib.Path(s.source).name for s in snaps] == expected['in_files']
-    recs = list(phema.reconstruct(snaps, [0.070, 0.150], batch=1))
+    recs = list(phema_reconstruct.reconstruct(snaps, [0.070, 0.150], batch=1))
     for j, rec in enumerate(recs):
         np.testing.assert_allclose([c for _, c in rec.coefficients], expected['coefficients'][:, j], rtol=1e-9)
         ref = expected['state_dicts'][f'{rec.std:.3f}']
-        ours = rec.state_dict()
+        ours = rec.net.state_dict()
         for name, value in ref.items():
             scale = sum(abs(c) * inp[name].abs() for c, inp in zip(expected['coefficients'][:, j].tolist(), inputs))
             assert torch.all((ours[name] - value).abs() <= 1e-6 * scale), name
@@ -363,7 +367,7 @@ def test_cli_bad_input(official, tmp_path):
     assert 'not a folder' in _one_line_error(_run(['--indir', tmp_path / 'missing', '--outdir', out, '--outstd', '0.1']))
     assert '--outkimg 41' in _one_line_error(_run(['--indir', folder, '--outdir', out, '--outstd', '0.1', '--outkimg', 41]))
     for std in ['0.3', '0', '-0.05', '0.2887']:
-        assert 'outside' in _one_line_error(_run(['--indir', folder, '--outdir', out, '--outstd', std]))
+        assert 'must lie in' in _one_line_error(_run(['--indir', folder, '--outdir', out, '--outstd', std]))
     assert '--outstd' in _one_line_error(_run(['--indir', folder, '--outdir', out, '--outstd', '0.1,0.1001']))
     # Inconsistent shapes: the last snapshot replaced by a wider network -> error, nothing written.
     bad = tmp_path / 'bad'
@@ -401,7 +405,42 @@ def test_find_snapshots_reads_native_headers(official, tmp_path):
     (tmp_path / 'notes-0000005-0.100.txt').write_text('not a snapshot')
     save_network(tmp_path / 'phema-0000004-0.070.safetensors', net, encoder, kimg=4, ema_std=0.07, phema={})
     (tmp_path / '.tmp-1234-phema-0000004-0.080.safetensors').write_bytes(b'partial')
-    found = {pathlib.Path(s.source).name: (s.kimg, s.std, s.nimg) for s in phema.find_snapshots(tmp_path)}
+    found = {pathlib.Path(s.source).name: (s.kimg, s.std, s.nimg) for s in phema_reconstruct.find_snapshots(tmp_path)}
     assert found == {'network-snapshot-0000002-0.050.safetensors': (2, 0.05, 2000),
                      'renamed.safetensors': (3, 0.1, 3000), 'run-0000004-0.100.safetensors': (4, 0.1, 4096)}
-    assert [s.kimg for s in phema.find_snapshots(tmp_path, inprefix='run', instd=[0.1])] == [4]
+    assert [s.kimg for s in phema_reconstruct.find_snapshots(tmp_path, inprefix='run', instd=[0.1])] == [4]
+
+
+def test_in_memory_api_counts_reads_and_batches_do_not_change_results(tmp_path):
+    """reconstruct(..., reads=Counter) counts each input once per batch, also for native inputs that are
+    streamed one tensor at a time; batching changes neither the order nor a single bit of the outputs."""
+    import collections
+
+    from edm2.checkpoint import save_network
+    from edm2.networks import build_network
+    torch.manual_seed(0)
+    net = build_network(dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=8, channel_mult=[1],
+                             attn_resolutions=[], num_blocks=1))
+    for kimg in (4, 8):
+        for std in (0.05, 0.10):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(torch.randn_like(p), alpha=0.1)
+            save_network(tmp_path / f'network-snapshot-{kimg:07d}-{std:.3f}.safetensors', net, kimg=kimg, ema_std=std)
+    snaps = phema_reconstruct.find_snapshots(tmp_path)
+    stds = [0.06, 0.08, 0.12]
+    results = {}
+    for batch in (1, 2, 3):
+        reads = collections.Counter()
+        recs = list(phema_reconstruct.reconstruct(snaps, stds, batch=batch, reads=reads))
+        batches = -(-len(stds) // batch)
+        assert reads == {s.source: batches for s in snaps}
+        assert [r.std for r in recs] == stds and all(r.kimg == 8 and r.nimg == 8192 for r in recs)
+        results[batch] = [r.net.state_dict() for r in recs]
+    for batch in (2, 3):
+        for a, b in zip(results[1], results[batch]):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    # The plan alone reads nothing and gives the weights used.
+    kimg, nimg, inputs, X = phema_reconstruct.plan_reconstruction(snaps, stds)
+    assert (kimg, nimg, len(inputs), X.shape) == (8, 8192, 4, (4, 3))
+    np.testing.assert_allclose([c for _, c in recs[0].coefficients], X[:, 0], rtol=0, atol=0)

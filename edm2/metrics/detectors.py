@@ -15,6 +15,8 @@ import pathlib
 
 import torch
 
+from edm2.download import cache_root, fetch
+
 from . import dinov2 as _dinov2
 from . import inception as _inception
 
@@ -46,8 +48,7 @@ SPECS = {
 
 def cache_dir() -> pathlib.Path:
     """Folder where detector weights are looked for and downloaded to."""
-    root = os.environ.get('EDM2_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'edm2')
-    return pathlib.Path(root) / 'detectors'
+    return cache_root() / 'detectors'
 
 
 def _torch_hub_file(file_name):
@@ -76,7 +77,6 @@ def find_weights(name, path=None, download=True) -> pathlib.Path:
     if not download:
         raise DetectorError(f'{spec["title"]} weights not found; put {spec["url"]} at {where}')
     try:
-        from edm2.checkpoint import fetch
         return pathlib.Path(fetch(spec['url'], cache_dir=str(cache_dir()), sha256_prefix=spec['sha256_prefix']))
     except Exception as e:  # offline, refused, wrong hash, missing module: all end the same way for users
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -1,94 +1,71 @@
-"""Reference statistics files (`--ref`; SPEC section 6).
+"""Reference statistics files (`--ref`): the mean and covariance of detector features over a dataset.
 
 Format: a pickle of {'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}} (numpy float64), as published
 at https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl, or an EDM1 `.npz` with `mu` / `sigma`
 (FID only). Files written here use the same pickle layout, plus, with `ref --keep-features`, a
 'features' entry {detector name: float32 [N, D]} for precision/recall.
 
-Pickles are read by a restricted unpickler that can only build dicts, lists, numbers, strings and
-numpy arrays: a reference file cannot run code.
+Pickles are read by `edm2.safe_pickle`'s plain allow-list, which can only build dicts, lists, numbers,
+strings and numpy arrays: a reference file cannot run code. Every array is then checked to be real,
+finite and of the expected shape, with errors naming the file and the key (e.g. `fid.sigma`).
 """
 
-import importlib
 import io
 import os
 import pickle
 
 import numpy as np
 
+from edm2 import safe_pickle
+from edm2.download import DownloadError, fetch
+from edm2.errors import EDM2Error, one_line
 from edm2.fileio import atomic_write
 
 METRIC_KEYS = ('fid', 'fd_dinov2')
 
 
-class ReferenceFileError(ValueError):
-    """A reference file cannot be used; one-line message naming the file."""
-
-
-class _EasyDict(dict):
-    """Stand-in for dnnlib.util.EasyDict (a dict subclass) in pickles written by the official code."""
-
-
-# The only globals a reference pickle may name: numpy's array/scalar rebuilders (under numpy 1.x and 2.x
-# module names), the codec protocol-2 pickles use for raw bytes, and the official code's dict subclass.
-_NUMPY_GLOBALS = {('multiarray', '_reconstruct'), ('multiarray', 'scalar'), ('numeric', '_frombuffer')}
-
-
-def _codecs_encode(obj, encoding='utf-8', errors='strict'):
-    if not isinstance(obj, str):
-        raise pickle.UnpicklingError('unexpected _codecs.encode argument')
-    return obj.encode(encoding, errors)
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) == ('numpy', 'ndarray'):
-            return np.ndarray
-        if (module, name) == ('numpy', 'dtype'):
-            return np.dtype
-        if (module, name) == ('_codecs', 'encode'):
-            return _codecs_encode
-        if (module, name) == ('dnnlib.util', 'EasyDict'):
-            return _EasyDict
-        parts = module.split('.')
-        if len(parts) == 3 and parts[:2] in (['numpy', 'core'], ['numpy', '_core']) \
-                and (parts[2], name) in _NUMPY_GLOBALS:
-            sub = importlib.import_module(f'numpy.{"_core" if hasattr(np, "_core") else "core"}.{parts[2]}')
-            return getattr(sub, name)
-        raise pickle.UnpicklingError(f'forbidden object {module}.{name}')
-
-
-def _plain(obj):
-    """Plain dicts all the way down; only numbers, strings and non-object numpy arrays allowed."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise pickle.UnpicklingError('object arrays are not allowed')
-        return obj
-    if isinstance(obj, (int, float, str, bytes, bool, np.generic)) or obj is None:
-        return obj
-    raise pickle.UnpicklingError(f'unexpected {type(obj).__name__}')
-
-
-def safe_load_pickle(data: bytes):
-    return _plain(_SafeUnpickler(io.BytesIO(data)).load())
+class ReferenceFileError(EDM2Error):
+    """A reference file cannot be used; one-line message naming the file (and the key at fault)."""
 
 
 def _open_source(path_or_url):
     s = str(path_or_url)
     if '://' in s:
-        from edm2.checkpoint import fetch  # cached download
         try:
-            return str(fetch(s))
-        except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ReferenceFileError(f'cannot fetch reference {s}: {reason}') from None
+            return str(fetch(s))  # cached download
+        except DownloadError as e:
+            raise ReferenceFileError(f'cannot fetch reference {s}: {e}') from None
     if not os.path.isfile(s):
         raise ReferenceFileError(f'reference file not found: {s}')
     return s
+
+
+def _numeric_array(value, path, key, ndim, dtype):
+    """`value` as a finite real array of `ndim` dimensions (at least one entry), else one line naming the key."""
+    if isinstance(value, np.ndarray) and value.dtype.hasobject:
+        raise ReferenceFileError(f'{path}: {key} is an object array; expected numbers')
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged nested lists
+        raise ReferenceFileError(f'{path}: {key} is a ragged array; expected a {ndim}-D array of numbers') from None
+    if array.dtype.kind not in 'iuf':
+        raise ReferenceFileError(f'{path}: {key} holds {array.dtype} values; expected real numbers')
+    if array.ndim != ndim or array.size == 0:
+        raise ReferenceFileError(f'{path}: {key} has shape {list(array.shape)}; expected a non-empty {ndim}-D array')
+    array = array.astype(dtype)
+    if not np.all(np.isfinite(array)):
+        raise ReferenceFileError(f'{path}: {key} holds non-finite values')
+    return array
+
+
+def _statistics(stats, path, metric):
+    """{'mu': [D], 'sigma': [D, D]} checked."""
+    mu = _numeric_array(stats['mu'], path, f'{metric}.mu', 1, np.float64)
+    sigma = _numeric_array(stats['sigma'], path, f'{metric}.sigma', 2, np.float64)
+    if sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ReferenceFileError(f'{path}: {metric} has mu {list(mu.shape)} and sigma {list(sigma.shape)}; '
+                                 f'expected [D] and [D, D]')
+    return {'mu': mu, 'sigma': sigma}
 
 
 def load_reference(path_or_url) -> dict:
@@ -103,14 +80,14 @@ def load_reference(path_or_url) -> dict:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 ref = {'fid': {'mu': z['mu'], 'sigma': z['sigma']}}
-        except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ReferenceFileError(f'{path} is not an EDM1 statistics .npz with mu and sigma: {reason}') from None
+        except Exception as e:  # noqa: BLE001 -- numpy raises many types for foreign or damaged archives
+            raise ReferenceFileError(f'{path} is not an EDM1 statistics .npz with mu and sigma: '
+                                     f'{one_line(e)}') from None
     else:
         try:
-            ref = safe_load_pickle(data)
-        except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            ref = safe_pickle.load(data)
+        except safe_pickle.UnsafePickleError as e:
+            reason = f'forbidden object {e.refused}' if e.refused else str(e)
             raise ReferenceFileError(f'{path} is not a reference statistics pickle: {reason}') from None
     if not isinstance(ref, dict):
         raise ReferenceFileError(f'{path} is not a reference statistics file (expected a dict)')
@@ -119,15 +96,12 @@ def load_reference(path_or_url) -> dict:
         if metric == 'features':
             if not isinstance(stats, dict):
                 raise ReferenceFileError(f'{path}: "features" must map detector names to arrays')
-            out['features'] = {str(k): np.asarray(v, np.float32) for k, v in stats.items()}
+            out['features'] = {str(k): _numeric_array(v, path, f'features.{k}', 2, np.float32)
+                               for k, v in stats.items()}
             continue
         if not (isinstance(stats, dict) and 'mu' in stats and 'sigma' in stats):
             continue  # tolerate unrelated entries
-        mu, sigma = np.asarray(stats['mu'], np.float64), np.asarray(stats['sigma'], np.float64)
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ReferenceFileError(f'{path}: {metric} has mu {mu.shape} and sigma {sigma.shape}; '
-                                  f'expected [D] and [D, D]')
-        out[metric] = {'mu': mu, 'sigma': sigma}
+        out[metric] = _statistics(stats, path, metric)
     if not any(k in out for k in METRIC_KEYS) and 'features' not in out:
         raise ReferenceFileError(f'{path} holds no statistics (expected keys {", ".join(METRIC_KEYS)})')
     return out
