@@ -19,6 +19,7 @@ Snapshot files are named `{prefix}-{kimg:07d}-{sigma_rel:.3f}` plus `.pkl` (publ
 
 import collections
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from edm2 import encoders, published
 from edm2.download import DownloadError, fetch
 from edm2.errors import EDM2Error, one_line
 from edm2.fileio import atomic_path
+from edm2.network_config import NetworkConfigError, check_network_kwargs, state_shapes
 from edm2.networks import Precond
 from edm2.phema import SIGMA_REL_MAX
 
@@ -165,25 +167,6 @@ def read_header(path):
 # ------------------------------------------------------------------------------------------------
 # Building a network from stored constructor arguments, checked against the stored shapes.
 
-class _TooMuchConstruction(Exception):
-    pass
-
-
-class _ConstructionBudget(torch.overrides.TorchFunctionMode):
-    """Stops a constructor after `limit` torch calls: a header asking for far more modules than the file
-    stores tensors is refused before it costs time (a U-Net makes about 2 calls per stored tensor)."""
-
-    def __init__(self, limit):
-        super().__init__()
-        self.remaining = limit
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.remaining -= 1
-        if self.remaining < 0:
-            raise _TooMuchConstruction
-        return func(*args, **(kwargs or {}))
-
-
 def _compare_shapes(expected, stored, path):
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
@@ -195,26 +178,40 @@ def _compare_shapes(expected, stored, path):
             raise _error(path, f'{name} has shape {list(stored[name])}, the network expects {list(shape)}')
 
 
+def _named_arguments(cls, args, kwargs, path):
+    """The constructor arguments as one dict (published pickles record the leading ones positionally)."""
+    names = [p.name for p in inspect.signature(cls).parameters.values()
+             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    if not isinstance(args, (list, tuple)) or len(args) > len(names):
+        raise _error(path, f'unexpected positional constructor arguments {args!r}')
+    named = dict(zip(names, args))
+    twice = sorted(set(named) & set(kwargs))
+    if twice:
+        raise _error(path, f'constructor argument {twice[0]!r} given twice')
+    return {**named, **kwargs}
+
+
 def _build_network(class_name, args, kwargs, stored_shapes, path):
     """A network of class `class_name` whose parameters and buffers have exactly `stored_shapes`,
-    allocated but not initialised (the caller copies the stored tensors in)."""
+    allocated but not initialised (the caller copies the stored tensors in).
+
+    The arguments are checked field by field, and the network they describe may not have more
+    parameters than the file stores numbers, before anything is built (edm2.network_config works on
+    the meta device); a small file can therefore never make us allocate a large network."""
     cls = _NETWORK_CLASSES.get(class_name)
     if cls is None:
         raise _error(path, f'unsupported network class {class_name!r} (expected one of {", ".join(_NETWORK_CLASSES)})')
-    # Issue 14: edm2.networks.check_network_kwargs(kwargs, max_params=...) belongs here, for messages that
-    # name the offending argument; until then the budgeted meta build below bounds time and memory.
+    kwargs = _named_arguments(cls, args, kwargs, path)
     try:
-        with torch.device('meta'), _ConstructionBudget(8 * len(stored_shapes) + 64):
-            net = cls(*args, **kwargs)
-    except _TooMuchConstruction:
-        raise _error(path, f'the stored arguments describe a network far larger than the {len(stored_shapes)} '
-                           f'tensors the file holds') from None
-    except Exception as e:  # noqa: BLE001 -- wrong types or values in the arguments raise many types
-        raise _error(path, f'cannot build {class_name} from the stored arguments: {one_line(e)}') from None
-    _compare_shapes({k: v.shape for k, v in net.state_dict().items()}, stored_shapes, path)
+        check_network_kwargs(kwargs, max_params=sum(math.prod(shape) for shape in stored_shapes.values()))
+    except NetworkConfigError as e:
+        raise _error(path, str(e)) from None
+    _compare_shapes(state_shapes(kwargs), stored_shapes, path)
+    with torch.device('meta'):
+        net = cls(**kwargs)
     names = {n for n, _ in net.named_parameters()} | {n for n, _ in net.named_buffers()}
     if names != set(stored_shapes):  # a non-persistent buffer needs its constructor's value
-        return cls(*args, **kwargs)
+        return cls(**kwargs)
     return net.to_empty(device='cpu')
 
 

@@ -126,8 +126,8 @@ def test_malformed_metadata_fields_and_encoder_spec(tmp_path):
     cases = [({'metadata': {'nimg': 'many'}}, 'metadata.nimg'),
              ({'metadata': {'nimg': -5}}, 'metadata.nimg'),
              ({'encoder': {'class': 'Evil'}}, 'encoder'),
-             ({'init_kwargs': dict(net.init_kwargs, model_channels='eight')}, 'cannot build Precond'),
-             ({'init_kwargs': dict(net.init_kwargs, no_such_argument=1)}, 'cannot build Precond')]
+             ({'init_kwargs': dict(net.init_kwargs, model_channels='eight')}, 'model_channels'),
+             ({'init_kwargs': dict(net.init_kwargs, no_such_argument=1)}, 'no_such_argument')]
     for i, (changes, word) in enumerate(cases):
         path = _write_native(tmp_path / f'n{i}.safetensors', net, _header(net, **changes))
         with pytest.raises(CheckpointError, match=word) as e:
@@ -152,9 +152,9 @@ print('MAXRSS_MIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 @pytest.mark.parametrize('changes, word', [
-    (dict(model_channels=1024), 'shape'),                              # 8 GB of parameters claimed
-    (dict(model_channels=8, num_blocks=20000), 'far larger'),          # 100k blocks to construct
-    (dict(channel_mult=[1] * 5000), 'far larger'),
+    (dict(model_channels=1024), 'parameters, above the limit'),        # 8 GB of parameters claimed
+    (dict(model_channels=8, num_blocks=20000), 'num_blocks'),          # 100k blocks to construct
+    (dict(channel_mult=[1] * 5000), 'channel_mult'),
     (dict(model_channels=10 ** 12), ''),                               # does not fit any tensor
 ])
 def test_header_cannot_make_us_allocate(tmp_path, changes, word):
@@ -176,7 +176,7 @@ def test_published_pickle_arguments_are_checked_the_same_way(tmp_path):
     net.init_kwargs = dict(net.init_kwargs, model_channels=1024)  # recorded arguments claim a huge network
     path = write_published(tmp_path / 'big.pkl', net)
     t0 = time.perf_counter()
-    with pytest.raises(CheckpointError, match='shape') as e:
+    with pytest.raises(CheckpointError, match='above the limit') as e:
         load_network(path)
     assert time.perf_counter() - t0 < 10 and str(path) in str(e.value) and '\n' not in str(e.value)
 

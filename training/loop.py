@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from edm2 import distributed as dist
 from edm2 import encoders
-from edm2.checkpoint import NATIVE_SUFFIX, save_network
+from edm2.checkpoint import save_network, snapshot_file_name
 from edm2.errors import one_line
 from edm2.fileio import remove_stale_temporaries
 from edm2.networks import build_network
@@ -71,10 +71,6 @@ def _format_time(seconds):
     if s < 3600:
         return f'{s // 60}m {s % 60:02d}s'
     return f'{s // 3600}h {(s // 60) % 60:02d}m'
-
-
-def snapshot_name(kimg, std):
-    return f'network-snapshot-{kimg:07d}-{std:.3f}'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +381,7 @@ class _Session:
             if opts.snapshot_dtype == 'fp16':
                 for p in net.parameters():
                     p.data = p.data.to(torch.float16)
-            path = os.path.join(opts.outdir, snapshot_name(cur // 1000, std) + NATIVE_SUFFIX)
+            path = os.path.join(opts.outdir, snapshot_file_name('network-snapshot', cur // 1000, std))
             save_network(path, net, self.encoder, kimg=cur // 1000, ema_std=std, nimg=cur, batch=opts.batch,
                          dataset=opts.data, loss=dict(P_mean=opts.P_mean, P_std=opts.P_std,
                                                       sigma_data=ema_net.sigma_data))
