@@ -1,9 +1,12 @@
-"""Reference statistics files (`--ref`; SPEC section 6).
+"""Reference statistics files (`--ref`) of the EDM2 protocol.
 
 Format: a pickle of {'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}} (numpy float64), as published
 at https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl, or an EDM1 `.npz` with `mu` / `sigma`
 (FID only). Files written here use the same pickle layout, plus, with `ref --keep-features`, a
 'features' entry {detector name: float32 [N, D]} for precision/recall.
+
+ADM evaluator reference batches (`VIRTUAL_imagenet512.npz`: images and statistics) are read by
+`edm2.metrics.adm_npz` instead; `is_adm_batch` tells them apart from EDM1 statistics.
 
 Pickles are read by a restricted unpickler that can only build dicts, lists, numbers, strings and
 numpy arrays: a reference file cannot run code.
@@ -137,3 +140,12 @@ def save_reference(path, ref: dict):
     """Write `ref` as a reference pickle (plain dicts and numpy arrays), atomically."""
     with atomic_write(path) as f:
         pickle.dump(ref, f, protocol=4)
+
+
+def is_adm_batch(path) -> bool:
+    """True when the local file `path` is an .npz holding ADM batch keys (arr_0, or sFID statistics mu_s)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return any(k in z.files for k in ('arr_0', 'mu_s'))
+    except Exception:
+        return False
