@@ -210,10 +210,12 @@ def _load_all(net_url, gnet_urls, device):
 @click.option('--device', help='Device (cpu, cuda, cuda:1, ...)  [default: cuda if available]', metavar='STR')
 @click.option('--grid', help='Also write all images as one contact-sheet PNG', metavar='FILE')
 @click.option('--skip-existing', help='Skip seeds whose PNG already exists in --outdir (resume)', is_flag=True)
+@click.option('--npz', help='Also write all images as an ADM sample batch (arr_0 NHWC uint8, arr_1 labels)',
+              metavar='FILE')
 @click.pass_context
 def main(ctx, preset, net, gnet, guidance, guide_weights, guidance_interval, outdir, subdirs, seeds, class_idx,
          batch_size, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, device, grid,
-         skip_existing):
+         skip_existing, npz):
     """Generate images with an EDM2 network, optionally guided by one or more guiding networks.
 
     Seeds give the same images as the published generate_images.py. A --preset supplies --net, --gnet,
@@ -239,8 +241,10 @@ def main(ctx, preset, net, gnet, guidance, guide_weights, guidance_interval, out
             guide_weights = [float(v) for v in cfg['guide_weights']]
     if net is None:
         raise click.UsageError('give --net or --preset')
-    if outdir is None and grid is None:
-        raise click.UsageError('give --outdir, --grid, or both')
+    if outdir is None and grid is None and npz is None:
+        raise click.UsageError('give --outdir, --grid, --npz, or several')
+    if npz is not None and skip_existing:
+        raise click.UsageError('--npz needs every image: it cannot be combined with --skip-existing')
     if skip_existing and outdir is None:
         raise click.UsageError('--skip-existing needs --outdir')
     if not seeds:
@@ -289,8 +293,14 @@ def main(ctx, preset, net, gnet, guidance, guide_weights, guidance_interval, out
     distributed.print0(f'Generating {len(seeds)} images{guided} on {distributed.get_world_size()} process(es)'
                        + (f' to "{outdir}"' if outdir else '') + ' ...')
     kept = {}  # seed -> HWC uint8, for --grid
+    from edm2.metrics.adm_npz import SampleBatchSink  # --npz: streamed, never all images in memory
+    sink = SampleBatchSink(npz, seeds) if npz is not None else None
     with torch.no_grad():
-        written = _write_batches(batches, outdir, subdirs, skip, grid, kept)
+        written = _write_batches((sink.add(b.seeds, b.images, b.labels) or b if sink else b for b in batches),
+                                 outdir, subdirs, skip, grid, kept)
+    if sink is not None:
+        sink.finish()
+        distributed.print0(f'Wrote an ADM sample batch of {len(seeds)} images to "{npz}"')
     distributed.barrier()
     if grid is not None:
         _write_grid(grid, kept, seeds, outdir, subdirs)
