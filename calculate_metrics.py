@@ -299,6 +299,8 @@ def cli():
     Metrics of a network, generating on the fly (the papers' protocol: 3 x 50k images, minimum):
       torchrun --nproc_per_node=8 calculate_metrics.py gen --preset=edm2-img512-s-autog-fid \\
           --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl --repeats=3
+    The ADM evaluator's FID, sFID, IS, precision and recall (DiT-family papers), against its reference batch:
+      python calculate_metrics.py calc --images=out --protocol=adm --ref=VIRTUAL_imagenet512.npz
     """
 
 

@@ -3,7 +3,7 @@ guidance interval, several guides at once). See `python generate_images.py --hel
 
 Same flags, seeds and file names as the published tool: `--seeds 0-49999` writes the same images
 (`{seed:06d}.png`) the published release writes for those seeds. Runs on CPU, one GPU, or
-`torchrun --nproc_per_node=N generate_images.py ...` (seeds split over ranks as in SPEC section 5).
+`torchrun --nproc_per_node=N generate_images.py ...` (seeds split over the ranks as the published tool splits them).
 """
 
 import math

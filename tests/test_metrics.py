@@ -330,3 +330,13 @@ def test_metric_names_and_reference_checks():
         evaluate.check_reference(ref, ['fd_dinov2'])
     with pytest.raises(evaluate.MetricError, match='--keep-features'):
         evaluate.check_reference(ref, ['precision'])
+
+
+def test_reference_reads_mu_sigma_of_an_adm_batch(tmp_path):
+    # An ADM reference batch as an EDM2-protocol --ref: its mu / sigma give 'fid'; the images are not needed.
+    rng = np.random.RandomState(0)
+    mu, sigma = rng.randn(4), np.eye(4) * 2
+    np.savez(tmp_path / 'virtual.npz', arr_0=rng.randint(0, 256, (3, 8, 8, 3), dtype=np.uint8), mu=mu, sigma=sigma,
+             mu_s=np.zeros(2), sigma_s=np.eye(2))
+    ref = load_reference(tmp_path / 'virtual.npz')
+    assert set(ref) == {'fid'} and np.array_equal(ref['fid']['mu'], mu) and np.array_equal(ref['fid']['sigma'], sigma)

@@ -15,11 +15,13 @@ import pathlib
 
 import torch
 
+from edm2.errors import EDM2Error
+
 from . import dinov2 as _dinov2
 from . import inception as _inception
 
 
-class DetectorError(ValueError):
+class DetectorError(EDM2Error):
     """A detector's weights cannot be found or used; the message is one line for users."""
 
 

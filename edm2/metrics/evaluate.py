@@ -11,6 +11,8 @@ the features of `pr_detector`, DINOv2 by default; they need the reference's stor
 import numpy as np
 import torch
 
+from edm2.errors import EDM2Error
+
 from . import adm
 from .frechet import frechet_distance
 from .precision_recall import precision_recall
@@ -23,7 +25,7 @@ METRICS = tuple(FD_METRICS) + PR_METRICS + ADM_METRICS
 PR_K = 3
 
 
-class MetricError(ValueError):
+class MetricError(EDM2Error):
     """Bad metric request or reference; one-line message."""
 
 

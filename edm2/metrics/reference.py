@@ -6,7 +6,7 @@ at https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl, or an EDM1 `.n
 'features' entry {detector name: float32 [N, D]} for precision/recall.
 
 ADM evaluator reference batches (`VIRTUAL_imagenet512.npz`: images and statistics) are read by
-`edm2.metrics.adm_npz` instead; `is_adm_batch` tells them apart from EDM1 statistics.
+`edm2.metrics.adm_npz` for the ADM metrics; read here, only their `mu` / `sigma` are used (FID).
 
 Pickles are read by a restricted unpickler that can only build dicts, lists, numbers, strings and
 numpy arrays: a reference file cannot run code.
@@ -19,12 +19,13 @@ import pickle
 
 import numpy as np
 
+from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write
 
 METRIC_KEYS = ('fid', 'fd_dinov2')
 
 
-class ReferenceFileError(ValueError):
+class ReferenceFileError(EDM2Error):
     """A reference file cannot be used; one-line message naming the file."""
 
 
@@ -99,12 +100,14 @@ def load_reference(path_or_url) -> dict:
     path = _open_source(path_or_url)
     try:
         with open(path, 'rb') as f:
-            data = f.read()
+            data = f.read(4)
+            if data != b'PK\x03\x04':  # .npz files (ZIPs) are read member by member, below
+                data += f.read()
     except OSError as e:
         raise ReferenceFileError(f'cannot read reference {path}: {e.strerror}') from None
-    if data[:4] == b'PK\x03\x04':  # .npz (a ZIP of .npy arrays): EDM1 FID statistics
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    if data[:4] == b'PK\x03\x04':  # .npz (a ZIP of .npy arrays): EDM1 FID statistics, or an ADM batch's
+        try:  # (only mu and sigma are read: an ADM reference batch's 10 000 images stay on disk)
+            with np.load(path, allow_pickle=False) as z:
                 ref = {'fid': {'mu': z['mu'], 'sigma': z['sigma']}}
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -140,12 +143,3 @@ def save_reference(path, ref: dict):
     """Write `ref` as a reference pickle (plain dicts and numpy arrays), atomically."""
     with atomic_write(path) as f:
         pickle.dump(ref, f, protocol=4)
-
-
-def is_adm_batch(path) -> bool:
-    """True when the local file `path` is an .npz holding ADM batch keys (arr_0, or sFID statistics mu_s)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return any(k in z.files for k in ('arr_0', 'mu_s'))
-    except Exception:
-        return False
