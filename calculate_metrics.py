@@ -506,19 +506,6 @@ def _load_net(path, device, what):
     return _rank0_first(load)
 
 
-def _saved(stream, sink):
-    """The generated batches of `stream`, each also added to the ADM sample batch `sink` (if any)."""
-    try:
-        for b in stream:
-            if sink is not None:
-                sink.add(b.seeds, b.images, b.labels)
-            yield b
-    except BaseException:
-        if sink is not None:
-            sink.abort()
-        raise
-
-
 def _finish_npz(sink):
     try:
         sink.finish()
@@ -605,7 +592,7 @@ def gen(net, gnet, guide_weights, guidance, guidance_interval, preset, ref_path,
         except sampling.SamplingError as e:
             _fail(e)
         sink = SampleBatchSink(_npz_path(save_npz, r, repeats), seeds) if save_npz else None
-        batches = ((b.images, torch.as_tensor(b.seeds) - first) for b in _saved(stream, sink))
+        batches = ((b.images, torch.as_tensor(b.seeds) - first) for b in (sink.tee(stream) if sink else stream))
         stats = evaluate.accumulate(batches, detectors, num, keep=keep, device=device, extra=extra)
         if sink is not None:
             _finish_npz(sink)

@@ -16,6 +16,7 @@ import torch
 
 from edm2 import distributed, presets, sampling
 from edm2.fileio import atomic_write
+from edm2.metrics.adm_npz import SampleBatchSink
 
 EXAMPLES = """
 \b
@@ -293,11 +294,9 @@ def main(ctx, preset, net, gnet, guidance, guide_weights, guidance_interval, out
     distributed.print0(f'Generating {len(seeds)} images{guided} on {distributed.get_world_size()} process(es)'
                        + (f' to "{outdir}"' if outdir else '') + ' ...')
     kept = {}  # seed -> HWC uint8, for --grid
-    from edm2.metrics.adm_npz import SampleBatchSink  # --npz: streamed, never all images in memory
-    sink = SampleBatchSink(npz, seeds) if npz is not None else None
+    sink = SampleBatchSink(npz, seeds) if npz is not None else None  # --npz: streamed, never all in memory
     with torch.no_grad():
-        written = _write_batches((sink.add(b.seeds, b.images, b.labels) or b if sink else b for b in batches),
-                                 outdir, subdirs, skip, grid, kept)
+        written = _write_batches(sink.tee(batches) if sink else batches, outdir, subdirs, skip, grid, kept)
     if sink is not None:
         sink.finish()
         distributed.print0(f'Wrote an ADM sample batch of {len(seeds)} images to "{npz}"')

@@ -251,6 +251,24 @@ def test_sample_sink_assembles_ranks_in_seed_order(tmp_path):
         assert np.array_equal(z['arr_1'], np.array(seeds) % 7)
 
 
+def test_sample_sink_leaves_nothing_when_generation_fails(tmp_path):
+    from edm2.sampling import GeneratedBatch
+
+    def batches():
+        yield GeneratedBatch(seeds=[0, 1], images=torch.zeros(2, 3, 4, 4, dtype=torch.uint8), labels=None)
+        raise RuntimeError('sampler failed')
+    sink = SampleBatchSink(tmp_path / 'out.npz', [0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match='sampler failed'):
+        for _ in sink.tee(batches()):
+            pass
+    assert os.listdir(tmp_path) == []
+    sink = SampleBatchSink(tmp_path / 'out.npz', [0, 1, 2, 3])
+    for _ in sink.tee(iter([])):  # nothing generated at all
+        pass
+    with pytest.raises(ValueError, match='no images'):
+        sink.finish()
+
+
 def _write_npz(path, **arrays):
     np.savez(path, **arrays)
     return str(path)

@@ -158,7 +158,9 @@ class _NpzStream:
         f = self.zip.open(key + '.npy', 'w', force_zip64=True)
         header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
                   'shape': tuple(int(v) for v in shape)}
-        np.lib.format.write_array_header_2_0(f, header) if _header_needs_v2(header) else \
+        if len(repr(header)) > 60000:  # version 1.0 headers are limited to 65 535 bytes
+            np.lib.format.write_array_header_2_0(f, header)
+        else:
             np.lib.format.write_array_header_1_0(f, header)
         return f
 
@@ -169,10 +171,6 @@ class _NpzStream:
 
     def close(self):
         self.zip.close()
-
-
-def _header_needs_v2(header):
-    return len(repr(header)) > 60000  # version 1.0 headers are limited to 65 535 bytes
 
 
 class NpzImageWriter:
@@ -264,6 +262,17 @@ class SampleBatchSink:
             if lab is not None:
                 self._labels.append(lab)
         self._seen.extend(int(s) for s in seeds)
+
+    def tee(self, batches):
+        """Yield `batches` (`edm2.sampling.GeneratedBatch`) unchanged, adding each to the file; an error or
+        an early stop aborts the file (nothing is left under its name)."""
+        try:
+            for b in batches:
+                self.add(b.seeds, b.images, b.labels)
+                yield b
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self):
         if self._writer is not None:
