@@ -119,12 +119,13 @@ def _load_adm_ref(path, metrics, detectors, opts, device):
     n = batch.num_images()
     distributed.print0(f'Computing features of the {n} reference images in {path}...')
     batches = adm.image_batches(batch, opts['batch'], device)
-    stats = evaluate.accumulate(batches, {'inception': detectors['inception']}, n, device=device,
-                                keep={adm.POOL} if need_pr else set(), extra=[s for s in from_images if s != adm.POOL])
-    try:
+    try:  # (a truncated arr_0 is found while reading it)
+        stats = evaluate.accumulate(batches, {'inception': detectors['inception']}, n, device=device,
+                                    keep={adm.POOL} if need_pr else set(),
+                                    extra=[s for s in from_images if s != adm.POOL])
         return adm.complete_reference(ref, stats, metrics)
-    except ValueError as e:
-        _fail(f'{path}: {e}')
+    except ValueError as e:  # AdmFileError, or too few images for statistics
+        _fail(e if isinstance(e, AdmFileError) else f'{path}: {e}')
 
 
 def _check_ref(ref, metrics, pr_features, path):
