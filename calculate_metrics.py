@@ -1,5 +1,7 @@
 """Compute FID, FD_DINOv2, precision and recall: reference statistics (`ref`), a folder of images
 (`calc`) or a network sampled on the fly (`gen`). See `python calculate_metrics.py COMMAND --help`.
+`--protocol adm` computes the ADM evaluator's FID, sFID, Inception Score, precision and recall instead
+(against ADM reference batches such as VIRTUAL_imagenet512.npz), and `ref --protocol adm` writes one.
 
 Runs on CPU, one GPU, or `torchrun --nproc_per_node=N` (the images are split over the ranks and the
 statistics summed). Detector weights: see `--inception-weights` / `--dinov2-weights`.
@@ -16,12 +18,14 @@ import torch
 from edm2 import cli as edm2_cli
 from edm2 import distributed, generation, guidance_setup, sampling
 from edm2.metrics import detectors as det_lib
-from edm2.metrics import evaluate
+from edm2.metrics import adm, evaluate
+from edm2.metrics.adm_npz import AdmBatch, AdmFileError, NpzImageWriter, SampleBatchSink
 from edm2.metrics.frechet import FrechetError
 from edm2.fileio import atomic_write
 from edm2.metrics.reference import ReferenceFileError, load_reference, save_reference
 
 DEFAULT_METRICS = 'fid,fd_dinov2'
+PROTOCOLS = ('edm2', 'adm')
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
@@ -41,11 +45,25 @@ def _atomic_write_text(path, text):
         f.write(text)
 
 
-def _parse_metrics(text):
+def _parse_metrics(text, protocol='edm2'):
+    """--metrics (None: the protocol's default) -> list; ADM metrics only with --protocol adm and vice versa."""
+    if text is None:
+        return list(adm.METRICS) if protocol == 'adm' else evaluate.parse_metrics(DEFAULT_METRICS)
     try:
-        return evaluate.parse_metrics(text)
+        metrics = evaluate.parse_metrics(text)
     except evaluate.MetricError as e:
         raise click.BadParameter(str(e), param_hint="'--metrics'") from None
+    is_adm = [m in adm.METRICS for m in metrics]
+    if any(is_adm) and not all(is_adm):
+        raise click.BadParameter(f'ADM metrics ({", ".join(adm.METRICS)}) and EDM2 metrics need different '
+                                 f'references; compute them in separate runs', param_hint="'--metrics'")
+    if protocol == 'adm' and not all(is_adm):
+        raise click.BadParameter(f'--protocol adm computes {", ".join(adm.METRICS)}', param_hint="'--metrics'")
+    return metrics
+
+
+def _is_adm(metrics):
+    return any(m in adm.METRICS for m in metrics)
 
 
 def _rank0_first(fn, *args):
@@ -85,6 +103,30 @@ def _load_ref(path):
         except ReferenceFileError as e:
             _fail(e)
     return _rank0_first(load)
+
+
+def _load_adm_ref(path, metrics, detectors, opts, device):
+    """ADM reference dict for `metrics` from batch file `path` (statistics from the file; precision/recall
+    features, and statistics the file lacks, computed from its arr_0 images on every rank)."""
+    dims = detectors['inception'].output_dims
+    try:
+        batch = _rank0_first(AdmBatch, path)
+        ref, from_images = adm.read_reference(batch, metrics, {s: dims[o] for s, o in adm.STREAMS.items()})
+    except AdmFileError as e:
+        _fail(e)
+    need_pr = any(m in adm.PR_METRICS for m in metrics)
+    if not from_images and not need_pr:
+        return ref
+    n = batch.num_images()
+    distributed.print0(f'Computing features of the {n} reference images in {path}...')
+    batches = adm.image_batches(batch, opts['batch'], device)
+    try:  # (a truncated arr_0 is found while reading it)
+        stats = evaluate.accumulate(batches, {'inception': detectors['inception']}, n, device=device,
+                                    keep={adm.POOL} if need_pr else set(),
+                                    extra=[s for s in from_images if s != adm.POOL])
+        return adm.complete_reference(ref, stats, metrics)
+    except ValueError as e:  # AdmFileError, or too few images for statistics
+        _fail(e if isinstance(e, AdmFileError) else f'{path}: {e}')
 
 
 def _check_ref(ref, metrics, pr_features, path):
@@ -174,7 +216,8 @@ def _accumulate_dataset(dataset, positions, detectors, opts, device, desc, **kwa
 
 def _print_table(rows, metrics, label):
     """rows: list of (name, {metric: value}); printed on rank 0."""
-    fmt = {'fid': '{:.4f}', 'fd_dinov2': '{:.4f}', 'precision': '{:.4f}', 'recall': '{:.4f}'}
+    fmt = {'fid': '{:.4f}', 'fd_dinov2': '{:.4f}', 'precision': '{:.4f}', 'recall': '{:.4f}', 'adm_fid': '{:.4f}',
+           'sfid': '{:.4f}', 'is': '{:.3f}', 'adm_precision': '{:.4f}', 'adm_recall': '{:.4f}'}
     head = f'{label:<24}' + ''.join(f'{m:>12}' for m in metrics)
     distributed.print0(head)
     distributed.print0('-' * len(head))
@@ -201,7 +244,7 @@ def _report(runs, metrics, label, names):
 def _evaluate(stats, ref, metrics, opts, seed, device):
     try:
         return evaluate.compute_metrics(stats, ref, metrics, pr_detector=opts['pr_features'], seed=seed,
-                                        device=device)
+                                        device=device, pr_mode=opts['adm_distances'])
     except (evaluate.MetricError, FrechetError) as e:
         _fail(e)
 
@@ -235,6 +278,11 @@ def common_options(fn):
                      show_default=True),
         click.option('--pr-features', help='Features for precision/recall', type=click.Choice(['dinov2', 'inception']),
                      default='dinov2', show_default=True),
+        click.option('--protocol', help="'adm': the ADM evaluator's metrics and reference batches (.npz) instead "
+                     "of the EDM2 papers'", type=click.Choice(PROTOCOLS), default='edm2', show_default=True),
+        click.option('--adm-distances', help='Precision of the distances of adm_precision/adm_recall (float16 '
+                     'with float32 fallback, as the ADM evaluator)', type=click.Choice(['float16', 'float32']),
+                     default='float16', show_default=True),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -253,21 +301,25 @@ def cli():
     Metrics of a network, generating on the fly (the papers' protocol: 3 x 50k images, minimum):
       torchrun --nproc_per_node=8 calculate_metrics.py gen --preset=edm2-img512-s-autog-fid \\
           --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl --repeats=3
+    The ADM evaluator's FID, sFID, IS, precision and recall (DiT-family papers), against its reference batch:
+      python calculate_metrics.py calc --images=out --protocol=adm --ref=VIRTUAL_imagenet512.npz
     """
 
 
 @cli.command()
 @click.option('--data', 'data', help='Dataset folder or ZIP of images', metavar='PATH', required=True)
 @click.option('--dest', help='Output statistics file (.pkl)', metavar='PKL', required=True)
-@click.option('--metrics', help=f'Statistics to compute (comma-separated: {", ".join(evaluate.METRICS)})',
-              metavar='LIST', default=DEFAULT_METRICS, show_default=True)
+@click.option('--metrics', help=f'Statistics to compute (comma-separated: {", ".join(evaluate.METRICS)})  '
+              f'[default: {DEFAULT_METRICS}]', metavar='LIST', default=None)
 @click.option('--keep-features', help='Also store features (needed for precision/recall)', is_flag=True)
 @click.option('--keep-num', help='Store at most this many features (seeded random subset)', metavar='INT',
               type=click.IntRange(min=1), default=50000, show_default=True)
-@click.option('--seed', help='Seed of the stored feature subset', metavar='INT', type=int, default=0,
-              show_default=True)
+@click.option('--seed', help='Seed of the stored feature subset (and of the ADM reference images)', metavar='INT',
+              type=int, default=0, show_default=True)
+@click.option('--ref-images', help='--protocol adm: images stored as arr_0 (seeded random subset)', metavar='INT',
+              type=click.IntRange(min=4), default=10000, show_default=True)
 @common_options
-def ref(data, dest, metrics, keep_features, keep_num, seed, **opts):
+def ref(data, dest, metrics, keep_features, keep_num, seed, ref_images, **opts):
     """Compute reference statistics of a dataset.
 
     \b
@@ -275,7 +327,10 @@ def ref(data, dest, metrics, keep_features, keep_num, seed, **opts):
       python calculate_metrics.py ref --data=datasets/img512.zip --dest=refs/img512.pkl
       python calculate_metrics.py ref --data=datasets/img64.zip --dest=refs/img64-pr.pkl \\
           --metrics=fid,fd_dinov2,precision,recall --keep-features
+      python calculate_metrics.py ref --protocol=adm --data=datasets/img512.zip --dest=refs/img512-adm.npz
     """
+    if opts['protocol'] == 'adm':
+        return _adm_ref(data, dest, seed, ref_images, opts)
     metrics = _parse_metrics(metrics)
     device = distributed.init(opts['device'])
     dataset = _open_dataset(data, 'dataset')
@@ -307,6 +362,32 @@ def ref(data, dest, metrics, keep_features, keep_num, seed, **opts):
     distributed.barrier()
 
 
+def _adm_ref(data, dest, seed, ref_images, opts):
+    """`ref --protocol adm`: an ADM reference batch (.npz) of a dataset: `ref_images` images drawn with
+    `seed` as arr_0, and mu, sigma, mu_s, sigma_s of the whole dataset."""
+    device = distributed.init(opts['device'])
+    dataset = _open_dataset(data, 'dataset')
+    detectors = _load_detectors(['inception'], opts, device)
+    n = len(dataset)
+    distributed.print0(f'Computing ADM reference statistics of {n} images in {data}...')
+    stats = _accumulate_dataset(dataset, np.arange(n), detectors, opts, device, 'Reference', extra=[adm.SPATIAL])
+    if distributed.is_main():
+        chosen = adm.reference_subset(n, ref_images, seed)
+        try:
+            (mu, sigma), (mu_s, sigma_s) = stats[adm.POOL].mu_sigma(), stats[adm.SPATIAL].mu_sigma()
+            shape = (dataset.resolution, dataset.resolution, dataset.num_channels)
+            with NpzImageWriter(dest, len(chosen), shape) as writer:
+                for start in range(0, len(chosen), 256):
+                    writer.append(np.stack([dataset[int(i)][0].transpose(1, 2, 0) for i in chosen[start:start + 256]]))
+                writer.extra.update(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+        except OSError as e:
+            _fail(f'cannot write {dest}: {e.strerror or e}')
+        except ValueError as e:
+            _fail(f'{data}: {e}')
+        distributed.print0(f'Saved an ADM reference batch ({len(chosen)} images, statistics of {n}) to {dest}')
+    distributed.barrier()
+
+
 def _subsets(n_avail, num, repeats, seed, source):
     """Disjoint position lists for the repeats: consecutive blocks in sorted order when the folder holds
     exactly num * repeats images (files named by seed give the papers' seed ranges), otherwise seeded
@@ -324,8 +405,8 @@ def evaluation_options(fn):
     for option in reversed([
         click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
                      required=True),
-        click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})', metavar='LIST',
-                     default=DEFAULT_METRICS, show_default=True),
+        click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})  [default: '
+                     f'{DEFAULT_METRICS}; with --protocol adm: {",".join(adm.METRICS)}]', metavar='LIST', default=None),
         click.option('--num', help='Number of images per evaluation', metavar='INT', type=click.IntRange(min=2),
                      default=50000, show_default=True),
     ]):
@@ -351,20 +432,23 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
       python calculate_metrics.py calc --images=out --ref=refs/img64-pr.pkl \\
           --metrics=fid,precision,recall --num=50000 --repeats=3 --out=metrics.json
     """
-    metrics = _parse_metrics(metrics)
+    metrics = _parse_metrics(metrics, opts['protocol'])
     device = distributed.init(opts['device'])
-    reference = _load_ref(ref_path)
-    _check_ref(reference, metrics, opts['pr_features'], ref_path)
+    if not _is_adm(metrics):
+        reference = _load_ref(ref_path)
+        _check_ref(reference, metrics, opts['pr_features'], ref_path)
     dataset = _open_dataset(images, 'image folder')
     subsets = _subsets(len(dataset), num, repeats, seed, images)
     names = evaluate.detectors_for(metrics, opts['pr_features'])
     detectors = _load_detectors(names, opts, device)
-    keep = {opts['pr_features']} if any(m in evaluate.PR_METRICS for m in metrics) else set()
+    keep, extra = _kept(metrics, opts)
+    if _is_adm(metrics):
+        reference = _load_adm_ref(ref_path, metrics, detectors, opts, device)
 
     runs, labels = [], []
     for r, positions in enumerate(subsets):
         distributed.print0(f'Evaluating {num} images of {images}' + (f' (subset {r + 1}/{repeats})' if repeats > 1 else ''))
-        stats = _accumulate_dataset(dataset, positions, detectors, opts, device, 'Features', keep=keep)
+        stats = _accumulate_dataset(dataset, positions, detectors, opts, device, 'Features', keep=keep, extra=extra)
         if distributed.is_main():
             runs.append(_evaluate(stats, reference, metrics, opts, seed, device))
             labels.append(f'subset {r}' if repeats > 1 else os.path.basename(os.path.normpath(images)))
@@ -374,8 +458,24 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
             command='calc', metrics=metrics, images=os.path.abspath(images), ref=str(ref_path), num=num, seed=seed,
             repeats=repeats, runs=[dict(subset=r, **v) for r, v in enumerate(runs)], summary=summary,
             detectors=_detector_info(detectors), dinov2_resize=opts['dinov2_resize'], pr_features=opts['pr_features'],
+            protocol=opts['protocol'], adm_distances=opts['adm_distances'],
             world_size=distributed.get_world_size(), time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
     distributed.barrier()
+
+
+def _kept(metrics, opts):
+    """(feature sets whose rows are stored, extra Inception outputs) that `metrics` need."""
+    if _is_adm(metrics):
+        return adm.kept_streams(metrics), adm.extra_streams(metrics)
+    return ({opts['pr_features']} if any(m in evaluate.PR_METRICS for m in metrics) else set()), []
+
+
+def _npz_path(path, r, repeats):
+    """--save-npz FILE for evaluation r: FILE itself, or FILE-r.npz with several repeats."""
+    if repeats == 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f'{root}-{r}{ext or ".npz"}'
 
 
 def _labelled(stream, record):
@@ -395,6 +495,14 @@ def _gather_labels(record):
     return [label for _, label in sorted(row for part in parts for row in part)]
 
 
+def _finish_npz(sink):
+    try:
+        sink.finish()
+    except (OSError, ValueError) as e:
+        _fail(f'cannot write {sink.path}: {getattr(e, "strerror", None) or e}')
+    distributed.print0(f'Saved the images as an ADM sample batch: {sink.path}')
+
+
 @cli.command()
 @guidance_setup.guidance_options
 @evaluation_options
@@ -409,9 +517,11 @@ def _gather_labels(record):
                    "rule) or 'balanced' (every class equally often within one, by the seed's position in the range)")
 @click.option('--out', help='Write results and settings (with the class of every image) as JSON', metavar='JSON',
               default=None)
+@click.option('--save-npz', help='Also write the images as an ADM sample batch (arr_0 NHWC uint8, arr_1 labels); '
+              'with --repeats, FILE-0.npz, FILE-1.npz, ...', metavar='FILE', default=None)
 @common_options
 def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, ref_path, metrics,
-        num, seed, repeats, steps, label_rule, out, **opts):
+        num, seed, repeats, steps, label_rule, out, save_npz, **opts):
     """Calculate metrics of a network, generating images on the fly.
 
     \b
@@ -423,7 +533,7 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
           --guidance-interval=0.28,2.9 --labels=balanced --ref=refs/img512.pkl
       python calculate_metrics.py gen --preset=edm2-img512-xxl-guid-interval-fid --ref=refs/img512.pkl
     """
-    metrics = _parse_metrics(metrics)
+    metrics = _parse_metrics(metrics, opts['protocol'])
     setup = guidance_setup.resolve(preset, net, gnet, guidance, guide_weights, guidance_interval,
                                    guidance_interval_steps)
     sigmas = sampling.edm_schedule(steps)
@@ -434,12 +544,15 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
         device = distributed.init(opts['device'])
     except distributed.DeviceError as e:
         edm2_cli.fail(e)
-    reference = _load_ref(ref_path)
-    _check_ref(reference, metrics, opts['pr_features'], ref_path)
+    if not _is_adm(metrics):
+        reference = _load_ref(ref_path)
+        _check_ref(reference, metrics, opts['pr_features'], ref_path)
     names = evaluate.detectors_for(metrics, opts['pr_features'])
     detectors = _load_detectors(names, opts, device)
+    if _is_adm(metrics):
+        reference = _load_adm_ref(ref_path, metrics, detectors, opts, device)
     main_net, encoder, guides = guidance_setup.load_networks(setup, device)
-    keep = {opts['pr_features']} if any(m in evaluate.PR_METRICS for m in metrics) else set()
+    keep, extra = _kept(metrics, opts)
 
     runs, names_, seed_ranges, run_labels = [], [], [], []
     for r in range(repeats):
@@ -452,10 +565,14 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
         except sampling.SamplingError as e:
             _fail(e)
         record = []
+        sink = SampleBatchSink(_npz_path(save_npz, r, repeats), range(first, first + num)) if save_npz else None
         try:
-            stats = evaluate.accumulate(_labelled(stream, record), detectors, num, keep=keep, device=device)
+            stats = evaluate.accumulate(_labelled(sink.tee(stream) if sink else stream, record), detectors, num,
+                                        keep=keep, device=device, extra=extra)
         except sampling.SamplingError as e:
             _fail(e)
+        if sink is not None:
+            _finish_npz(sink)
         labels = _gather_labels(record)
         if distributed.is_main():
             runs.append(_evaluate(stats, reference, metrics, opts, seed, device))
@@ -466,10 +583,11 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
         summary = _report(runs, metrics, 'network', names_)
         _write_json(out, dict(
             command='gen', metrics=metrics, **setup.describe(), steps=steps, labels=label_rule,
-            ref=str(ref_path), num=num, repeats=repeats,
+            ref=str(ref_path), num=num, repeats=repeats, save_npz=save_npz,
             runs=[dict(seeds=sr, **v, labels=lab) for sr, v, lab in zip(seed_ranges, runs, run_labels)],
             summary=summary, detectors=_detector_info(detectors), dinov2_resize=opts['dinov2_resize'],
-            pr_features=opts['pr_features'], world_size=distributed.get_world_size(),
+            pr_features=opts['pr_features'], protocol=opts['protocol'],
+            adm_distances=opts['adm_distances'], world_size=distributed.get_world_size(),
             time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
     distributed.barrier()
 

@@ -18,6 +18,7 @@ import torch
 
 from edm2 import cli, distributed, generation, guidance_setup, sampling
 from edm2.fileio import atomic_write
+from edm2.metrics.adm_npz import SampleBatchSink
 
 EXAMPLES = """
 \b
@@ -156,9 +157,11 @@ def make_grid(images):
 @click.option('--device', metavar='STR', help='Where to run, e.g. cpu, cuda, cuda:1.  [default: cuda if present]')
 @click.option('--grid', metavar='FILE', help=f'Also lay all images out on one PNG sheet (at most {GRID_MAX}).')
 @click.option('--skip-existing', is_flag=True, help='Leave seeds whose PNG is already in --outdir alone (resume).')
+@click.option('--npz', metavar='FILE', help='Also write all images as an ADM sample batch (arr_0 NHWC uint8, '
+                                           'arr_1 labels), streamed to disk, for the ADM TensorFlow evaluator.')
 def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, outdir, subdirs,
          seeds, class_idx, label_rule, labels_out, batch_size, num_steps, sigma_min, sigma_max, rho, S_churn, S_min,
-         S_max, S_noise, device, grid, skip_existing):
+         S_max, S_noise, device, grid, skip_existing, npz):
     """Sample images from an EDM2 network, optionally steered by one or more guiding networks.
 
     A seed gives the image the published generate_images.py gives it. --preset supplies the networks,
@@ -167,14 +170,15 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
     """
     setup = guidance_setup.resolve(preset, net, gnet, guidance, guide_weights, guidance_interval,
                                    guidance_interval_steps)
-    _check_flags(outdir, grid, skip_existing, seeds, class_idx, label_rule, labels_out)
+    _check_flags(outdir, grid, npz, skip_existing, seeds, class_idx, label_rule, labels_out)
     options = sampling.HeunOptions(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     try:
         sigmas = sampling.edm_schedule(num_steps, sigma_min, sigma_max, rho, dtype=options.dtype)
     except sampling.SamplingError as e:
         cli.fail(e, '--sigma_min/--sigma_max/--rho/--steps')
     guidance_setup.check_schedule(setup, sigmas)
-    for path, flag, folder in ((outdir, '--outdir', True), (grid, '--grid', False), (labels_out, '--labels-out', False)):
+    for path, flag, folder in ((outdir, '--outdir', True), (grid, '--grid', False), (labels_out, '--labels-out', False),
+                               (npz, '--npz', False)):
         if path is not None:
             cli.check_output(path, flag, folder)
     try:
@@ -199,11 +203,16 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
     distributed.print0(f'Generating {len(seeds)} images{guided} on {distributed.get_world_size()} process(es)'
                        + (f' to "{outdir}"' if outdir else '') + ' ...')
     kept, labels = {}, []
+    sink = SampleBatchSink(npz, seeds) if npz is not None else None  # --npz: streamed, never all in memory
     with torch.no_grad():
         try:
-            written = _write_batches(batches, outdir, subdirs, skip, grid is not None, kept, labels)
+            written = _write_batches(sink.tee(batches) if sink else batches, outdir, subdirs, skip,
+                                     grid is not None, kept, labels)
         except sampling.SamplingError as e:
             cli.fail(e)
+    if sink is not None:
+        sink.finish()
+        distributed.print0(f'Wrote an ADM sample batch of {len(seeds)} images to "{npz}"')
     distributed.barrier()
     if grid is not None:
         _write_grid(grid, kept, seeds, outdir, subdirs)
@@ -216,9 +225,11 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
     distributed.shutdown()
 
 
-def _check_flags(outdir, grid, skip_existing, seeds, class_idx, label_rule, labels_out):
-    if outdir is None and grid is None:
-        raise click.UsageError('give --outdir, --grid, or both')
+def _check_flags(outdir, grid, npz, skip_existing, seeds, class_idx, label_rule, labels_out):
+    if outdir is None and grid is None and npz is None:
+        raise click.UsageError('give --outdir, --grid, --npz, or several')
+    if npz is not None and skip_existing:
+        raise click.UsageError('--npz needs every image: it cannot be combined with --skip-existing')
     if skip_existing and outdir is None:
         raise click.UsageError('--skip-existing needs --outdir')
     if len(seeds) == 0:

@@ -4,10 +4,13 @@ Measures, with full-size architectures and random weights (speed does not depend
   - images/s of the FID Inception-v3 and of DINOv2 ViT-L/14 (with its preprocessing) at a given batch,
   - the share of that time spent accumulating float64 statistics (mu, Sigma),
   - the time of the Fréchet distance between two 2048-d (and 1024-d) statistics,
+  - the extra cost of the ADM evaluator's metrics over FID alone: the Inception pass returning pool
+    features, logits and the sFID tap vs pool features only, the extra statistics updates, and the
+    one-off sFID Fréchet distance, Inception Score and float16 precision/recall,
 and prints them with the machine and settings, plus ratios measured in the same run.
 
     python bench/metrics.py                     # batch 64, CPU
-    python bench/metrics.py --device cuda --iters 5
+    python bench/metrics.py --device cuda --iters 5 --pr-num 50000,10000
 """
 
 import argparse
@@ -19,8 +22,10 @@ import torch
 
 from edm2.metrics.detectors import Detector
 from edm2.metrics.dinov2 import DINOv2ViT
+from edm2.metrics.adm_precision_recall import adm_precision_recall
 from edm2.metrics.frechet import frechet_distance
-from edm2.metrics.inception import InceptionV3FID
+from edm2.metrics.inception import NUM_CLASSES, SFID_DIM, InceptionV3FID, sfid_features
+from edm2.metrics.inception_score import inception_score
 from edm2.metrics.stats import FeatureStats
 from machine import cpu_model  # bench/machine.py
 
@@ -69,6 +74,69 @@ def time_frechet(dim, n, iters):
     return min(times)
 
 
+def time_adm_extra(det, images, iters, device, num, pr_num):
+    """Seconds of the FID-only and the all-ADM-metrics work for `num` images (measured per batch, scaled)."""
+    variants = {'fid': ('pool',), 'all': ('pool', 'logits', 'spatial')}
+    times = {k: [] for k in variants}
+    det.outputs(images[:2], variants['all'])
+    for _ in range(max(iters, 3)):  # interleaved, best of each: the ratio survives a busy machine
+        for key, names in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            det.outputs(images, names)
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    t_fid, t_all = min(times['fid']), min(times['all'])
+    # The extra operations on their own (best of 20; robust where the machine is shared): the logits'
+    # matrix product and the sFID tap's copy in (H, W, C) order.
+    pool = torch.randn(images.shape[0], det.feature_dim, device=device)
+    tap = torch.randn(images.shape[0], det.net.Mixed_6d.branch1x1.conv.out_channels, 17, 17, device=device)
+    extra_ops = []
+    for _ in range(20):
+        sync(device)
+        t0 = time.perf_counter()
+        pool @ det.net.fc.weight.T
+        sfid_features(tap)
+        sync(device)
+        extra_ops.append(time.perf_counter() - t0)
+    t_extra_ops = min(extra_ops)
+    batch = images.shape[0]
+    t_stats_extra = time_stats(SFID_DIM, batch, 3, device) + time_stats(NUM_CLASSES, batch, 3, device)
+    t_sfid = time_frechet(SFID_DIM, n=2 * SFID_DIM, iters=1)
+    logits = torch.randn(num, NUM_CLASSES, device=device) * 3
+    t0 = time.perf_counter()
+    inception_score(logits.cpu().numpy())
+    t_is = time.perf_counter() - t0
+    n_gen, n_ref = pr_num
+    gen = torch.randn(n_gen, det.feature_dim, device=device)
+    ref = torch.randn(n_ref, det.feature_dim, device=device)
+    t0 = time.perf_counter()
+    adm_precision_recall(ref, gen, mode='float16', device=device)
+    sync(device)
+    t_pr = time.perf_counter() - t0
+    return dict(t_fid=t_fid, t_all=t_all, t_extra_ops=t_extra_ops, t_stats_extra=t_stats_extra, t_sfid=t_sfid, t_is=t_is, t_pr=t_pr,
+                batch=batch)
+
+
+def report_adm(r, num, pr_num, pr_full=(50000, 10000)):
+    per_image_fid = r['t_fid'] / r['batch']
+    per_image_all = (r['t_fid'] + r['t_extra_ops'] + r['t_stats_extra']) / r['batch']
+    print(f'ADM metrics: Inception pass with logits + sFID tap {r["t_all"]:.2f} s vs pool only {r["t_fid"]:.2f} s '
+          f'per batch of {r["batch"]} (ratio {r["t_all"] / r["t_fid"]:.3f}, interleaved, best of each); the extra '
+          f'operations alone {r["t_extra_ops"] * 1e3:.2f} ms = {100 * r["t_extra_ops"] / r["t_fid"]:.3f}% of the pass; '
+          f'extra float64 statistics (2023-d sFID, 1008-d logits) {r["t_stats_extra"] * 1e3:.1f} ms per batch '
+          f'= {100 * r["t_stats_extra"] / r["t_fid"]:.2f}%')
+    print(f'  one-off: sFID Fréchet distance {r["t_sfid"]:.2f} s, Inception Score of {num} images {r["t_is"]:.2f} s, '
+          f'float16 precision/recall of {pr_num[0]} samples vs {pr_num[1]} reference {r["t_pr"]:.2f} s')
+    # Precision/recall computes (N + M)^2 distances (both radii and both coverages): scaled to the evaluator's sizes.
+    t_pr_full = r['t_pr'] * (sum(pr_full) / sum(pr_num)) ** 2
+    fid = num * per_image_fid
+    extra = num * (per_image_all - per_image_fid) + r['t_sfid'] + r['t_is'] + t_pr_full  # per-image part: ops + stats
+    print(f'  for {num} images: FID alone {fid:.0f} s of detector time; sFID + IS + precision/recall '
+          f'({pr_full[0]} vs {pr_full[1]}, scaled from the measured size by (N + M)^2: {t_pr_full:.0f} s) add '
+          f'{extra:.0f} s = {100 * extra / fid:.1f}%')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--batch', type=int, default=64)
@@ -77,7 +145,11 @@ def main():
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch default)')
     parser.add_argument('--detectors', default='inception,dinov2')
+    parser.add_argument('--num', type=int, default=50000, help='images of one evaluation (ADM extra-cost summary)')
+    parser.add_argument('--pr-num', default='5000,2000',
+                        help='samples,reference features of the timed ADM precision/recall (evaluator: 50000,10000)')
     args = parser.parse_args()
+    pr_num = tuple(int(v) for v in args.pr_num.split(','))
 
     device = torch.device(args.device)
     if args.threads:
@@ -101,6 +173,9 @@ def main():
         rates[name] = args.batch / t
         print(f'{name:<10} {rates[name]:8.2f} images/s  ({t:.2f} s per batch of {args.batch}); '
               f'float64 mu/Sigma update {t_stats * 1e3:.1f} ms per batch = {100 * t_stats / t:.2f}% of the detector')
+        if name == 'inception':
+            with torch.no_grad():
+                report_adm(time_adm_extra(det, images, args.iters, device, args.num, pr_num), args.num, pr_num)
     if len(rates) == 2:
         print(f'ratio inception / dinov2 images/s: {rates["inception"] / rates["dinov2"]:.2f}')
 

@@ -320,8 +320,9 @@ def test_reference_pickle_cannot_run_code(tmp_path, capsys):
 
 def test_metric_names_and_reference_checks():
     assert evaluate.parse_metrics('fid, fd_dinov2,fid') == ['fid', 'fd_dinov2']
-    with pytest.raises(evaluate.MetricError, match="unknown metric 'is'"):
-        evaluate.parse_metrics('fid,is')
+    # ('is' became a metric with the ADM evaluator's protocol; 'kid' is still unknown.)
+    with pytest.raises(evaluate.MetricError, match="unknown metric 'kid'"):
+        evaluate.parse_metrics('fid,kid')
     assert evaluate.detectors_for(['precision']) == ['dinov2']
     assert evaluate.detectors_for(['recall', 'fid'], 'inception') == ['inception']
     ref = {'fid': {'mu': np.zeros(2), 'sigma': np.eye(2)}}
@@ -329,3 +330,13 @@ def test_metric_names_and_reference_checks():
         evaluate.check_reference(ref, ['fd_dinov2'])
     with pytest.raises(evaluate.MetricError, match='--keep-features'):
         evaluate.check_reference(ref, ['precision'])
+
+
+def test_reference_reads_mu_sigma_of_an_adm_batch(tmp_path):
+    # An ADM reference batch as an EDM2-protocol --ref: its mu / sigma give 'fid'; the images are not needed.
+    rng = np.random.RandomState(0)
+    mu, sigma = rng.randn(4), np.eye(4) * 2
+    np.savez(tmp_path / 'virtual.npz', arr_0=rng.randint(0, 256, (3, 8, 8, 3), dtype=np.uint8), mu=mu, sigma=sigma,
+             mu_s=np.zeros(2), sigma_s=np.eye(2))
+    ref = load_reference(tmp_path / 'virtual.npz')
+    assert set(ref) == {'fid'} and np.array_equal(ref['fid']['mu'], mu) and np.array_equal(ref['fid']['sigma'], sigma)

@@ -16,12 +16,13 @@ import pathlib
 import torch
 
 from edm2.download import cache_root, fetch
+from edm2.errors import EDM2Error
 
 from . import dinov2 as _dinov2
 from . import inception as _inception
 
 
-class DetectorError(ValueError):
+class DetectorError(EDM2Error):
     """A detector's weights cannot be found or used; the message is one line for users."""
 
 
@@ -117,7 +118,12 @@ def load_state_dict(path, title='detector'):
 
 
 class Detector:
-    """uint8-range images [N, C, H, W] (C = 1 or 3, any size) -> float32 features [N, feature_dim]."""
+    """uint8-range images [N, C, H, W] (C = 1 or 3, any size) -> float32 features [N, feature_dim].
+
+    `outputs(images, names)` returns several outputs of one forward pass: 'pool' (the features) for
+    every detector, and for Inception also 'logits' (Inception Score) and 'spatial' (sFID); see
+    `output_dims`.
+    """
 
     def __init__(self, name, net, weights_path, device, resize_mode='torch'):
         self.name = name
@@ -126,23 +132,34 @@ class Detector:
         self.device = torch.device(device)
         self.resize_mode = resize_mode
         self.feature_dim = net.feature_dim
+        self.output_dims = {'pool': self.feature_dim}
+        if name == 'inception':
+            self.output_dims.update(logits=_inception.NUM_CLASSES, spatial=_inception.SFID_DIM)
 
     @property
     def weights_sha256(self) -> str:
         return file_sha256(self.weights_path)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.outputs(images, ('pool',))['pool']
+
+    @torch.no_grad()
+    def outputs(self, images: torch.Tensor, names=('pool',)) -> dict:
+        """{name: float32 [N, output_dims[name]]} for the requested `names`, from one forward pass."""
+        unknown = [n for n in names if n not in self.output_dims]
+        if unknown:
+            raise DetectorError(f'the {self.name} detector has no output {unknown[0]!r} '
+                                f'(it has: {", ".join(self.output_dims)})')
         # Full float32: TF32 convolutions (cuDNN's default on recent GPUs) would shift the features
         # by ~1e-3 relative and the published FIDs with them.
         cudnn_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            return self._features(images)
+            return self._outputs(images, tuple(names))
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
 
-    def _features(self, images):
+    def _outputs(self, images, names):
         x = images.to(self.device)
         if x.shape[1] == 1:  # grayscale datasets: the detectors expect RGB
             x = x.expand(-1, 3, -1, -1)
@@ -150,7 +167,9 @@ class Detector:
             raise DetectorError(f'{self.name} detector expects 1- or 3-channel images, got {x.shape[1]} channels')
         if self.name == 'dinov2':
             x = _dinov2.preprocess(x, self.resize_mode)
-        return self.net(x.to(torch.float32)).to(torch.float32)
+            return {'pool': self.net(x.to(torch.float32)).to(torch.float32)}
+        out = self.net.outputs(x.to(torch.float32), names)
+        return {k: v.to(torch.float32) for k, v in out.items()}
 
 
 def load_detector(name, weights=None, device='cpu', resize_mode='torch', num_heads=None) -> Detector:

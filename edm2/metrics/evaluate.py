@@ -1,25 +1,31 @@
 """From a stream of images to metric values: which detectors a metric needs, feature accumulation over
-ranks, reference files, and the metrics themselves (SPEC section 7).
+ranks, reference files, and the metrics themselves.
 
-Metrics: 'fid' (Fréchet distance of Inception-v3 features), 'fd_dinov2' (of DINOv2 ViT-L/14 features),
-'precision' and 'recall' (Kynkäänniemi et al. 2019, k = 3, on the features of `pr_detector`, DINOv2 by
-default; they need the reference's stored features, see `ref --keep-features`).
+Metrics of the EDM2 papers: 'fid' (Fréchet distance of Inception-v3 features; Heusel et al. 2017),
+'fd_dinov2' (of DINOv2 ViT-L/14 features), 'precision' and 'recall' (Kynkäänniemi et al. 2019, k = 3, on
+the features of `pr_detector`, DINOv2 by default; they need the reference's stored features, see
+`ref --keep-features`). Metrics of the ADM evaluator ('adm_fid', 'sfid', 'is', 'adm_precision',
+'adm_recall'): see `edm2.metrics.adm`; they are computed against an ADM reference batch (.npz).
 """
 
 import numpy as np
 import torch
 
+from edm2.errors import EDM2Error
+
+from . import adm
 from .frechet import frechet_distance
 from .precision_recall import precision_recall
 from .stats import FeatureStats
 
 FD_METRICS = {'fid': 'inception', 'fd_dinov2': 'dinov2'}
 PR_METRICS = ('precision', 'recall')
-METRICS = tuple(FD_METRICS) + PR_METRICS
+ADM_METRICS = adm.METRICS
+METRICS = tuple(FD_METRICS) + PR_METRICS + ADM_METRICS
 PR_K = 3
 
 
-class MetricError(ValueError):
+class MetricError(EDM2Error):
     """Bad metric request or reference; one-line message."""
 
 
@@ -37,13 +43,15 @@ def parse_metrics(text) -> list:
 def detectors_for(metrics, pr_detector='dinov2') -> list:
     """Detector names the metrics need, in a fixed order."""
     need = {FD_METRICS[m] for m in metrics if m in FD_METRICS}
+    if any(m in ADM_METRICS for m in metrics):
+        need.add('inception')
     if any(m in PR_METRICS for m in metrics):
         need.add(pr_detector)
     return [d for d in ('inception', 'dinov2') if d in need]
 
 
 def check_reference(ref: dict, metrics, pr_detector='dinov2', ref_name='reference'):
-    """Raise MetricError naming what `ref` lacks for `metrics`."""
+    """Raise MetricError naming what `ref` lacks for the EDM2 `metrics` (ADM metrics: `adm.read_reference`)."""
     for m in metrics:
         if m in FD_METRICS and m not in ref:
             have = ', '.join(k for k in ref if k != 'features') or 'none'
@@ -53,23 +61,30 @@ def check_reference(ref: dict, metrics, pr_detector='dinov2', ref_name='referenc
                               f'make it with `calculate_metrics.py ref --keep-features`')
 
 
-def accumulate(batches, detectors: dict, num_items: int, keep=(), device='cpu', keep_slots=None) -> dict:
-    """Run every detector over `batches` and return {detector name: FeatureStats}, reduced over ranks.
+def accumulate(batches, detectors: dict, num_items: int, keep=(), device='cpu', keep_slots=None,
+               extra=()) -> dict:
+    """Run every detector over `batches` and return {feature set: FeatureStats}, reduced over ranks.
 
     batches: iterable of (uint8 images [B, C, H, W], positions [B] in 0..num_items-1) of this rank.
-    keep: detector names whose features are stored (row = position, or keep_slots[position] when
+    Feature sets: each detector's name (its pool features), plus the Inception outputs named in `extra`
+    ('inception_spatial', 'inception_logits'; see `edm2.metrics.adm`), all from one forward pass.
+    keep: feature sets whose rows are stored (row = position, or keep_slots[position] when
     given, where -1 means "not stored" and the number of slots is max(keep_slots) + 1).
     """
     num_slots = num_items if keep_slots is None else int(np.max(keep_slots)) + 1
-    stats = {name: FeatureStats(det.feature_dim, device=device, num_items=num_slots, keep_features=name in keep)
-             for name, det in detectors.items()}
+    streams = {name: (name, 'pool') for name in detectors}
+    streams.update({name: ('inception', adm.STREAMS[name]) for name in extra})
+    stats = {name: FeatureStats(detectors[det].output_dims[out], device=device, num_items=num_slots,
+                                keep_features=name in keep) for name, (det, out) in streams.items()}
     slots_t = None if keep_slots is None else torch.as_tensor(np.asarray(keep_slots), dtype=torch.long)
     for images, positions in batches:
         positions = torch.as_tensor(positions, dtype=torch.long)
-        for name, det in detectors.items():
-            features = det(images)
-            slots = positions if slots_t is None else slots_t[positions]
-            stats[name].update(features, slots)
+        slots = positions if slots_t is None else slots_t[positions]
+        for det_name, det in detectors.items():
+            wanted = {name: out for name, (d, out) in streams.items() if d == det_name}
+            outputs = det.outputs(images, tuple(dict.fromkeys(wanted.values())))
+            for name, out in wanted.items():
+                stats[name].update(outputs[out], slots)
     for s in stats.values():
         s.reduce()
     return stats
@@ -88,8 +103,14 @@ def reference_from_stats(stats: dict, metrics=None) -> dict:
     return ref
 
 
-def compute_metrics(stats: dict, ref: dict, metrics, pr_detector='dinov2', seed=0, device=None) -> dict:
-    """{metric: value} of generated/evaluated `stats` against reference `ref`."""
+def compute_metrics(stats: dict, ref: dict, metrics, pr_detector='dinov2', seed=0, device=None,
+                    pr_mode='float16') -> dict:
+    """{metric: value} of generated/evaluated `stats` against reference `ref` (an ADM reference dict for
+    ADM metrics; `pr_mode` is their precision/recall distance precision, see `edm2.metrics.adm`)."""
+    if any(m in ADM_METRICS for m in metrics):
+        if not all(m in ADM_METRICS for m in metrics):
+            raise MetricError('ADM metrics and EDM2 metrics need different references; compute them separately')
+        return adm.compute_metrics(stats, ref, metrics, pr_mode=pr_mode, device=device)
     check_reference(ref, metrics, pr_detector)
     results = {}
     for m in metrics:

@@ -1,4 +1,5 @@
-"""The FID feature network: Inception-v3 as in the TensorFlow graph of 2015-12-05 (SPEC section 7).
+"""The FID feature network: Inception-v3 as in the TensorFlow graph of 2015-12-05, the network of FID
+(Heusel et al., NeurIPS 2017) and of the ADM evaluator (Dhariwal & Nichol, NeurIPS 2021).
 
 Published FIDs were computed with that graph; to reproduce them a PyTorch version must keep its
 quirks, each marked below: TF1 bilinear resizing to 299x299, (x - 128) / 128 input scaling,
@@ -17,6 +18,23 @@ from torch import nn
 RESOLUTION = 299  # the graph's fixed input size
 FEATURE_DIM = 2048  # pool features (at width_divisor 1)
 NUM_CLASSES = 1008  # the 2015 graph's classifier has 1008 outputs (1000 classes + unused)
+SFID_CHANNELS = 7  # sFID keeps channels 0-6 of the Mixed_6d.branch1x1 output (Nash et al. 2021; ADM evaluator)
+SFID_DIM = 17 * 17 * SFID_CHANNELS  # 2023: the 17x17 grid of the 299x299 input
+OUTPUTS = ('pool', 'logits', 'spatial')  # what `InceptionV3FID.outputs` can return in one pass
+
+
+def sfid_features(branch1x1: torch.Tensor) -> torch.Tensor:
+    """sFID features from the Mixed_6d.branch1x1 activations [N, C, 17, 17]: channels 0-6, flattened in
+    (H, W, C) order -> [N, 2023].
+
+    The TensorFlow graph (where the layer is `mixed_6/conv`) holds activations as NHWC, and the sFID
+    reference statistics were computed on its row-major flattening: height, then width, then channel.
+    Flattening NCHW directly would give the same numbers in another order, and wrong statistics.
+    """
+    if branch1x1.ndim != 4 or branch1x1.shape[1] < SFID_CHANNELS:
+        raise ValueError(f'expected Mixed_6d.branch1x1 activations [N, >={SFID_CHANNELS}, H, W], '
+                         f'got {list(branch1x1.shape)}')
+    return branch1x1[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(branch1x1.shape[0], -1)
 
 
 def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -155,7 +173,7 @@ class InceptionE(nn.Module):
     """8x8 mixed block with split 1x3 / 3x1 branches (Mixed_7b, Mixed_7c).
 
     The 2015 graph pools differently in the two blocks: Mixed_7b averages (ignoring padding), Mixed_7c
-    takes a 3x3 max (SPEC section 7) -- `pool` selects which.
+    takes a 3x3 max (the graph's pool_2 vs mixed_10) -- `pool` selects which.
     """
 
     def __init__(self, cin, d, pool):
@@ -187,8 +205,8 @@ class InceptionE(nn.Module):
 class InceptionV3FID(nn.Module):
     """uint8-range images [N, 3, H, W] (any size) -> 2048-d pool features (and unbiased logits).
 
-    forward(x) returns the pool features; `features_and_logits(x)` also returns the classifier
-    output without its bias (fc.weight only), which is what Inception-Score-style metrics use.
+    forward(x) returns the pool features; `outputs(x, names)` returns any of pool features, classifier
+    output without its bias (fc.weight only; the Inception Score's logits) and sFID features from one pass.
     """
 
     def __init__(self, width_divisor=1):
@@ -231,7 +249,16 @@ class InceptionV3FID(nn.Module):
             raise ValueError(f'Inception-v3 state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}')
         return net
 
-    def features_and_logits(self, x):
+    def outputs(self, x, names=('pool',)) -> dict:
+        """The requested outputs of one forward pass, as {name: float32 tensor}:
+
+            pool     2048-d pool features (FID, precision/recall)
+            logits   1008 classifier outputs without the bias, pool @ fc.weight.T (Inception Score)
+            spatial  2023-d sFID features of Mixed_6d.branch1x1 (see `sfid_features`)
+        """
+        unknown = set(names) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f'unknown Inception outputs {sorted(unknown)}; choose from {", ".join(OUTPUTS)}')
         x = resize_bilinear_tf1(x.to(torch.float32), RESOLUTION)
         x = (x - 128) / 128  # the graph's input scaling of [0, 255] pixels
         x = self.Conv2d_1a_3x3(x)
@@ -241,12 +268,23 @@ class InceptionV3FID(nn.Module):
         x = self.Conv2d_3b_1x1(x)
         x = self.Conv2d_4a_3x3(x)
         x = F.max_pool2d(x, kernel_size=3, stride=2)
+        out = {}
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
+            if block is self.Mixed_6d and 'spatial' in names:
+                # The block concatenates its branches with branch1x1 first: its channels are that output.
+                out['spatial'] = sfid_features(x[:, :self.Mixed_6d.branch1x1.conv.out_channels])
         features = x.mean(dim=(2, 3))
-        logits_unbiased = features @ self.fc.weight.T
-        return features, logits_unbiased
+        out['pool'] = features
+        if 'logits' in names:
+            out['logits'] = features @ self.fc.weight.T
+        return {name: out[name] for name in names}
+
+    def features_and_logits(self, x):
+        """(pool features, unbiased logits) of one pass."""
+        out = self.outputs(x, ('pool', 'logits'))
+        return out['pool'], out['logits']
 
     def forward(self, x):
-        return self.features_and_logits(x)[0]
+        return self.outputs(x, ('pool',))['pool']

@@ -1,16 +1,18 @@
-"""Reference statistics files (`--ref`): the mean and covariance of detector features over a dataset.
+"""Reference statistics files (`--ref`) of the EDM2 protocol: the mean and covariance of detector features.
 
 Format: a pickle of {'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}} (numpy float64), as published
 at https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl, or an EDM1 `.npz` with `mu` / `sigma`
 (FID only). Files written here use the same pickle layout, plus, with `ref --keep-features`, a
 'features' entry {detector name: float32 [N, D]} for precision/recall.
 
+ADM evaluator reference batches (`VIRTUAL_imagenet512.npz`: images and statistics) are read by
+`edm2.metrics.adm_npz` for the ADM metrics; read here, only their `mu` / `sigma` are used (FID).
+
 Pickles are read by `edm2.safe_pickle`'s plain allow-list, which can only build dicts, lists, numbers,
 strings and numpy arrays: a reference file cannot run code. Every array is then checked to be real,
 finite and of the expected shape, with errors naming the file and the key (e.g. `fid.sigma`).
 """
 
-import io
 import os
 import pickle
 
@@ -73,12 +75,14 @@ def load_reference(path_or_url) -> dict:
     path = _open_source(path_or_url)
     try:
         with open(path, 'rb') as f:
-            data = f.read()
+            data = f.read(4)
+            if data != b'PK\x03\x04':  # .npz files (ZIPs) are read member by member, below
+                data += f.read()
     except OSError as e:
         raise ReferenceFileError(f'cannot read reference {path}: {e.strerror}') from None
-    if data[:4] == b'PK\x03\x04':  # .npz (a ZIP of .npy arrays): EDM1 FID statistics
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    if data[:4] == b'PK\x03\x04':  # .npz (a ZIP of .npy arrays): EDM1 FID statistics, or an ADM batch's
+        try:  # (only mu and sigma are read: an ADM reference batch's 10 000 images stay on disk)
+            with np.load(path, allow_pickle=False) as z:
                 ref = {'fid': {'mu': z['mu'], 'sigma': z['sigma']}}
         except Exception as e:  # noqa: BLE001 -- numpy raises many types for foreign or damaged archives
             raise ReferenceFileError(f'{path} is not an EDM1 statistics .npz with mu and sigma: '
