@@ -53,6 +53,20 @@ def _check_digest(digest, sha256_prefix, what):
         raise DownloadError(f'{what}: SHA-256 {digest[:16]}... does not start with {sha256_prefix}')
 
 
+def local_file(path_or_url, error=DownloadError, what='file') -> str:
+    """A local path for a file or http(s) URL (downloaded once into the cache), or `error` (an exception
+    class) with a one-line message naming `what` and the file."""
+    text = str(path_or_url)
+    if is_url(text):
+        try:
+            return str(fetch(text))
+        except DownloadError as e:
+            raise error(f'cannot fetch {what} {text}: {one_line(e)}') from None
+    if not os.path.isfile(text):
+        raise error(f'{what} not found: {text}')
+    return text
+
+
 def fetch(url_or_path, cache_dir=None, sha256_prefix=None) -> pathlib.Path:
     """Local path of `url_or_path`.
 

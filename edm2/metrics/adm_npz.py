@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from edm2 import distributed
-from edm2.download import DownloadError, fetch
+from edm2.download import local_file
 from edm2.errors import EDM2Error, one_line
 from edm2.fileio import atomic_path, temporary_name
 
@@ -39,24 +39,11 @@ class AdmFileError(EDM2Error):
     """An ADM batch file cannot be used; one-line message naming the file and the key."""
 
 
-def local_path(path_or_url) -> str:
-    """A local path for a file or URL (URLs are downloaded once into the cache)."""
-    s = str(path_or_url)
-    if '://' in s:
-        try:
-            return str(fetch(s))  # cached download
-        except DownloadError as e:
-            raise AdmFileError(f'cannot fetch {s}: {one_line(e)}') from None
-    if not os.path.isfile(s):
-        raise AdmFileError(f'file not found: {s}')
-    return s
-
-
 class AdmBatch:
     """An opened ADM batch file: `keys`, small arrays via `array(key)`, images via `image_rows`."""
 
     def __init__(self, path_or_url):
-        self.path = local_path(path_or_url)
+        self.path = local_file(path_or_url, AdmFileError, 'ADM batch file')
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 self.keys = list(z.files)

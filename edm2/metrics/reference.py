@@ -13,13 +13,12 @@ strings and numpy arrays: a reference file cannot run code. Every array is then 
 finite and of the expected shape, with errors naming the file and the key (e.g. `fid.sigma`).
 """
 
-import os
 import pickle
 
 import numpy as np
 
 from edm2 import safe_pickle
-from edm2.download import DownloadError, fetch
+from edm2.download import local_file
 from edm2.errors import EDM2Error, one_line
 from edm2.fileio import atomic_write
 
@@ -28,18 +27,6 @@ METRIC_KEYS = ('fid', 'fd_dinov2')
 
 class ReferenceFileError(EDM2Error):
     """A reference file cannot be used; one-line message naming the file (and the key at fault)."""
-
-
-def _open_source(path_or_url):
-    s = str(path_or_url)
-    if '://' in s:
-        try:
-            return str(fetch(s))  # cached download
-        except DownloadError as e:
-            raise ReferenceFileError(f'cannot fetch reference {s}: {e}') from None
-    if not os.path.isfile(s):
-        raise ReferenceFileError(f'reference file not found: {s}')
-    return s
 
 
 def _numeric_array(value, path, key, ndim, dtype):
@@ -72,7 +59,7 @@ def _statistics(stats, path, metric):
 
 def load_reference(path_or_url) -> dict:
     """{'fid': {'mu', 'sigma'}, 'fd_dinov2': {...}, ['features': {detector: array}]} from a .pkl or .npz."""
-    path = _open_source(path_or_url)
+    path = local_file(path_or_url, ReferenceFileError, 'reference file')
     try:
         with open(path, 'rb') as f:
             data = f.read(4)
