@@ -548,7 +548,13 @@ def _parse_step_interval(text):
 @click.option('--guidance-interval', help='Apply guidance only for sigma in (LO, HI]', metavar='LO,HI', default=None)
 @click.option('--guidance-interval-steps', help='Apply guidance only at sampler steps FIRST..LAST (if the sampler '
               'supports it)', metavar='FIRST,LAST', default=None)
-@evaluation_options
+@click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
+              required=True)
+@click.option('--metrics', help=f'Metrics; the first one steers --search=descent (comma-separated: '
+              f'{", ".join(evaluate.METRICS)})', metavar='LIST', default=DEFAULT_METRICS, show_default=True)
+# --num-images: under torchrun 2.13+ a bare --num is refused as an ambiguous prefix of --numa-binding.
+@click.option('--num', '--num-images', 'num', help='Number of images per cell', metavar='INT',
+              type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='First seed; every cell uses seeds seed ... seed + num - 1', metavar='INT',
               type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=32,

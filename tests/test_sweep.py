@@ -85,8 +85,8 @@ def _weights(assets):
 def _sweep_args(assets, outdir, extra=()):
     return ['sweep', '--net-dir', assets['main'], '--net-std', '0.06,0.09', '--gnet-dir', assets['guide'],
             '--gnet-kimg', '2', '--gnet-std', '0.05,0.08', '--guidance', '1.5,2.5', '--ref', assets['ref'],
-            '--metrics', 'fid,fd_dinov2', '--num', '4', '--steps', '2', '--batch', '2', '--outdir', str(outdir),
-            *extra, *_weights(assets)]
+            '--metrics', 'fid,fd_dinov2', '--num-images', '4', '--steps', '2', '--batch', '2',
+            '--outdir', str(outdir), *extra, *_weights(assets)]
 
 
 def _invoke(cli, args):
@@ -245,6 +245,29 @@ def test_resume_skips_finished_cells_and_refuses_changed_settings(assets, tmp_pa
     assert len(_cells(out)) == 18
 
 
+def test_fixed_network_and_guide_from_the_same_run_earlier(assets, tmp_path):
+    # The "reduce training only" ablation: the guide is the same run at kimg 1; the main network a fixed file.
+    fixed = tmp_path / 'fixed.safetensors'
+    save_network(fixed, _tiny(5, 8), StandardRGBEncoder())
+    net = sweep_lib.file_source(str(fixed), '--net')
+    gnet = sweep_lib.snapshot_source(assets['main'], 1, [0.05, 0.1], '--gnet')
+    seen = []
+    config = sweep_lib.SweepConfig(net, gnet, [2.0], ['fid'], 4, ref_name='synthetic')
+    assert config.shape == (1, 2, 1) and config.planned_reconstructions() == (0, 2)
+    result = sweep_lib.run_sweep(config, tmp_path / 'out', progress=False,
+                                 cell_metrics=lambda cell, n, g: seen.append((n, g)) or {'fid': cell['gnet_std']})
+    assert result['counter'] == {'loads': 1, 'reconstructions': 2, 'batches': 1}
+    assert [c['net_std'] for c in result['cells']] == [None, None]
+    assert result['cells'][0]['net'] == {'file': str(fixed)}
+    assert result['cells'][0]['gnet']['inputs'] == ['network-snapshot-0000001-0.050.safetensors',
+                                                    'network-snapshot-0000001-0.100.safetensors']
+    # At kimg 1 the two stored lengths are reproduced exactly: coefficients (1, 0) and (0, 1).
+    assert np.allclose(result['cells'][0]['gnet']['coefficients'], [1, 0], atol=1e-9)
+    stored, _, _ = load_snapshot(os.path.join(assets['main'], 'network-snapshot-0000001-0.100.safetensors'))
+    for a, b in zip(seen[1][1].parameters(), stored.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line.
 
@@ -253,8 +276,8 @@ def test_bad_input_one_line_before_any_work(assets, tmp_path):
     empty = tmp_path / 'empty'
     empty.mkdir()
 
-    def run(*replace, drop=()):
-        args = _sweep_args(assets, out)
+    def run(*replace, drop=(), extra=()):
+        args = _sweep_args(assets, out, extra)
         for flag, value in zip(replace[::2], replace[1::2]):
             args[args.index(flag) + 1] = value
         for flag in drop:
@@ -268,6 +291,10 @@ def test_bad_input_one_line_before_any_work(assets, tmp_path):
     _one_line_error(run('--gnet-std', ','), '--gnet-std', 'at least one value')
     _one_line_error(run('--guidance', ''), '--guidance')
     _one_line_error(run('--ref', assets['ref_fid']), 'no fd_dinov2 statistics')
+    _one_line_error(run(extra=['--guidance-interval', '3,1']), '--guidance-interval')
+    _one_line_error(run('--net-dir', assets['main'] + '-missing'), '--net-dir', 'not a folder')
+    res = _invoke(calculate_metrics.cli, _sweep_args(assets, out) + ['--net', assets['main']])
+    assert res.exit_code != 0 and 'exactly one of --net-dir and --net' in res.output
     # A guide folder of another network class (here: a different resolution) than the main one.
     other = tmp_path / 'other'
     other.mkdir()
@@ -303,9 +330,10 @@ def test_cells_equal_reconstruct_phema_plus_gen_and_outputs(assets, tmp_path):
     for net_std, gnet_std, w in ((0.06, 0.05, 1.5), (0.09, 0.08, 2.5)):
         net = recon / 'main' / f'phema-0000003-{net_std:.3f}.safetensors'
         gnet = recon / 'guide' / f'phema-0000002-{gnet_std:.3f}.safetensors'
-        r = _invoke(calculate_metrics.cli, ['gen', '--net', net, '--gnet', gnet, '--guidance', w, '--ref', assets['ref'],
-                                            '--metrics', 'fid,fd_dinov2', '--num', 4, '--steps', 2, '--batch', 2,
-                                            '--out', tmp_path / 'gen.json', *_weights(assets)])
+        r = _invoke(calculate_metrics.cli, ['gen', '--net', net, '--gnet', gnet, '--guidance', w,
+                                            '--ref', assets['ref'], '--metrics', 'fid,fd_dinov2', '--num', 4,
+                                            '--steps', 2, '--batch', 2, '--out', tmp_path / 'gen.json',
+                                            *_weights(assets)])
         assert r.exit_code == 0, r.output
         run = json.loads((tmp_path / 'gen.json').read_text())['runs'][0]
         cell = by_key[(net_std, gnet_std, w)]

@@ -54,6 +54,12 @@ def check_pair(net, gnet):
     sampling.check_guides(net, [gnet])
 
 
+def check_interval(interval):
+    """Raise if a guidance interval (LO, HI) is not valid for the sampler."""
+    from edm2 import sampling
+    sampling.check_interval(interval)
+
+
 def sampler_supports(option):
     """Whether the sampler's generate() accepts the keyword `option` (e.g. guidance_interval_steps)."""
     import inspect
@@ -250,8 +256,12 @@ class NetworkPool:
 
 
 def preflight(config, device):
-    """Checks that need a network, made before any cell: the guide fits the main network. Reads one
-    snapshot of each axis."""
+    """Checks made before any cell: the guidance interval, and that the guide fits the main network
+    (reads one snapshot of each axis)."""
+    try:
+        check_interval(config.guidance_interval)
+    except ValueError as e:  # SamplingError
+        raise SweepError(f'--guidance-interval: {one_line(e)}') from None
     def first(source):
         if source.fixed:
             return load_network_file(source.path, device)[0]
@@ -366,7 +376,8 @@ def _run_grid(config, cells):
 
 def _run_descent(config, cells):
     metric = config.metrics[0]
-    best, _, values = sweep_plan.coordinate_descent(config.shape, lambda cell: sweep_plan.score(metric, cells(cell)[metric]))
+    best, _, values = sweep_plan.coordinate_descent(
+        config.shape, lambda cell: sweep_plan.score(metric, cells(cell)[metric]))
     return best, len(values)
 
 
@@ -398,7 +409,10 @@ def run_sweep(config, outdir, *, detectors=None, reference=None, device='cpu', c
     bar = tqdm(total=total, unit='cell', desc='Sweep', disable=not (progress and distributed.is_main()))
     cells = _Cells(config, log, pools, detectors, reference, device, cell_metrics, bar)
     if total is not None:
-        bar.update(sum(cells.done(c) for c in _all_cells(config.shape)))
+        finished = sum(cells.done(c) for c in _all_cells(config.shape))
+        if finished and progress:
+            distributed.print0(f'Resuming: {finished} of {total} cells already in {log.path}')
+        bar.update(finished)
     t0 = time.perf_counter()
     descent = None
     try:

@@ -58,6 +58,17 @@ def _surface(records, metric, net_stds, gnet_stds):
     return value, weight
 
 
+def _digits(values):
+    """Decimals that tell the values of a figure apart (their spread's first two significant digits)."""
+    spread = np.nanmax(values) - np.nanmin(values)
+    return 2 if not spread > 0 else int(min(max(2 - math.floor(math.log10(spread)), 0), 6))
+
+
+def _position(stds, std):
+    return next(n for n, s in enumerate(stds) if (s is None and std is None) or
+                (s is not None and std is not None and abs(s - std) < 1e-9))
+
+
 def figures(outdir, records, metrics, net_stds, gnet_stds, best):
     """Write the PNG figures; returns their paths, or None (one line printed) without matplotlib."""
     try:
@@ -76,11 +87,17 @@ def figures(outdir, records, metrics, net_stds, gnet_stds, best):
         fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(net_stds), 1.0 + 0.7 * len(gnet_stds)), dpi=100)
         cmap = 'viridis' if m in sweep_plan.HIGHER_IS_BETTER else 'viridis_r'
         im = ax.imshow(value, origin='lower', cmap=cmap, aspect='auto')
+        digits = _digits(value)
+        lo, hi = np.nanmin(value), np.nanmax(value)
         for a in range(value.shape[0]):
             for b in range(value.shape[1]):
                 if not math.isnan(value[a, b]):
-                    ax.text(b, a, f'{value[a, b]:.3g}\nw={weight[a, b]:g}', ha='center', va='center', fontsize=7,
-                            color='white')
+                    light = (value[a, b] - lo) / (hi - lo) if hi > lo else 0.5
+                    light = light if m in sweep_plan.HIGHER_IS_BETTER else 1 - light
+                    ax.text(b, a, f'{value[a, b]:.{digits}f}\nw={weight[a, b]:g}', ha='center', va='center',
+                            fontsize=7, color='black' if light > 0.6 else 'white')
+        bn, bg = _position(net_stds, best[m]['net_std']), _position(gnet_stds, best[m]['gnet_std'])
+        ax.add_patch(plt.Rectangle((bn - 0.5, bg - 0.5), 1, 1, fill=False, edgecolor='red', lw=2))
         ax.set_xticks(range(len(net_stds)), labels(net_stds))
         ax.set_yticks(range(len(gnet_stds)), labels(gnet_stds))
         ax.set_xlabel('main network EMA length (net_std)')
