@@ -13,8 +13,8 @@ EMA at sigma_rel 0.05 and 0.10, several times), a main U-Net and a half-width gu
      checked against (phema_batch + 2) main + all guide networks: the held main networks, the input being
      read and one transient (as in bench/phema.py), plus the held guides.
 
-    python bench/sweep.py                          # 2 x 2 x 2 cells, 16 images, 8 steps
-    python bench/sweep.py --figure docs            # also the README figure: a 4 x 3 x 4 sweep's heatmap
+    python bench/sweep.py                          # 2 x 2 x 2 cells, 8 images, 8 steps
+    python bench/sweep.py --figure docs            # instead: the README figure (4 x 3 x 4 cells, tiny detector)
 """
 
 import json
@@ -73,14 +73,14 @@ def sweep_config(main, guide, net_stds, gnet_stds, guidances, num, steps, batch,
                              steps=steps, batch=batch, phema_batch=phema_batch, ref_name='random')
 
 
-def stand_ins(tmp, resolution):
-    """A full-size Inception-v3 with random weights (the real detector's cost) and a random reference."""
+def stand_ins(tmp, width_divisor=1):
+    """An Inception-v3 with random weights (full size: the real detector's cost) and a random reference."""
     import numpy as np
     import torch
 
     from edm2.metrics import detectors as det_lib
-    path = os.path.join(tmp, 'inception-random.pth')
-    torch.save(det_lib.random_state_dict('inception'), path)
+    path = os.path.join(tmp, f'inception-random-{width_divisor}.pth')
+    torch.save(det_lib.random_state_dict('inception', width_divisor=width_divisor), path)
     detector = det_lib.load_detector('inception', weights=path, device='cpu')
     rng = np.random.RandomState(0)
     dim = detector.feature_dim
@@ -89,7 +89,7 @@ def stand_ins(tmp, resolution):
 
 def time_split(tmp, main, guide, args):
     from edm2.metrics import sweep
-    detectors, reference = stand_ins(tmp, args['resolution'])
+    detectors, reference = stand_ins(tmp)
     config = sweep_config(main, guide, args['net_std'], args['gnet_std'], args['guidance'], args['num'],
                           args['steps'], args['batch'], args['phema_batch'])
     result = sweep.run_sweep(config, os.path.join(tmp, 'time'), detectors=detectors, reference=reference,
@@ -156,11 +156,11 @@ def _list(text):
 @click.option('--net-std', default='0.06,0.09', show_default=True)
 @click.option('--gnet-std', default='0.05,0.08', show_default=True)
 @click.option('--guidance', default='1.5,2.5', show_default=True)
-@click.option('--num', type=int, default=16, show_default=True, help='images per cell')
+@click.option('--num', type=int, default=8, show_default=True, help='images per cell')
 @click.option('--steps', type=int, default=8, show_default=True)
 @click.option('--batch', type=int, default=16, show_default=True)
 @click.option('--phema-batches', default='1,2', show_default=True, help='--phema-batch values of the memory runs')
-@click.option('--figure', metavar='DIR', default=None, help='Also write the README figure (a 4 x 3 x 4 sweep)')
+@click.option('--figure', metavar='DIR', default=None, help='Only write the README figure (a 4 x 3 x 4 sweep) to DIR')
 @click.option('--child-args', type=str, hidden=True)
 def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, phema_batches, figure, child_args):
     if child_args is not None:
@@ -179,6 +179,9 @@ def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, p
               f'times are noisy)')
         print(f'Main network: EDM2 U-Net {net_kwargs(channels, resolution)}, {main_bytes / 2**20:.2f} MiB float32; '
               f'guide: model_channels {channels // 2}, {guide_bytes / 2**20:.2f} MiB; 8 float16 snapshots each')
+        if figure:
+            write_figure(tmp, main_dir, guide_dir, figure)
+            return
         cells = len(args['net_std']) * len(args['gnet_std']) * len(args['guidance'])
         print(f'Sweep: {cells} cells, {num} images per cell, {steps} Heun steps ({2 * steps - 1} evaluations of '
               f'the main network and of the guide per image), batch {batch}, FID with a full-size Inception-v3')
@@ -192,15 +195,14 @@ def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, p
         for pb, counter, used, bound in memory(tmp, main_dir, guide_dir, args, main_bytes, guide_bytes):
             print(f'{pb:>11} {counter["reconstructions"]:>15} {used / 2**20:>13.2f} {bound / 2**20:>9.2f} '
                   f'{used / main_bytes:>12.2f} {"yes" if used <= bound else "NO":>6}')
-        if figure:
-            write_figure(tmp, main_dir, guide_dir, figure, resolution, num, steps, batch)
 
 
-def write_figure(tmp, main_dir, guide_dir, folder, resolution, num, steps, batch):
+def write_figure(tmp, main_dir, guide_dir, folder):
+    """The README figure: a 4 x 3 x 4 sweep, 8 images per cell, 4 steps, Inception at 1/16 width."""
     from edm2.metrics import sweep, sweep_report
-    detectors, reference = stand_ins(tmp, resolution)
+    detectors, reference = stand_ins(tmp, width_divisor=16)
     config = sweep_config(main_dir, guide_dir, [0.05, 0.07, 0.09, 0.11], [0.05, 0.08, 0.11], [1.0, 1.5, 2.0, 2.5],
-                          num, steps, batch, 8)
+                          8, 4, 8, 8)
     outdir = os.path.join(tmp, 'figure')
     result = sweep.run_sweep(config, outdir, detectors=detectors, reference=reference, device='cpu', progress=False)
     best = sweep_report.best_cells(result['cells'], config.metrics)
