@@ -583,7 +583,7 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
       torchrun --nproc_per_node=8 calculate_metrics.py sweep \\
           --net-dir=runs/img512-s --net-std=0.040,0.050,...,0.160 \\
           --gnet-dir=runs/img512-xs --gnet-kimg=134217 --gnet-std=0.080,0.100,...,0.200 \\
-          --guidance=1.6,1.8,...,2.8 --ref=refs/img512.pkl --num=10000 --outdir=sweeps/s-autog
+          --guidance=1.6,1.8,...,2.8 --ref=refs/img512.pkl --num-images=10000 --outdir=sweeps/s-autog
       python calculate_metrics.py sweep --net-dir=runs/tiny --net-std=0.05,0.1 --gnet-dir=runs/tiny \\
           --gnet-kimg=1000 --gnet-std=0.05,0.1 --guidance=1.5,2 --ref=refs/tiny.pkl --search=descent --outdir=sw
     """

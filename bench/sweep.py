@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 
+import warnings
+
 import click
 from machine import cpu_model  # bench/machine.py
 
@@ -95,7 +97,7 @@ def time_split(tmp, main, guide, args):
     result = sweep.run_sweep(config, os.path.join(tmp, 'time'), detectors=detectors, reference=reference,
                              device='cpu', progress=False)
     cells = result['cells']
-    per = {k: sum(c['seconds'][k] for c in cells) / len(cells) for k in ('sampling', 'features', 'total')}
+    per = {k: sum(c['seconds'][k] for c in cells) / len(cells) for k in ('sampling', 'features', 'metrics', 'total')}
     per['reconstruction'] = result['seconds']['reconstruction'] / len(cells)
     return per, result, config
 
@@ -107,8 +109,15 @@ def child(args):
 
     from edm2.metrics import sweep
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
+    import tqdm  # noqa: F401  (the sweep's own imports belong to the baseline)
+
+    from edm2.checkpoint import load_snapshot
+    from edm2.phema import _release_freed_memory
     config = sweep_config(args['main'], args['guide'], args['net_std'], args['gnet_std'], args['guidance'], 4, 1, 1,
                           args['phema_batch'])
+    for source in (config.net, config.gnet):  # warm-up: first-use allocations of the loaders, then freed
+        load_snapshot(source.inputs[0].source)
+    _release_freed_memory()
     proc = psutil.Process()
     baseline = proc.memory_info().rss
     peak = [baseline]
@@ -160,11 +169,18 @@ def _list(text):
 @click.option('--steps', type=int, default=8, show_default=True)
 @click.option('--batch', type=int, default=16, show_default=True)
 @click.option('--phema-batches', default='1,2', show_default=True, help='--phema-batch values of the memory runs')
+@click.option('--memory-channels', type=int, default=128, show_default=True,
+              help='model_channels of the main U-Net of the memory runs (32x32; large enough that allocator noise '
+              'is small beside a network)')
+@click.option('--part', type=click.Choice(['time', 'memory', 'both']), default='both', show_default=True)
 @click.option('--figure', metavar='DIR', default=None, help='Only write the README figure (a 4 x 3 x 4 sweep) to DIR')
 @click.option('--child-args', type=str, hidden=True)
-def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, phema_batches, figure, child_args):
+def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, phema_batches, memory_channels, part,
+         figure, child_args):
     if child_args is not None:
         return child(json.loads(child_args))
+    # 8 images give singular covariances; the distance is still what the sweep computes (only its cost counts).
+    warnings.filterwarnings('ignore', message='Fréchet distance.*singular')
     import psutil
     import torch
     args = dict(resolution=resolution, net_std=_list(net_std), gnet_std=_list(gnet_std), guidance=_list(guidance),
@@ -182,19 +198,27 @@ def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, p
         if figure:
             write_figure(tmp, main_dir, guide_dir, figure)
             return
-        cells = len(args['net_std']) * len(args['gnet_std']) * len(args['guidance'])
-        print(f'Sweep: {cells} cells, {num} images per cell, {steps} Heun steps ({2 * steps - 1} evaluations of '
-              f'the main network and of the guide per image), batch {batch}, FID with a full-size Inception-v3')
-        per, result, _ = time_split(tmp, main_dir, guide_dir, args)
-        print('Seconds per cell: ' + ', '.join(f'{k} {per[k]:.3f}' for k in
-                                               ('reconstruction', 'sampling', 'features', 'total')) +
-              f'  (reconstruction: {result["counter"]["reconstructions"]} networks in '
-              f'{result["seconds"]["reconstruction"]:.3f} s, shared by the cells)')
-        print(f'{"phema_batch":>11} {"reconstructions":>15} {"peak-base MiB":>13} {"bound MiB":>9} '
-              f'{"in main nets":>12} {"within":>6}')
-        for pb, counter, used, bound in memory(tmp, main_dir, guide_dir, args, main_bytes, guide_bytes):
-            print(f'{pb:>11} {counter["reconstructions"]:>15} {used / 2**20:>13.2f} {bound / 2**20:>9.2f} '
-                  f'{used / main_bytes:>12.2f} {"yes" if used <= bound else "NO":>6}')
+        if part in ('time', 'both'):
+            cells = len(args['net_std']) * len(args['gnet_std']) * len(args['guidance'])
+            print(f'Sweep: {cells} cells, {num} images per cell, {steps} Heun steps ({2 * steps - 1} evaluations of '
+                  f'the main network and of the guide per image), batch {batch}, FID with a full-size Inception-v3')
+            per, result, _ = time_split(tmp, main_dir, guide_dir, args)
+            print('Seconds per cell: ' + ', '.join(f'{k} {per[k]:.3f}' for k in
+                                                   ('reconstruction', 'sampling', 'features', 'metrics', 'total')) +
+                  f'  (reconstruction: {result["counter"]["reconstructions"]} networks in '
+                  f'{result["seconds"]["reconstruction"]:.3f} s, shared by the cells)')
+        if part in ('memory', 'both'):
+            main_dir, guide_dir = os.path.join(tmp, 'main-mem'), os.path.join(tmp, 'guide-mem')
+            main_bytes = make_run(main_dir, memory_channels, 32, 2)
+            guide_bytes = make_run(guide_dir, memory_channels // 2, 32, 3)
+            print(f'Memory runs: main U-Net {net_kwargs(memory_channels, 32)}, {main_bytes / 2**20:.1f} MiB float32; '
+                  f'guide model_channels {memory_channels // 2}, {guide_bytes / 2**20:.1f} MiB; the same grid; '
+                  f'bound = (phema_batch + 2) main + all guides')
+            print(f'{"phema_batch":>11} {"reconstructions":>15} {"peak-base MiB":>13} {"bound MiB":>9} '
+                  f'{"in main nets":>12} {"within":>6}')
+            for pb, counter, used, bound in memory(tmp, main_dir, guide_dir, args, main_bytes, guide_bytes):
+                print(f'{pb:>11} {counter["reconstructions"]:>15} {used / 2**20:>13.2f} {bound / 2**20:>9.2f} '
+                      f'{used / main_bytes:>12.2f} {"yes" if used <= bound else "NO":>6}')
 
 
 def write_figure(tmp, main_dir, guide_dir, folder):

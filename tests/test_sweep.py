@@ -370,10 +370,11 @@ def test_kill9_then_rerun_equals_uninterrupted(assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     whole, cut = tmp_path / 'whole', tmp_path / 'cut'
     cmd = [sys.executable, os.path.join(REPO, 'calculate_metrics.py')]
-    proc = subprocess.run(cmd + _sweep_args(assets, whole), env=env, capture_output=True, text=True, cwd=REPO,
+    slower = ['--steps', '6']  # (the last value of a flag wins) cells slow enough for the kill to land mid-sweep
+    proc = subprocess.run(cmd + _sweep_args(assets, whole, slower), env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    p = subprocess.Popen(cmd + _sweep_args(assets, cut), env=env, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(cmd + _sweep_args(assets, cut, slower), env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
@@ -385,7 +386,7 @@ def test_kill9_then_rerun_equals_uninterrupted(assets, tmp_path):
     before = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
     done = [line for line in before if line.endswith('\n')]
     assert 3 <= len(done) < 8, 'the kill must land during the sweep'
-    proc = subprocess.run(cmd + _sweep_args(assets, cut), env=env, capture_output=True, text=True, cwd=REPO,
+    proc = subprocess.run(cmd + _sweep_args(assets, cut, slower), env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)

@@ -354,10 +354,12 @@ class _Cells:
             raise SweepError(str(e)) from None
         t0 = time.perf_counter()
         stats = feature_stats(_timed(batches, times, 'sampling'), self.detectors, c.num, keep, self.device)
-        times['features'] = time.perf_counter() - t0 - times['sampling']
+        t1 = time.perf_counter()
+        times['features'] = t1 - t0 - times['sampling']
         values = {}
         if distributed.is_main():
             values = metric_values(stats, self.reference, c.metrics, c.pr_features, c.seed, self.device)
+        times['metrics'] = time.perf_counter() - t1  # Fréchet distances: a matrix square root per metric
         return values, times
 
 
