@@ -411,3 +411,15 @@ def test_torchrun_two_processes_give_same_cells(assets, tmp_path):
     for k in a:  # each rank samples a batch of 2 as one process does: features equal up to summation order
         for x, y in zip(a[k], b[k]):
             assert y == pytest.approx(x, rel=1e-5, abs=1e-6), k
+
+
+def test_figures_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from edm2.metrics import sweep_report
+    records = [dict(net_std=0.05, gnet_std=0.05, guidance=w, fid=3 - w) for w in (1.0, 2.0)]
+    best = sweep_report.best_cells(records, ['fid'])
+    assert best['fid']['guidance'] == 2.0
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib now raises ImportError
+    assert sweep_report.figures(str(tmp_path), records, ['fid'], [0.05], [0.05], best) is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and 'matplotlib' in out[0]
+    assert os.listdir(tmp_path) == []
