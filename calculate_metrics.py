@@ -592,6 +592,181 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
     distributed.barrier()
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# sweep: tune autoguidance (main EMA length x guide EMA length x guidance weight)
+
+
+def _sweep_source(folder, kimg, stds, file, flag):
+    from edm2.cli import parse_number_list
+    from edm2.metrics import sweep as sweep_lib
+    from edm2.phema import SIGMA_REL_MAX
+    if (folder is None) == (file is None):
+        raise click.UsageError(f'give exactly one of {flag}-dir and {flag}')
+    if file is not None:
+        return sweep_lib.file_source(file, flag)
+    if stds is None:
+        raise click.UsageError(f'{flag}-dir needs {flag}-std (EMA lengths, e.g. 0.050,0.075,...,0.150)')
+    values = parse_number_list(stds, f'{flag}-std', lo=0, hi=SIGMA_REL_MAX, lo_open=True, hi_open=True)
+    try:
+        return sweep_lib.snapshot_source(folder, kimg, values, flag)
+    except sweep_lib.SweepError as e:
+        _fail(e)
+
+
+def _parse_step_interval(text):
+    if text is None:
+        return None
+    try:
+        first, last = (int(v) for v in str(text).split(','))
+    except ValueError:
+        raise click.BadParameter(f'expected FIRST,LAST (two step indices), got {text!r}',
+                                 param_hint="'--guidance-interval-steps'") from None
+    return first, last
+
+
+@cli.command()
+@click.option('--net-dir', help='Folder of EMA snapshots of the main network', metavar='DIR', default=None)
+@click.option('--net-kimg', help='Training time of the main network  [default: latest]', metavar='KIMG',
+              type=click.IntRange(min=0), default=None)
+@click.option('--net-std', help='Main network EMA lengths, e.g. 0.040,0.050,...,0.160', metavar='LIST', default=None)
+@click.option('--net', help='A fixed main network file instead of --net-dir', metavar='PATH', default=None)
+@click.option('--gnet-dir', help='Folder of EMA snapshots of the guide (may equal --net-dir)', metavar='DIR',
+              default=None)
+@click.option('--gnet-kimg', help='Training time of the guide  [default: latest]', metavar='KIMG',
+              type=click.IntRange(min=0), default=None)
+@click.option('--gnet-std', help='Guide EMA lengths', metavar='LIST', default=None)
+@click.option('--gnet', help='A fixed guide file instead of --gnet-dir (unconditional: a CFG sweep)', metavar='PATH',
+              default=None)
+@click.option('--guidance', help='Guidance weights w, e.g. 1.6,1.8,...,2.8', metavar='LIST', required=True)
+@click.option('--guidance-interval', help='Apply guidance only for sigma in (LO, HI]', metavar='LO,HI', default=None)
+@click.option('--guidance-interval-steps', help='Apply guidance only at sampler steps FIRST..LAST (if the sampler '
+              'supports it)', metavar='FIRST,LAST', default=None)
+@click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
+              required=True)
+@click.option('--metrics', help=f'Metrics; the first one steers --search=descent (comma-separated: '
+              f'{", ".join(evaluate.METRICS)})', metavar='LIST', default=DEFAULT_METRICS, show_default=True)
+# --num-images: under torchrun 2.13+ a bare --num is refused as an ambiguous prefix of --numa-binding.
+@click.option('--num', '--num-images', 'num', help='Number of images per cell', metavar='INT',
+              type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='First seed; every cell uses seeds seed ... seed + num - 1', metavar='INT',
+              type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=32,
+              show_default=True)
+@click.option('--search', help='Evaluate every cell, or a coordinate search on the first metric',
+              type=click.Choice(['grid', 'descent']), default='grid', show_default=True)
+@click.option('--phema-batch', help='Main networks reconstructed per pass over the snapshots (and held)',
+              metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--gnet-batch', help='Guides held at once  [default: all]', metavar='INT', type=click.IntRange(min=1),
+              default=None)
+@click.option('--outdir', help='Output folder (cells.jsonl, sweep.json, figures); rerun to resume', metavar='DIR',
+              required=True)
+@click.option('--save-best', help='Write the best main and guide networks and print the commands that use them',
+              is_flag=True)
+@common_options
+def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, guidance, guidance_interval,
+          guidance_interval_steps, ref_path, metrics, num, seed, steps, search, phema_batch, gnet_batch, outdir,
+          save_best, **opts):
+    """Tune autoguidance: metrics over main EMA length x guide EMA length x guidance weight.
+
+    Networks are reconstructed in memory from the snapshots (post-hoc EMA), a batch at a time; every
+    cell samples the same seeds. Cost: cells x num images x (steps x 2 - 1) x 2 network evaluations.
+
+    \b
+    Examples:
+      torchrun --nproc_per_node=8 calculate_metrics.py sweep \\
+          --net-dir=runs/img512-s --net-std=0.040,0.050,...,0.160 \\
+          --gnet-dir=runs/img512-xs --gnet-kimg=134217 --gnet-std=0.080,0.100,...,0.200 \\
+          --guidance=1.6,1.8,...,2.8 --ref=refs/img512.pkl --num-images=10000 --outdir=sweeps/s-autog
+      python calculate_metrics.py sweep --net-dir=runs/tiny --net-std=0.05,0.1 --gnet-dir=runs/tiny \\
+          --gnet-kimg=1000 --gnet-std=0.05,0.1 --guidance=1.5,2 --ref=refs/tiny.pkl --search=descent --outdir=sw
+    """
+    from edm2.cli import parse_number_list
+    from edm2.metrics import sweep as sweep_lib
+    metrics = _parse_metrics(metrics)
+    weights = parse_number_list(guidance, '--guidance')
+    interval = _parse_interval(guidance_interval)
+    step_interval = _parse_step_interval(guidance_interval_steps)
+    if step_interval is not None and not sweep_lib.sampler_supports('guidance_interval_steps'):
+        raise click.BadParameter('this version of the sampler has no step interval',
+                                 param_hint="'--guidance-interval-steps'")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint="'--outdir'")
+    net_source = _sweep_source(net_dir, net_kimg, net_std, net, '--net')
+    gnet_source = _sweep_source(gnet_dir, gnet_kimg, gnet_std, gnet, '--gnet')
+    device = distributed.init(opts['device'])
+    reference = _load_ref(ref_path)
+    _check_ref(reference, metrics, opts['pr_features'], ref_path)
+    names = evaluate.detectors_for(metrics, opts['pr_features'])
+    detectors = _load_detectors(names, opts, device)
+    try:
+        config = sweep_lib.SweepConfig(
+            net_source, gnet_source, weights, metrics, num, seed=seed, steps=steps, guidance_interval=interval,
+            guidance_interval_steps=step_interval, batch=opts['batch'], phema_batch=phema_batch,
+            guide_batch=gnet_batch, search=search, pr_features=opts['pr_features'], ref_name=str(ref_path),
+            extra_fixed={'--inception-weights/--dinov2-weights': _detector_info(detectors),
+                         '--dinov2-resize': opts['dinov2_resize'], '--pr-features': opts['pr_features']})
+        sweep_lib.check_resume(outdir, config)
+        sweep_lib.preflight(config, device)
+    except sweep_lib.SweepError as e:
+        _fail(e)
+    _print_sweep_plan(config)
+    try:
+        result = sweep_lib.run_sweep(config, outdir, detectors=detectors, reference=reference, device=device)
+    except (sweep_lib.SweepError, evaluate.MetricError, FrechetError) as e:
+        _fail(e)
+    _finish_sweep(config, outdir, result, save_best, device)
+    distributed.barrier()
+
+
+def _print_sweep_plan(config):
+    from edm2.metrics import sweep_plan
+    m, g, w = config.shape
+    main_cap, guide_cap = config.memory_bound()
+    rec_m, rec_g = config.planned_reconstructions()
+    distributed.print0(f'Sweep: {m} main EMA lengths x {g} guide EMA lengths x {w} guidance weights = '
+                       f'{sweep_plan.num_cells(config.shape)} cells ({config.search}), {config.num} images each, '
+                       f'{config.steps} steps')
+    for source in (config.net, config.gnet):
+        what = source.path if source.fixed else \
+            f'{len(source.inputs)} snapshots at kimg {source.kimg}, EMA lengths {source.stds}'
+        distributed.print0(f'  {source.flag}: {what}')
+    distributed.print0(f'Memory bound: {main_cap} main + {guide_cap} guide networks held, plus one input snapshot '
+                       f'while reconstructing')
+    distributed.print0(f'Reconstructions (full grid): {rec_m} main + {rec_g} guide = {rec_m + rec_g}' +
+                       ('; the coordinate search builds them as it goes' if config.search == 'descent' else ''))
+
+
+def _finish_sweep(config, outdir, result, save_best, device):
+    from edm2.metrics import sweep as sweep_lib
+    from edm2.metrics import sweep_report
+    records = result['cells']
+    best = sweep_report.best_cells(records, config.metrics)
+    summary = dict(cells=len(records), evaluated_this_run=result['evaluated'], counter=result['counter'],
+                   seconds=result['seconds'], descent=result['descent'])
+    sweep_lib.write_settings(outdir, config, best=best, extra=dict(result=summary))
+    if distributed.is_main():
+        distributed.print0(sweep_report.table(records, config.metrics, best))
+        if result['descent'] is not None:
+            distributed.print0(f'Coordinate search on {config.metrics[0]}: stopped after evaluating '
+                               f'{result["descent"]["visited"]} of {sweep_report.sweep_plan.num_cells(config.shape)} '
+                               f'cells')
+        for m, r in best.items():
+            distributed.print0(f'Best {m}: {r[m]:.4f} at net_std {r["net_std"]}, gnet_std {r["gnet_std"]}, '
+                               f'w {r["guidance"]:g}')
+        sweep_report.figures(outdir, records, config.metrics, config.net.stds, config.gnet.stds, best)
+        distributed.print0(f'Cells in {os.path.join(outdir, "cells.jsonl")}, summary in '
+                           f'{os.path.join(outdir, "sweep.json")}')
+    if save_best and best and distributed.is_main():
+        r = best[config.metrics[0]]
+        pair = sweep_lib.best_networks(config, r, device)
+        net_path, gnet_path = sweep_report.save_network_pair(outdir, pair[0], pair[1], r, config)
+        gen_line, calc_line = sweep_report.command_lines(net_path, gnet_path, r, config)
+        distributed.print0(f'Best networks for {config.metrics[0]}: {net_path}, {gnet_path}')
+        distributed.print0(f'  {gen_line}')
+        distributed.print0(f'  {calc_line}')
+
+
 if __name__ == '__main__':
     try:
         cli()

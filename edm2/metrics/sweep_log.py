@@ -1,0 +1,82 @@
+"""The files of a sweep's output folder: cells.jsonl (one JSON object per finished cell, appended and
+flushed as each finishes) and sweep.json (settings; on resume, a setting that changes results must match).
+"""
+
+import json
+import os
+
+from edm2 import distributed
+from edm2.errors import EDM2Error
+from edm2.fileio import atomic_write
+
+
+class SweepError(EDM2Error):
+    """Bad sweep request, or a setting that differs from the cells already in the output folder."""
+
+
+def cell_key(net_std, gnet_std, guidance):
+    r = (lambda v: None if v is None else round(float(v), 6))
+    return r(net_std), r(gnet_std), r(guidance)
+
+
+class CellLog:
+    """The finished cells of an output folder. Reading drops a last line cut short by a killed process."""
+
+    def __init__(self, path):
+        self.path = path
+        self.cells = {}
+        self.partial = False
+        if os.path.exists(path):
+            with open(path, 'rb') as f:
+                data = f.read()
+            lines = data.split(b'\n')
+            self.partial = lines[-1] != b''  # no final newline: that write was interrupted
+            for line in lines[:-1]:
+                if line.strip():
+                    rec = json.loads(line)
+                    self.cells[cell_key(rec['net_std'], rec['gnet_std'], rec['guidance'])] = rec
+            self._good = data[:len(data) - len(lines[-1])]
+
+    def repair(self):
+        """Rank 0: rewrite the file without an interrupted last line."""
+        if self.partial:
+            with atomic_write(self.path, 'wb', fsync=True) as f:
+                f.write(self._good)
+            self.partial = False
+
+    def append(self, record):
+        self.cells[cell_key(record['net_std'], record['gnet_std'], record['guidance'])] = record
+        if distributed.is_main():
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def check_resume(outdir, config):
+    """Refuse an output folder whose cells were computed with different result-changing settings."""
+    path = os.path.join(outdir, 'sweep.json')
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f).get('fixed', {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise SweepError(f'{path}: unreadable ({type(e).__name__}); use another --outdir') from None
+    new = json.loads(json.dumps(config.fixed_settings()))
+    for flag in sorted(set(old) | set(new)):
+        if old.get(flag) != new.get(flag):
+            raise SweepError(f'{flag} differs from the sweep in {outdir} ({old.get(flag)} there, '
+                             f'{new.get(flag)} now); use the same value or another --outdir')
+
+
+def write_settings(outdir, config, best=None, extra=None):
+    """sweep.json: the settings (`fixed` is what a resume must match) and, once done, the best cells."""
+    doc = dict(fixed=config.fixed_settings(), net_std=config.net.stds, gnet_std=config.gnet.stds,
+               guidance=config.guidances, search=config.search, batch=config.batch,
+               phema_batch=config.phema_batch, guide_batch=config.guide_batch,
+               world_size=distributed.get_world_size(), best=best, **(extra or {}))
+    if distributed.is_main():
+        with atomic_write(os.path.join(outdir, 'sweep.json'), 'w') as f:
+            f.write(json.dumps(doc, indent=2) + '\n')
+    return doc

@@ -1,0 +1,154 @@
+"""What a finished sweep reports: the best cell per metric, a printed table, figures, and the best pair
+of networks written out with the command lines that reproduce the best cell.
+
+Figures (matplotlib, an optional extra, imported here only): per metric, a heatmap over
+(main EMA length x guide EMA length) of the best value over w, with that w written in each cell, and
+the metric against w for the best EMA pair.
+"""
+
+import math
+import os
+import shlex
+
+import numpy as np
+
+from . import sweep_plan
+
+FIGURE_NAMES = ('sweep-{metric}-heatmap.png', 'sweep-{metric}-guidance.png')
+
+
+def best_cells(records, metrics):
+    """{metric: the record with the best value} (lowest, or highest for precision/recall)."""
+    best = {}
+    for m in metrics:
+        finite = [r for r in records if r.get(m) is not None and math.isfinite(r[m])]
+        if finite:
+            best[m] = min(finite, key=lambda r: sweep_plan.score(m, r[m]))
+    return best
+
+
+def _fmt(v):
+    return '-' if v is None else f'{v:.3f}'
+
+
+def table(records, metrics, best):
+    """The cells as text, one row each (grid order), best value per metric marked with '*'."""
+    head = f'{"net_std":>8} {"gnet_std":>8} {"w":>6}' + ''.join(f'{m:>14}' for m in metrics)
+    lines = [head, '-' * len(head)]
+    for r in records:
+        row = f'{_fmt(r["net_std"]):>8} {_fmt(r["gnet_std"]):>8} {r["guidance"]:>6.3f}'
+        for m in metrics:
+            mark = '*' if best.get(m) is r else ' '
+            row += f'{r[m]:>13.4f}{mark}'
+        lines.append(row)
+    return '\n'.join(lines)
+
+
+def _surface(records, metric, net_stds, gnet_stds):
+    """[gnet, net] arrays of the best value over w and that w (NaN where no cell was evaluated)."""
+    value = np.full([len(gnet_stds), len(net_stds)], np.nan)
+    weight = np.full_like(value, np.nan)
+    pos_n = {None if s is None else round(s, 6): n for n, s in enumerate(net_stds)}
+    pos_g = {None if s is None else round(s, 6): n for n, s in enumerate(gnet_stds)}
+    for r in records:
+        a = pos_g[None if r['gnet_std'] is None else round(r['gnet_std'], 6)]
+        b = pos_n[None if r['net_std'] is None else round(r['net_std'], 6)]
+        if math.isnan(value[a, b]) or sweep_plan.score(metric, r[metric]) < sweep_plan.score(metric, value[a, b]):
+            value[a, b], weight[a, b] = r[metric], r['guidance']
+    return value, weight
+
+
+def _digits(values):
+    """Decimals that tell the values of a figure apart (their spread's first two significant digits)."""
+    spread = np.nanmax(values) - np.nanmin(values)
+    return 2 if not spread > 0 else int(min(max(2 - math.floor(math.log10(spread)), 0), 6))
+
+
+def _position(stds, std):
+    return next(n for n, s in enumerate(stds) if (s is None and std is None) or
+                (s is not None and std is not None and abs(s - std) < 1e-9))
+
+
+def figures(outdir, records, metrics, net_stds, gnet_stds, best):
+    """Write the PNG figures; returns their paths, or None (one line printed) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('Figures skipped: matplotlib is not installed (pip install matplotlib).')
+        return None
+    paths = []
+    labels = lambda stds: ['file' if s is None else f'{s:.3f}' for s in stds]  # noqa: E731
+    for m in metrics:
+        if m not in best:
+            continue
+        value, weight = _surface(records, m, net_stds, gnet_stds)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(net_stds), 1.0 + 0.7 * len(gnet_stds)), dpi=100)
+        cmap = 'viridis' if m in sweep_plan.HIGHER_IS_BETTER else 'viridis_r'
+        im = ax.imshow(value, origin='lower', cmap=cmap, aspect='auto')
+        digits = _digits(value)
+        lo, hi = np.nanmin(value), np.nanmax(value)
+        for a in range(value.shape[0]):
+            for b in range(value.shape[1]):
+                if not math.isnan(value[a, b]):
+                    light = (value[a, b] - lo) / (hi - lo) if hi > lo else 0.5
+                    light = light if m in sweep_plan.HIGHER_IS_BETTER else 1 - light
+                    ax.text(b, a, f'{value[a, b]:.{digits}f}\nw={weight[a, b]:g}', ha='center', va='center',
+                            fontsize=7, color='black' if light > 0.6 else 'white')
+        bn, bg = _position(net_stds, best[m]['net_std']), _position(gnet_stds, best[m]['gnet_std'])
+        ax.add_patch(plt.Rectangle((bn - 0.5, bg - 0.5), 1, 1, fill=False, edgecolor='red', lw=2))
+        ax.set_xticks(range(len(net_stds)), labels(net_stds))
+        ax.set_yticks(range(len(gnet_stds)), labels(gnet_stds))
+        ax.set_xlabel('main network EMA length (net_std)')
+        ax.set_ylabel('guide EMA length (gnet_std)')
+        ax.set_title(f'{m}: best over guidance w')
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        paths.append(os.path.join(outdir, FIGURE_NAMES[0].format(metric=m)))
+        fig.savefig(paths[-1])
+        plt.close(fig)
+
+        b = best[m]
+        pair = sorted((r for r in records if r['net_std'] == b['net_std'] and r['gnet_std'] == b['gnet_std']),
+                      key=lambda r: r['guidance'])
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+        ax.plot([r['guidance'] for r in pair], [r[m] for r in pair], 'o-')
+        ax.axvline(b['guidance'], color='gray', lw=0.8, ls='--')
+        ax.set_xlabel('guidance weight w')
+        ax.set_ylabel(m)
+        ax.set_title(f'{m} vs w at net_std {_fmt(b["net_std"])}, gnet_std {_fmt(b["gnet_std"])}')
+        fig.tight_layout()
+        paths.append(os.path.join(outdir, FIGURE_NAMES[1].format(metric=m)))
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    return paths
+
+
+def save_network_pair(outdir, net_pair, gnet_pair, record, config):
+    """Write the best cell's networks as native .safetensors; returns (net path, gnet path)."""
+    from edm2.checkpoint import save_network
+    paths = []
+    for (net, encoder), source, std, name in ((net_pair, config.net, record['net_std'], 'net'),
+                                             (gnet_pair, config.gnet, record['gnet_std'], 'gnet')):
+        label = 'file' if std is None else f'{std:.3f}'
+        path = os.path.join(outdir, f'best-{name}-{label}.safetensors')
+        prov = record[name]
+        save_network(path, net, encoder, kimg=source.kimg, ema_std=std, nimg=source.nimg, phema=prov)
+        paths.append(path)
+    return paths
+
+
+def command_lines(net_path, gnet_path, record, config):
+    """Ready `generate_images.py` and `calculate_metrics.py gen` lines reproducing the best cell."""
+    common = ['--net', net_path, '--gnet', gnet_path, '--guidance', f'{record["guidance"]:g}',
+              '--steps', str(config.steps)]
+    if config.guidance_interval is not None:
+        common += ['--guidance-interval', ','.join(f'{v:g}' for v in config.guidance_interval)]
+    if config.guidance_interval_steps is not None:
+        common += ['--guidance-interval-steps', ','.join(str(v) for v in config.guidance_interval_steps)]
+    gen = ['python', 'generate_images.py', *common, '--seeds', f'{config.seed}-{config.seed + 63}',
+           '--outdir', 'out-best']
+    calc = ['python', 'calculate_metrics.py', 'gen', *common, '--ref', str(config.ref_name),
+            '--metrics', ','.join(config.metrics), '--num', str(config.num), '--seed', str(config.seed)]
+    return shlex.join(gen), shlex.join(calc)

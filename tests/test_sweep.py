@@ -1,0 +1,425 @@
+"""calculate_metrics.py sweep: cells equal reconstruct_phema.py + calculate_metrics.py gen, snapshot reads
+and reconstructions counted, resume after kill -9, the coordinate search, torchrun, one-line errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import calculate_metrics
+import reconstruct_phema
+from edm2.checkpoint import load_snapshot, save_network
+from edm2.encoders import StandardRGBEncoder
+from edm2.metrics import detectors as det_lib
+from edm2.metrics import sweep as sweep_lib
+from edm2.metrics import sweep_plan
+from edm2.metrics.reference import save_reference
+from edm2.networks import build_network
+from edm2.phema import PowerFunctionEMA
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [pytest.mark.usefixtures('one_thread'),
+              pytest.mark.filterwarnings('ignore:Fréchet distance.*singular:RuntimeWarning')]
+STDS = (0.05, 0.10)
+STEP_IMAGES = 256
+
+
+def _tiny(seed, channels):
+    torch.manual_seed(seed)
+    net = build_network(dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=channels,
+                             channel_mult=[1], num_blocks=1, attn_resolutions=[]))
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)  # out_gain starts at 0 (D = c_skip x); make the net do something
+    return net.eval()
+
+
+def _write_run(folder, seed, channels, steps=12, every=4):
+    """Snapshots of a random-walk 'training' tracked by the power-function EMA at STDS, every `every` steps
+    (kimg 1, 2, 3 for the defaults), as native files named like the trainer's."""
+    folder.mkdir()
+    net = _tiny(seed, channels)
+    ema = PowerFunctionEMA(net, stds=STDS)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        nimg = step * STEP_IMAGES
+        ema.update(cur_nimg=nimg, batch_size=STEP_IMAGES)
+        if step % every == 0:
+            for ema_net, std in ema.get():
+                save_network(folder / f'network-snapshot-{nimg // 1000:07d}-{std:.3f}.safetensors', ema_net,
+                             StandardRGBEncoder(), kimg=nimg // 1000, ema_std=std, nimg=nimg)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp('sweep-assets')
+    inc, dino = root / 'inception-tiny.pth', root / 'dinov2-tiny.pth'
+    torch.save(det_lib.random_state_dict('inception', width_divisor=16), inc)
+    torch.save(det_lib.random_state_dict('dinov2', embed_dim=32, depth=1, grid_size=4), dino)
+    rng = np.random.RandomState(0)
+    ref = {'fid': {'mu': rng.randn(128) * 0.1, 'sigma': np.eye(128) * 0.01},
+           'fd_dinov2': {'mu': rng.randn(32) * 0.1, 'sigma': np.eye(32) * 0.01}}
+    save_reference(root / 'ref.pkl', ref)
+    save_reference(root / 'ref-fid.pkl', {'fid': ref['fid']})
+    return dict(root=root, inception=str(inc), dinov2=str(dino), ref=str(root / 'ref.pkl'),
+                ref_fid=str(root / 'ref-fid.pkl'), main=str(_write_run(root / 'main', 0, 8)),
+                guide=str(_write_run(root / 'guide', 1, 4)))
+
+
+def _weights(assets):
+    return ['--inception-weights', assets['inception'], '--dinov2-weights', assets['dinov2'], '--workers', '0',
+            '--device', 'cpu']
+
+
+def _sweep_args(assets, outdir, extra=()):
+    return ['sweep', '--net-dir', assets['main'], '--net-std', '0.06,0.09', '--gnet-dir', assets['guide'],
+            '--gnet-kimg', '2', '--gnet-std', '0.05,0.08', '--guidance', '1.5,2.5', '--ref', assets['ref'],
+            '--metrics', 'fid,fd_dinov2', '--num-images', '4', '--steps', '2', '--batch', '2',
+            '--outdir', str(outdir), *extra, *_weights(assets)]
+
+
+def _invoke(cli, args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _cells(outdir):
+    with open(os.path.join(outdir, 'cells.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def _by_key(cells):
+    return {(c['net_std'], c['gnet_std'], c['guidance']): c for c in cells}
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.replace('\r', '\n').splitlines() if line.strip()]
+    assert 'Traceback' not in result.output
+    assert lines[-1].startswith('Error:'), result.output
+    for f in fragments:
+        assert f in lines[-1], lines[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Order and search (pure).
+
+def test_grid_order_reconstructs_each_network_once_when_guides_fit():
+    for m, g, bm in ((8, 7, 3), (5, 2, 5), (1, 4, 1), (6, 6, 2)):
+        assert sweep_plan.count_reconstructions(m, g, bm, g) == (m, g)
+        chunks, _ = sweep_plan.grid_chunks(m, g, bm, g)
+        cells = {(i, j) for mc, gc in chunks for i in mc for j in gc}
+        assert cells == {(i, j) for i in range(m) for j in range(g)}  # every pair exactly once
+        assert sum(len(mc) * len(gc) for mc, gc in chunks) == m * g
+    # Guides in batches too: the inner axis is rebuilt per outer batch; the cheaper order is taken.
+    assert sweep_plan.count_reconstructions(8, 6, 4, 3) == (8, 12)  # main outside: 8 + 2 x 6 < 6 + 2 x 8
+    assert sweep_plan.count_reconstructions(8, 6, 2, 6) == (8, 6)
+
+
+def _quadratic(centre, scale=(1.0, 2.0, 0.5), cross=0.3):
+    def f(cell):
+        d = np.array(cell, dtype=float) - np.array(centre)
+        return float(np.dot(np.array(scale) * d, d) + cross * d[0] * d[1])
+    return f
+
+
+def test_coordinate_descent_finds_grid_optimum_with_fewer_cells():
+    shape = (9, 7, 8)
+    rng = np.random.RandomState(0)
+    for _ in range(20):
+        centre = rng.uniform(0, 1, 3) * (np.array(shape) - 1)
+        f = _quadratic(centre)
+        grid = {c: f(c) for c in np.ndindex(*shape)}
+        best_grid = min(grid, key=grid.get)
+        calls = []
+        best, value, values = sweep_plan.coordinate_descent(shape, lambda c: calls.append(c) or f(c))
+        assert best == best_grid and value == grid[best_grid]
+        assert len(calls) == len(set(calls)) == len(values) < len(grid) // 3  # each cell once; far fewer
+    # A flat surface stops at once (after the start and its neighbours).
+    _, _, values = sweep_plan.coordinate_descent(shape, lambda c: 1.0)
+    assert len(values) == 1 + 2 * 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Library runs with a metric function of their own (no sampling): work, descent, resume checks.
+
+def _config(assets, net_stds=(0.05, 0.07, 0.09), gnet_stds=(0.05, 0.08), guidances=(1.5, 2.0, 2.5),
+            search='grid', phema_batch=2, guide_batch=None, num=4):
+    net = sweep_lib.snapshot_source(assets['main'], None, list(net_stds), '--net')
+    gnet = sweep_lib.snapshot_source(assets['guide'], 2, list(gnet_stds), '--gnet')
+    return sweep_lib.SweepConfig(net, gnet, guidances, ['fid'], num, batch=2, phema_batch=phema_batch,
+                                 guide_batch=guide_batch, search=search, ref_name='synthetic')
+
+
+class _CountingLoader:
+    """Snapshot reader counting reads per file, and the reads made within each reconstruction batch."""
+
+    def __init__(self):
+        self.reads = []
+
+    def __call__(self, source, device):
+        self.reads.append(os.path.basename(str(source)))
+        return load_snapshot(source, device=device)
+
+
+def _surface(cell, net, gnet):
+    # A unimodal synthetic metric of the axis values; also checks the networks are the right ones.
+    assert abs(net.unet.out_gain.item() - 1.0) < 1.0 and gnet is not None
+    return {'fid': (cell['net_std'] - 0.07) ** 2 * 1e4 + (cell['gnet_std'] - 0.05) ** 2 * 1e4
+            + (cell['guidance'] - 2.0) ** 2}
+
+
+def test_each_snapshot_read_once_per_batch_and_each_std_reconstructed_once(assets, tmp_path, monkeypatch):
+    built = []
+    real = sweep_lib.reconstruct_phema
+    monkeypatch.setattr(sweep_lib, 'reconstruct_phema',
+                        lambda snaps, stds, *a, **k: built.append(list(stds)) or real(snaps, stds, *a, **k))
+    loader = _CountingLoader()
+    config = _config(assets, phema_batch=2)
+    result = sweep_lib.run_sweep(config, tmp_path / 'out', cell_metrics=_surface, loader=loader, progress=False)
+    assert len(result['cells']) == len(_cells(tmp_path / 'out')) == 3 * 2 * 3
+    # Main stds in batches of 2 (2 + 1), all guides at once: each std exactly once.
+    assert built == [[0.05, 0.07], [0.05, 0.08], [0.09]]
+    assert result['counter']['reconstructions'] == 3 + 2 == sum(config.planned_reconstructions())
+    # The main run has 6 snapshots at kimg 1-3; the guide 4 at kimg <= 2. One read of each per batch.
+    main_inputs = [os.path.basename(s.source) for s in config.net.inputs]
+    guide_inputs = [os.path.basename(s.source) for s in config.gnet.inputs]
+    assert loader.reads == main_inputs + guide_inputs + main_inputs
+    assert len(main_inputs) == 6 and len(guide_inputs) == 4
+    # Every record names its snapshots and coefficients (summing to 1).
+    rec = result['cells'][0]
+    assert rec['net']['inputs'] == main_inputs and abs(sum(rec['net']['coefficients']) - 1) < 1e-9
+    # With the bound below the guide count, guides are rebuilt per batch but each read once per batch.
+    loader.reads.clear()
+    built.clear()
+    config = _config(assets, phema_batch=3, guide_batch=1)
+    sweep_lib.run_sweep(config, tmp_path / 'out2', cell_metrics=_surface, loader=loader, progress=False)
+    assert built == [[0.05, 0.07, 0.09], [0.05], [0.08]]
+    assert loader.reads == main_inputs + guide_inputs + guide_inputs
+
+
+def test_descent_finds_grid_optimum_with_fewer_cells(assets, tmp_path):
+    stds, gstds, ws = (0.05, 0.06, 0.07, 0.08, 0.09), (0.05, 0.06, 0.07, 0.08), (1.0, 1.5, 2.0, 2.5, 3.0)
+    grid = sweep_lib.run_sweep(_config(assets, stds, gstds, ws), tmp_path / 'grid', cell_metrics=_surface,
+                               progress=False)
+    best_grid = min(grid['cells'], key=lambda r: r['fid'])
+    desc = sweep_lib.run_sweep(_config(assets, stds, gstds, ws, search='descent'), tmp_path / 'desc',
+                               cell_metrics=_surface, progress=False)
+    cells = _cells(tmp_path / 'desc')
+    assert desc['descent']['visited'] == len(cells) < len(grid['cells']) // 3
+    assert desc['descent']['cell'] == sweep_lib.cell_key(best_grid['net_std'], best_grid['gnet_std'],
+                                                         best_grid['guidance'])
+    assert min(cells, key=lambda r: r['fid'])['fid'] == best_grid['fid']
+    # Running the same search again evaluates nothing new.
+    again = sweep_lib.run_sweep(_config(assets, stds, gstds, ws, search='descent'), tmp_path / 'desc',
+                                cell_metrics=_surface, progress=False)
+    assert again['evaluated'] == 0 and again['counter'] == {} and len(_cells(tmp_path / 'desc')) == len(cells)
+
+
+def test_resume_skips_finished_cells_and_refuses_changed_settings(assets, tmp_path):
+    out = tmp_path / 'out'
+    first = sweep_lib.run_sweep(_config(assets, net_stds=(0.05, 0.07)), out, cell_metrics=_surface, progress=False)
+    # A wider grid reuses the 12 finished cells and reconstructs only the new main std.
+    wider = sweep_lib.run_sweep(_config(assets), out, cell_metrics=_surface, progress=False)
+    assert first['evaluated'] == 12 and wider['evaluated'] == 6 and wider['counter']['reconstructions'] == 1 + 2
+    assert len(_cells(out)) == 18
+    with pytest.raises(sweep_lib.SweepError, match='--num'):
+        sweep_lib.run_sweep(_config(assets, num=8), out, cell_metrics=_surface, progress=False)
+    # A cut-off last line (killed while writing) is dropped and that cell recomputed.
+    with open(out / 'cells.jsonl', 'rb') as f:
+        data = f.read()
+    lines = data.split(b'\n')
+    (out / 'cells.jsonl').write_bytes(b'\n'.join(lines[:-2]) + b'\n' + lines[-2][:20])
+    res = sweep_lib.run_sweep(_config(assets), out, cell_metrics=_surface, progress=False)
+    assert res['evaluated'] == 1 and _by_key(_cells(out)).keys() == _by_key(wider['cells']).keys()
+    assert len(_cells(out)) == 18
+
+
+def test_fixed_network_and_guide_from_the_same_run_earlier(assets, tmp_path):
+    # The "reduce training only" ablation: the guide is the same run at kimg 1; the main network a fixed file.
+    fixed = tmp_path / 'fixed.safetensors'
+    save_network(fixed, _tiny(5, 8), StandardRGBEncoder())
+    net = sweep_lib.file_source(str(fixed), '--net')
+    gnet = sweep_lib.snapshot_source(assets['main'], 1, [0.05, 0.1], '--gnet')
+    seen = []
+    config = sweep_lib.SweepConfig(net, gnet, [2.0], ['fid'], 4, ref_name='synthetic')
+    assert config.shape == (1, 2, 1) and config.planned_reconstructions() == (0, 2)
+    result = sweep_lib.run_sweep(config, tmp_path / 'out', progress=False,
+                                 cell_metrics=lambda cell, n, g: seen.append((n, g)) or {'fid': cell['gnet_std']})
+    assert result['counter'] == {'loads': 1, 'reconstructions': 2, 'batches': 1}
+    assert [c['net_std'] for c in result['cells']] == [None, None]
+    assert result['cells'][0]['net'] == {'file': str(fixed)}
+    assert result['cells'][0]['gnet']['inputs'] == ['network-snapshot-0000001-0.050.safetensors',
+                                                    'network-snapshot-0000001-0.100.safetensors']
+    # At kimg 1 the two stored lengths are reproduced exactly: coefficients (1, 0) and (0, 1).
+    assert np.allclose(result['cells'][0]['gnet']['coefficients'], [1, 0], atol=1e-9)
+    stored, _, _ = load_snapshot(os.path.join(assets['main'], 'network-snapshot-0000001-0.100.safetensors'))
+    for a, b in zip(seen[1][1].parameters(), stored.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line.
+
+def test_bad_input_one_line_before_any_work(assets, tmp_path):
+    out = tmp_path / 'out'
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+
+    def run(*replace, drop=(), extra=()):
+        args = _sweep_args(assets, out, extra)
+        for flag, value in zip(replace[::2], replace[1::2]):
+            args[args.index(flag) + 1] = value
+        for flag in drop:
+            i = args.index(flag)
+            del args[i:i + 2]
+        return _invoke(calculate_metrics.cli, args)
+
+    _one_line_error(run('--net-dir', str(empty)), '--net-dir', 'no snapshots')
+    _one_line_error(run('--gnet-kimg', '7'), '--gnet-kimg 7', 'kimg [1, 2, 3]')
+    _one_line_error(run('--net-std', '0.05,0.4'), '--net-std', '0.4')
+    _one_line_error(run('--gnet-std', ','), '--gnet-std', 'at least one value')
+    _one_line_error(run('--guidance', ''), '--guidance')
+    _one_line_error(run('--ref', assets['ref_fid']), 'no fd_dinov2 statistics')
+    _one_line_error(run(extra=['--guidance-interval', '3,1']), '--guidance-interval')
+    _one_line_error(run('--net-dir', assets['main'] + '-missing'), '--net-dir', 'not a folder')
+    res = _invoke(calculate_metrics.cli, _sweep_args(assets, out) + ['--net', assets['main']])
+    assert res.exit_code != 0 and 'exactly one of --net-dir and --net' in res.output
+    # A guide folder of another network class (here: a different resolution) than the main one.
+    other = tmp_path / 'other'
+    other.mkdir()
+    save_network(other / 'network-snapshot-0000001-0.050.safetensors',
+                 build_network(dict(img_resolution=16, img_channels=3, label_dim=0, model_channels=4,
+                                    channel_mult=[1], num_blocks=1, attn_resolutions=[])),
+                 StandardRGBEncoder(), kimg=1, ema_std=0.05, nimg=1024)
+    _one_line_error(run('--gnet-dir', str(other), '--gnet-std', '0.05', drop=['--gnet-kimg']), '--gnet')
+    # A folder mixing two different networks.
+    mixed = tmp_path / 'mixed'
+    mixed.mkdir()
+    for name in sorted(os.listdir(assets['main']))[:2]:
+        os.link(os.path.join(assets['main'], name), mixed / name)
+    os.link(other / 'network-snapshot-0000001-0.050.safetensors', mixed / 'network-snapshot-0000003-0.050.safetensors')
+    _one_line_error(run('--net-dir', str(mixed)), '--net-dir', 'mismatched')
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_cells_equal_reconstruct_phema_plus_gen_and_outputs(assets, tmp_path):
+    out = tmp_path / 'sweep'
+    res = _invoke(calculate_metrics.cli, _sweep_args(assets, out, ['--save-best']))
+    assert res.exit_code == 0, res.output
+    cells = _cells(out)
+    assert len(cells) == 8 and len(_by_key(cells)) == 8
+    # Two cells through the published route: write the networks, then `gen` on the files.
+    recon = tmp_path / 'recon'
+    for indir, stds, kimg in ((assets['main'], '0.06,0.09', []), (assets['guide'], '0.05,0.08', ['--outkimg', 2])):
+        r = _invoke(reconstruct_phema.main, ['--indir', indir, '--outdir', recon / os.path.basename(indir),
+                                             '--outstd', stds, *kimg])
+        assert r.exit_code == 0, r.output
+    by_key = _by_key(cells)
+    for net_std, gnet_std, w in ((0.06, 0.05, 1.5), (0.09, 0.08, 2.5)):
+        net = recon / 'main' / f'phema-0000003-{net_std:.3f}.safetensors'
+        gnet = recon / 'guide' / f'phema-0000002-{gnet_std:.3f}.safetensors'
+        r = _invoke(calculate_metrics.cli, ['gen', '--net', net, '--gnet', gnet, '--guidance', w,
+                                            '--ref', assets['ref'], '--metrics', 'fid,fd_dinov2', '--num', 4,
+                                            '--steps', 2, '--batch', 2, '--out', tmp_path / 'gen.json',
+                                            *_weights(assets)])
+        assert r.exit_code == 0, r.output
+        run = json.loads((tmp_path / 'gen.json').read_text())['runs'][0]
+        cell = by_key[(net_std, gnet_std, w)]
+        for m in ('fid', 'fd_dinov2'):  # same networks, images and features: equal to float32 summation
+            assert cell[m] == pytest.approx(run[m], rel=1e-5, abs=1e-6), (m, cell[m], run[m])
+    # sweep.json, table, figures, and the best networks equal to the reconstructions.
+    doc = json.loads((out / 'sweep.json').read_text())
+    best = min(cells, key=lambda c: c['fid'])
+    assert doc['best']['fid'] == best and doc['fixed']['--num'] == 4
+    assert 'net_std' in res.output and 'Best fid' in res.output and 'Memory bound: 2 main + 2 guide' in res.output
+    assert 'Reconstructions (full grid): 2 main + 2 guide = 4' in res.output
+    for kind in ('heatmap', 'guidance'):
+        for m in ('fid', 'fd_dinov2'):
+            assert (out / f'sweep-{m}-{kind}.png').stat().st_size > 1000
+    saved, _, _ = load_snapshot(out / f'best-net-{best["net_std"]:.3f}.safetensors')
+    ref_net, _, _ = load_snapshot(recon / 'main' / f'phema-0000003-{best["net_std"]:.3f}.safetensors')
+    for (k, a), b in zip(saved.state_dict().items(), ref_net.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert 'python generate_images.py --net' in res.output and 'calculate_metrics.py gen' in res.output
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _values(cells):
+    return {k: (c['fid'], c['fd_dinov2']) for k, c in _by_key(cells).items()}
+
+
+@pytest.mark.slow
+def test_kill9_then_rerun_equals_uninterrupted(assets, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    whole, cut = tmp_path / 'whole', tmp_path / 'cut'
+    cmd = [sys.executable, os.path.join(REPO, 'calculate_metrics.py')]
+    slower = ['--steps', '6']  # (the last value of a flag wins) cells slow enough for the kill to land mid-sweep
+    proc = subprocess.run(cmd + _sweep_args(assets, whole, slower), env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p = subprocess.Popen(cmd + _sweep_args(assets, cut, slower), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (cut / 'cells.jsonl').exists() and len((cut / 'cells.jsonl').read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    before = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
+    done = [line for line in before if line.endswith('\n')]
+    assert 3 <= len(done) < 8, 'the kill must land during the sweep'
+    proc = subprocess.run(cmd + _sweep_args(assets, cut, slower), env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
+    assert after[:len(done)] == done  # finished cells kept as they were
+    assert json.loads((cut / 'sweep.json').read_text())['result']['evaluated_this_run'] == 8 - len(done)
+    assert _values(_cells(cut)) == _values(_cells(whole))  # same process count and threads: bitwise equal
+    assert len(after) == 8
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_same_cells(assets, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    res = _invoke(calculate_metrics.cli, _sweep_args(assets, one))
+    assert res.exit_code == 0, res.output
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+           os.path.join(REPO, 'calculate_metrics.py')] + _sweep_args(assets, two)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = _values(_cells(one)), _values(_cells(two))
+    assert a.keys() == b.keys() and len(a) == 8
+    for k in a:  # each rank samples a batch of 2 as one process does: features equal up to summation order
+        for x, y in zip(a[k], b[k]):
+            assert y == pytest.approx(x, rel=1e-5, abs=1e-6), k
+
+
+def test_figures_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from edm2.metrics import sweep_report
+    records = [dict(net_std=0.05, gnet_std=0.05, guidance=w, fid=3 - w) for w in (1.0, 2.0)]
+    best = sweep_report.best_cells(records, ['fid'])
+    assert best['fid']['guidance'] == 2.0
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib now raises ImportError
+    assert sweep_report.figures(str(tmp_path), records, ['fid'], [0.05], [0.05], best) is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and 'matplotlib' in out[0]
+    assert os.listdir(tmp_path) == []
