@@ -614,17 +614,6 @@ def _sweep_source(folder, kimg, stds, file, flag):
         _fail(e)
 
 
-def _parse_step_interval(text):
-    if text is None:
-        return None
-    try:
-        first, last = (int(v) for v in str(text).split(','))
-    except ValueError:
-        raise click.BadParameter(f'expected FIRST,LAST (two step indices), got {text!r}',
-                                 param_hint="'--guidance-interval-steps'") from None
-    return first, last
-
-
 @cli.command()
 @click.option('--net-dir', help='Folder of EMA snapshots of the main network', metavar='DIR', default=None)
 @click.option('--net-kimg', help='Training time of the main network  [default: latest]', metavar='KIMG',
@@ -639,9 +628,10 @@ def _parse_step_interval(text):
 @click.option('--gnet', help='A fixed guide file instead of --gnet-dir (unconditional: a CFG sweep)', metavar='PATH',
               default=None)
 @click.option('--guidance', help='Guidance weights w, e.g. 1.6,1.8,...,2.8', metavar='LIST', required=True)
-@click.option('--guidance-interval', help='Apply guidance only for sigma in (LO, HI]', metavar='LO,HI', default=None)
-@click.option('--guidance-interval-steps', help='Apply guidance only at sampler steps FIRST..LAST (if the sampler '
-              'supports it)', metavar='FIRST,LAST', default=None)
+@click.option('--guidance-interval', help='Guide only the steps whose noise level lies in (LO, HI]', metavar='LO,HI',
+              type=guidance_setup.IntervalType(), default=None)
+@click.option('--guidance-interval-steps', help='Guide only steps FIRST..LAST (inclusive, from 0)',
+              metavar='FIRST,LAST', type=guidance_setup.StepsType(), default=None)
 @click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
               required=True)
 @click.option('--metrics', help=f'Metrics; the first one steers --search=descent (comma-separated: '
@@ -685,11 +675,8 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
     from edm2.metrics import sweep as sweep_lib
     metrics = _parse_metrics(metrics)
     weights = parse_number_list(guidance, '--guidance')
-    interval = _parse_interval(guidance_interval)
-    step_interval = _parse_step_interval(guidance_interval_steps)
-    if step_interval is not None and not sweep_lib.sampler_supports('guidance_interval_steps'):
-        raise click.BadParameter('this version of the sampler has no step interval',
-                                 param_hint="'--guidance-interval-steps'")
+    if guidance_interval is not None and guidance_interval_steps is not None:
+        raise click.UsageError('give --guidance-interval or --guidance-interval-steps, not both')
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint="'--outdir'")
     net_source = _sweep_source(net_dir, net_kimg, net_std, net, '--net')
@@ -701,8 +688,8 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
     detectors = _load_detectors(names, opts, device)
     try:
         config = sweep_lib.SweepConfig(
-            net_source, gnet_source, weights, metrics, num, seed=seed, steps=steps, guidance_interval=interval,
-            guidance_interval_steps=step_interval, batch=opts['batch'], phema_batch=phema_batch,
+            net_source, gnet_source, weights, metrics, num, seed=seed, steps=steps, guidance_interval=guidance_interval,
+            guidance_interval_steps=guidance_interval_steps, batch=opts['batch'], phema_batch=phema_batch,
             guide_batch=gnet_batch, search=search, pr_features=opts['pr_features'], ref_name=str(ref_path),
             extra_fixed={'--inception-weights/--dinov2-weights': _detector_info(detectors),
                          '--dinov2-resize': opts['dinov2_resize'], '--pr-features': opts['pr_features']})

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from edm2 import distributed, phema
+from edm2 import distributed, generation, phema, phema_reconstruct, sampling
+from edm2.checkpoint import load_snapshot
 from edm2.errors import one_line
 
 from . import evaluate, sweep_plan
@@ -29,56 +30,46 @@ from .sweep_log import CellLog, SweepError, cell_key, check_resume, write_settin
 
 def plan_phema(snapshots, stds, kimg):
     """(kimg, nimg, inputs, coefficients [inputs, stds]) of a post-hoc EMA request (validated)."""
-    return phema.plan_reconstruction(snapshots, stds, kimg)
+    return phema_reconstruct.plan_reconstruction(snapshots, stds, kimg)
 
 
 def reconstruct_phema(snapshots, stds, kimg, device, loader=None):
     """Reconstruct the EMA lengths `stds` at `kimg` in one pass over the snapshots (each read once):
     [(net, encoder, metadata, [(snapshot, weight), ...]), ...] in the order of `stds`."""
     recs = []
-    for batch in phema.reconstruct_batches(snapshots, stds, kimg, batch=len(stds), device=device, loader=loader):
+    for batch in phema_reconstruct.reconstruct_batches(snapshots, stds, kimg, batch=len(stds), device=device,
+                                                       loader=loader):
         recs += [(r.net, r.encoder, r.metadata, r.coefficients) for r in batch]
     return recs
 
 
 def load_network_file(path, device):
     """(net, encoder) of a fixed network file, in eval mode."""
-    from edm2.checkpoint import load_snapshot
     net, encoder, _ = load_snapshot(path, device=device)
     return net.eval().requires_grad_(False), encoder
 
 
 def check_pair(net, gnet):
     """Raise if `gnet` cannot guide `net` (resolution, channels, labels)."""
-    from edm2 import sampling
-    sampling.check_guides(net, [gnet])
+    sampling.check_guide(net, gnet)
 
 
-def check_interval(interval):
-    """Raise if a guidance interval (LO, HI) is not valid for the sampler."""
-    from edm2 import sampling
-    sampling.check_interval(interval)
-
-
-def sampler_supports(option):
-    """Whether the sampler's generate() accepts the keyword `option` (e.g. guidance_interval_steps)."""
-    import inspect
-
-    from edm2 import sampling
-    return option in inspect.signature(sampling.generate).parameters
+def guidance_interval(config):
+    """The sampler's interval (sampling.SigmaInterval / StepInterval) of the sweep, or None."""
+    if config.guidance_interval is not None:
+        return sampling.SigmaInterval(*config.guidance_interval)
+    if config.guidance_interval_steps is not None:
+        return sampling.StepInterval(*config.guidance_interval_steps)
+    return None
 
 
 def sample_images(net, encoder, gnet, guidance, seeds, config, device):
-    """This rank's batches (uint8 images, positions into `seeds`) of the guided sampler, as `gen` draws them."""
-    from edm2 import sampling
-    extra = {}
-    if config.guidance_interval_steps is not None:
-        extra['guidance_interval_steps'] = config.guidance_interval_steps
-    stream = sampling.generate(net, seeds, encoder=encoder, gnets=[gnet] if guidance != 1 else [],
-                               guidance=guidance, guidance_interval=config.guidance_interval,
-                               batch_size=config.batch, device=device, num_steps=config.steps, **extra)
-    first = seeds[0]
-    return ((b.images, torch.as_tensor(b.seeds) - first) for b in stream)
+    """This rank's batches (uint8 images, positions into `seeds`) of the guided sampler, as `gen` draws them
+    (w = 1 never evaluates the guide)."""
+    guides = sampling.Guidance(guides=(gnet,), weight=guidance, interval=guidance_interval(config))
+    stream = generation.generate(net, seeds, guidance=guides, sigmas=sampling.edm_schedule(config.steps),
+                                 encoder=encoder, batch_size=config.batch, device=device)
+    return ((b.images, torch.as_tensor(list(b.positions))) for b in stream)
 
 
 def feature_stats(batches, detectors, num, keep, device):
@@ -125,7 +116,7 @@ def snapshot_source(folder, kimg, stds, flag):
     """A Source over the snapshots in `folder` (checked: not empty, `kimg` present, stds in range)."""
     if not os.path.isdir(folder):
         raise SweepError(f'{flag}-dir: {folder} is not a folder')
-    snapshots = phema.find_snapshots(folder)
+    snapshots = phema_reconstruct.find_snapshots(folder)
     if not snapshots:
         raise SweepError(f'{flag}-dir: no snapshots named PREFIX-KIMG-STD.pkl or .safetensors in {folder}')
     kimgs = sorted({s.kimg for s in snapshots})
@@ -259,9 +250,12 @@ def preflight(config, device):
     """Checks made before any cell: the guidance interval, and that the guide fits the main network
     (reads one snapshot of each axis)."""
     try:
-        check_interval(config.guidance_interval)
-    except ValueError as e:  # SamplingError
-        raise SweepError(f'--guidance-interval: {one_line(e)}') from None
+        interval = guidance_interval(config)
+        if interval is not None:
+            interval.select(sampling.edm_schedule(config.steps))
+    except sampling.SamplingError as e:
+        flag = '--guidance-interval' if config.guidance_interval is not None else '--guidance-interval-steps'
+        raise SweepError(f'{flag}: {one_line(e)}') from None
     def first(source):
         if source.fixed:
             return load_network_file(source.path, device)[0]
@@ -343,7 +337,6 @@ class _Cells:
         return record
 
     def _measure(self, net, encoder, gnet, guidance):
-        from edm2 import sampling
         c = self.config
         seeds = list(range(c.seed, c.seed + c.num))
         times = {'sampling': 0.0, 'features': 0.0}
