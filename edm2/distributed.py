@@ -5,6 +5,7 @@ Under torchrun the backend is nccl when the chosen device is CUDA and gloo other
 tests on this machine).
 """
 
+import contextlib
 import os
 
 import torch
@@ -69,6 +70,19 @@ def is_main() -> bool:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Run the block on rank 0 before the other ranks, which wait at a barrier until rank 0 has left it
+    (successfully or not): a download inside happens once, and the other ranks then read the cache."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
 
 
 def print0(*args, **kwargs):

@@ -71,6 +71,12 @@ def atomic_write(path, mode='wb', fsync=False):
                 os.fsync(f.fileno())
 
 
+def atomic_write_text(path, text):
+    """Write the string `text` to `path` atomically (see atomic_path)."""
+    with atomic_write(path, 'w') as f:
+        f.write(text)
+
+
 def _process_alive(pid):
     try:
         os.kill(pid, 0)

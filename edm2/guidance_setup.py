@@ -175,9 +175,7 @@ def _load(path, device, flag):
 
 def load_networks(setup: GuidanceSetup, device):
     """(net, encoder, sampling.Guidance): rank 0 loads (and downloads) first, the other ranks after it."""
-    if not distributed.is_main():
-        distributed.barrier()
-    try:
+    with distributed.rank0_first():
         distributed.print0(f'Loading network from {setup.net} ...')
         net, encoder = _load(setup.net, device, '--net')
         guides = []
@@ -189,9 +187,6 @@ def load_networks(setup: GuidanceSetup, device):
             except sampling.SamplingError as e:
                 cli.fail(e, f'--gnet {path}')
             guides.append(guide)
-    finally:
-        if distributed.is_main():
-            distributed.barrier()
     guidance = sampling.Guidance(guides=tuple(guides), weight=setup.weight, shares=setup.shares,
                                  interval=setup.interval)
     return net, encoder, guidance

@@ -11,8 +11,10 @@ import warnings
 import numpy as np
 import scipy.linalg
 
+from edm2.errors import EDM2Error
 
-class FrechetError(ValueError):
+
+class FrechetError(EDM2Error):
     """The distance cannot be computed reliably; one-line message."""
 
 
