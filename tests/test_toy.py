@@ -375,6 +375,10 @@ def cli():
     (['eval', '--out', 'e.json'], 'no trained model'),
     (['plot', '--models', 'nowhere'], 'not found'),
     (['eval', '--ideal', '--models', 'x'], '--ideal uses no trained models'),
+    (['train', '--ema', '0.5', '--outdir', 'x'], '--ema'),
+    (['demo', '--seeds', '0,1.5'], '--seeds'),
+    (['demo', '--seeds', 'one'], '--seeds'),
+    (['demo', '--device', 'nonsense'], '--device'),
 ])
 def test_cli_bad_input_one_line(tmp_path, args, message):
     res = CliRunner().invoke(cli(), args)
@@ -405,6 +409,40 @@ def test_cli_train_eval_plot(tmp_path):
     from PIL import Image
     assert Image.open(tmp_path / 'f.png').size[0] > 500
     assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+
+
+@pytest.mark.slow
+def test_cli_demo_seeds(tmp_path):
+    """demo --seeds on tiny settings: per-seed tables, mean and range per method for ours and the release
+    procedure, the checks; a second run reuses the models and their evaluations."""
+    args = ['demo', '--seeds', '0,1', '--outdir', str(tmp_path / 'd'), '--main-iterations', '2',
+            '--guide-iterations', '2', '--batch', '64', '--num', '200', '--device', 'cpu']
+    res = CliRunner().invoke(cli(), args)
+    assert res.exit_code == 0, res.output
+    for text in ['seed 0 (models in', 'seed 1 (models in', 'ours, published settings (mean [min, max] over seeds 0, 1)',
+                 'release procedure (reference data) (mean [min, max] over seeds 0, 1, 2)', 'checks on ours:']:
+        assert text in res.output
+    assert os.path.isfile(tmp_path / 'd' / 'seed-1' / 'eval.json')
+    res2 = CliRunner().invoke(cli(), args)
+    assert res2.exit_code == 0, res2.output
+    assert res2.output.count('reusing') == 8  # 2 seeds x (3 models + eval.json)
+
+    def summary(out):
+        return out.split('ours, published settings')[1].split('done (')[0]
+    assert summary(res2.output) == summary(res.output)
+
+
+def test_release_reference_data():
+    """The copy in the code equals the fixture's README.json; on the release's own seeds the three checks hold."""
+    from edm2.toy import reference
+    table, source = toy.release_results(str(fixture_path('toy')))
+    assert source.endswith('README.json') and table == reference.RELEASE_RESULTS
+    assert toy.release_results('/nonexistent') == (reference.RELEASE_RESULTS, 'the copy in edm2/toy/reference.py')
+    assert all(holds for _, holds in toy.seed_checks(table))
+    # A seed where autoguidance has more outliers than unguided and CFG's TV is close to autoguidance's fails.
+    bad = {**table, 3: dict(table[0], autoguidance=(40.0, 10.0, 0.6))}
+    checks = toy.seed_checks(bad)
+    assert not checks[0][1] and not checks[1][1] and checks[2][1]
 
 
 def test_cli_eval_ideal_needs_no_models(tmp_path):
