@@ -10,6 +10,9 @@ printed alongside (on a shared machine the ratio is the meaningful number, not t
 
     python bench/toy.py
     python bench/toy.py --threads 1 --repeat 20
+
+It measures the `edm2` package Python imports (printed first): run it where that is this checkout (an
+editable install of it, or `PYTHONPATH=. python bench/toy.py`).
 """
 
 import math
@@ -69,6 +72,7 @@ def main(batch, repeat, threads, device):
     load = os.getloadavg() if hasattr(os, 'getloadavg') else ('?',)
     print(f'CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, '
           f'threads {torch.get_num_threads()}, device {device}, load average {load[0]:.2f} (at start)')
+    print(f'edm2.toy from {os.path.dirname(toy.__file__)}')
     mixture = toy.gt('A')
     gen = torch.Generator().manual_seed(0)
     sigma = (torch.randn(batch, generator=gen) * 1.5 - 2.3).exp()
