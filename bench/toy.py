@@ -11,7 +11,7 @@ printed alongside (on a shared machine the ratio is the meaningful number, not t
     python bench/toy.py
     python bench/toy.py --threads 1 --repeat 20
 
-It measures the `edm2` package Python imports (printed first): run it where that is this checkout (an
+It measures the `edm2` package Python imports (printed): run it where that is this checkout (an
 editable install of it, or `PYTHONPATH=. python bench/toy.py`).
 """
 
