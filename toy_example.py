@@ -26,7 +26,6 @@ import sys
 import time
 
 import click
-import torch
 
 from edm2 import toy
 from edm2.cli import Float, Int, fail, parse_number_list
