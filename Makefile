@@ -1,4 +1,4 @@
-# Quick start:  make demo   (2D toy example: trains, evaluates and plots autoguidance on CPU)
+# Quick start:  make demo   (2D toy example: trains, evaluates and plots autoguidance on CPU; ~4 min at one thread)
 #               make test   (the full test suite; make test-fast for the quick subset)
 # The first use creates .venv. TORCH selects the torch build installed before the package:
 # the default is the CPU wheel; with CUDA, e.g. `make TORCH="torch --index-url https://download.pytorch.org/whl/cu124"`,

@@ -15,6 +15,9 @@ Examples:
 \b
   # the same with idealised models (exact ground truth, blurred; no training)
   python toy_example.py eval --ideal --out out/toy/eval-ideal.json
+\b
+  # several training seeds: mean and range per method, beside the release procedure's seeds 0-2
+  python toy_example.py demo --seeds 0,1,2 --outdir out/toy-seeds
 """
 
 import json
@@ -23,10 +26,14 @@ import sys
 import time
 
 import click
-import torch
 
 from edm2 import toy
-from edm2.fileio import atomic_path, atomic_write
+from edm2.cli import Float, Int, fail, parse_number_list
+from edm2.distributed import default_device
+from edm2.errors import EDM2Error
+from edm2.fileio import atomic_write
+from edm2.toy.figure import draw_figure, pyplot
+from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
 
 MODEL_FILES = {'net': 'main', 'autoguide': 'autoguide', 'cfg_guide': 'cfg-guide'}
 METRIC_COLUMNS = [('outlier_rate', 'outliers', '{:.2%}'), ('leaf_coverage', 'leaf coverage', '{:.1%}'),
@@ -34,27 +41,18 @@ METRIC_COLUMNS = [('outlier_rate', 'outliers', '{:.2%}'), ('leaf_coverage', 'lea
                   ('median_loglik', 'median log-lik', '{:.2f}')]
 
 
-def default_device():
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
-
-
-def check_device(device):
+def pick_device(device):
     try:
-        dev = torch.device(device)
-        if dev.type == 'cuda' and not torch.cuda.is_available():
-            raise RuntimeError
-        torch.empty(1, device=dev)
-    except Exception:
-        raise click.BadParameter(f'device {device!r} is not available here', param_hint='--device') from None
-    return dev
+        return default_device(device)
+    except EDM2Error as e:
+        fail(e)
 
 
-def positive(name):
-    def check(ctx, param, value):
-        if value is not None and value <= 0:
-            raise click.BadParameter(f'must be positive, got {value}', param_hint=name)
-        return value
-    return check
+def need_matplotlib():
+    try:
+        pyplot()
+    except EDM2Error as e:
+        fail(e)
 
 
 def train_one(outdir, name, classes, width, layers, iterations, batch, lr, ema, seed, device, quiet=False):
@@ -94,7 +92,7 @@ def resolve_models(models, net, autoguide, cfg_guide, device):
         try:
             loaded[key] = toy.load_model(path, device)[0]
         except toy.ToyModelError as e:
-            raise click.ClickException(str(e)) from None
+            fail(e)
     return loaded
 
 
@@ -137,57 +135,8 @@ def write_json(path, results, level, settings, **extra):
 
 IDEAL_LABEL = (f'idealised models: ground truth blurred by {toy.IDEAL_MAIN_BLUR:g} (main), '
                f'{toy.IDEAL_GUIDE_BLUR:g} (guides)')
-ROW_LABELS = ('trained (published settings)', f'idealised (blur {toy.IDEAL_MAIN_BLUR:g} / {toy.IDEAL_GUIDE_BLUR:g})')
-
-
-def draw_figure(path, rows, level, weights, max_points=6000, dpi=90):
-    """rows: [(label or None, samples, results)], one row of the five panels each."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise click.ClickException('plotting needs matplotlib: pip install -e ".[toy]"') from None
-    mixture = toy.gt('A')
-    lo, hi = (-0.65, -0.55), (1.6, 1.45)
-    res = 240
-    gx = torch.linspace(lo[0], hi[0], res, dtype=torch.float64)
-    gy = torch.linspace(lo[1], hi[1], res, dtype=torch.float64)
-    points = torch.stack(torch.meshgrid(gx, gy, indexing='xy'), dim=-1).reshape(-1, 2)
-    grid = (gx.numpy(), gy.numpy(), mixture.logp(points).reshape(res, res).numpy())
-    titles = {'ground truth': '(a) ground truth, class A', 'unguided': '(b) unguided',
-              'CFG': f'(c) CFG, w={weights["cfg"]:g}', 'autoguidance': f'(d) autoguidance, w={weights["ag"]:g}',
-              'naive truncation': f'(e) naive truncation, w={weights["trunc"]:g}'}
-    ncols = len(rows[0][1])
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.0 * ncols, 3.35 * len(rows)), squeeze=False)
-    for (label, samples, results), row in zip(rows, axes):
-        if label:
-            row[0].set_ylabel(label, fontsize=8.5)
-        for ax, (name, x) in zip(row, samples.items()):
-            draw_panel(ax, x, results[name], titles[name], mixture, grid, level, max_points)
-    fig.tight_layout(pad=0.4)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format='png')
-    finally:
-        plt.close(fig)
-
-
-def draw_panel(ax, x, r, title, mixture, grid, level, max_points):
-    """Ground truth's 99%-mass region (light blue), the samples (black) and the outliers among them (red)."""
-    gx, gy, dens = grid
-    ax.contourf(gx, gy, dens, levels=[level, dens.max() + 1], colors=['#dfe7f2'])
-    ax.contour(gx, gy, dens, levels=[level], colors=['#8ba3c7'], linewidths=0.5)
-    x = x[:max_points].numpy()
-    out = mixture.logp(torch.as_tensor(x, dtype=torch.float64)).numpy() < level
-    ax.scatter(x[~out, 0], x[~out, 1], s=0.6, c='#1b1b1b', linewidths=0, rasterized=True)
-    ax.scatter(x[out, 0], x[out, 1], s=1.5, c='#d62728', linewidths=0, rasterized=True)
-    ax.set_title(f'{title}\noutliers {r["outlier_rate"]:.1%}, leaf coverage {r["leaf_coverage"]:.0%}', fontsize=8.5)
-    ax.set_xlim(gx[0], gx[-1])
-    ax.set_ylim(gy[0], gy[-1])
-    ax.set_aspect('equal')
-    ax.set_xticks([])
-    ax.set_yticks([])
+ROW_LABELS = ('ours, trained (published settings)', f'idealised (blur {toy.IDEAL_MAIN_BLUR:g} / {toy.IDEAL_GUIDE_BLUR:g})',
+              "release procedure's models (seed 0)")
 
 
 # ---- command line --------------------------------------------------------------------------------------
@@ -211,26 +160,27 @@ def model_options(f):
 
 def sampling_options(f):
     f = click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')(f)
-    f = click.option('--steps', default=32, show_default=True, type=int, callback=positive('--steps'),
+    f = click.option('--steps', default=32, show_default=True, type=Int(1),
                      help='Heun steps.')(f)
-    f = click.option('--seed', default=0, show_default=True, type=int, help='Seed of the initial noise.')(f)
-    f = click.option('--trunc-weight', default=1.5, show_default=True, type=float,
+    f = click.option('--seed', default=0, show_default=True, type=Int(0), help='Seed of the initial noise.')(f)
+    f = click.option('--trunc-weight', default=1.5, show_default=True, type=Float(),
                      help='Naive truncation: the score is scaled by this.')(f)
-    f = click.option('--cfg-weight', default=4.0, show_default=True, type=float, help='CFG guidance weight w.')(f)
-    f = click.option('--ag-weight', default=3.0, show_default=True, type=float,
+    f = click.option('--cfg-weight', default=4.0, show_default=True, type=Float(), help='CFG guidance weight w.')(f)
+    f = click.option('--ag-weight', default=3.0, show_default=True, type=Float(),
                      help='Autoguidance weight w.')(f)
     return f
 
 
 @cli.command()
 @click.option('--classes', default='A', show_default=True, help='Training data: A, B, or AB (both trees).')
-@click.option('--layers', default=4, show_default=True, type=int, callback=positive('--layers'), help='Hidden layers.')
-@click.option('--width', default=64, show_default=True, type=int, callback=positive('--width'), help='Hidden width.')
-@click.option('--iterations', default=4096, show_default=True, type=int, callback=positive('--iterations'))
-@click.option('--batch', default=4096, show_default=True, type=int, callback=positive('--batch'))
-@click.option('--lr', default=0.01, show_default=True, type=float, callback=positive('--lr'))
-@click.option('--ema', default=0.010, show_default=True, type=float, help='Power-function EMA length sigma_rel.')
-@click.option('--seed', default=0, show_default=True, type=int)
+@click.option('--layers', default=4, show_default=True, type=Int(1), help='Hidden layers.')
+@click.option('--width', default=64, show_default=True, type=Int(1), help='Hidden width.')
+@click.option('--iterations', default=4096, show_default=True, type=Int(1))
+@click.option('--batch', default=4096, show_default=True, type=Int(1))
+@click.option('--lr', default=0.01, show_default=True, type=Float(0, lo_open=True))
+@click.option('--ema', default=0.010, show_default=True, type=Float(0, 12 ** -0.5, lo_open=True, hi_open=True),
+              help='Power-function EMA length sigma_rel.')
+@click.option('--seed', default=0, show_default=True, type=Int(0))
 @click.option('--outdir', required=True, type=click.Path(file_okay=False), help='Output folder.')
 @click.option('--name', default=None, help='File name stem [default: toy-CLASSES-LAYERSxWIDTH-ITERATIONS].')
 @click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')
@@ -239,9 +189,7 @@ def train(classes, layers, width, iterations, batch, lr, ema, seed, outdir, name
     if classes not in toy.CLASSES:
         raise click.BadParameter(f'unknown class {classes!r}; expected one of {", ".join(toy.CLASSES)}',
                                  param_hint='--classes')
-    if not 0 < ema < 12 ** -0.5:
-        raise click.BadParameter(f'must lie in (0, 0.2887), got {ema}', param_hint='--ema')
-    device = check_device(device or default_device())
+    device = pick_device(device)
     name = name or f'toy-{classes}-{layers}x{width}-{iterations}'
     path = train_one(outdir, name, classes, width, layers, iterations, batch, lr, ema, seed, device)
     click.echo(f'wrote {path}')
@@ -259,12 +207,12 @@ def default_output(out, models, name):
 @cli.command('eval')
 @model_options
 @sampling_options
-@click.option('--num', default=20000, show_default=True, type=int, callback=positive('--num'),
+@click.option('--num', default=20000, show_default=True, type=Int(1),
               help='Samples per method.')
 @click.option('--out', default=None, type=click.Path(dir_okay=False), help='JSON output [default: DIR/eval.json].')
 def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, num, out):
     """Outlier rate, leaf-branch coverage and log-likelihood of every method; prints a table, writes JSON."""
-    device = check_device(device or default_device())
+    device = pick_device(device)
     loaded = get_models(ideal, models, net, autoguide, cfg_guide, device)
     out = default_output(out, models, 'eval.json')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
@@ -277,13 +225,14 @@ def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, tr
 @cli.command()
 @model_options
 @sampling_options
-@click.option('--num', default=6000, show_default=True, type=int, callback=positive('--num'),
+@click.option('--num', default=6000, show_default=True, type=Int(1),
               help='Samples per panel.')
 @click.option('--out', default=None, type=click.Path(dir_okay=False), help='PNG output [default: DIR/toy.png].')
-@click.option('--dpi', default=90, show_default=True, type=int, callback=positive('--dpi'))
+@click.option('--dpi', default=90, show_default=True, type=Int(1))
 def plot(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, num, out, dpi):
     """The panels of Figure 1: ground truth, unguided, CFG, autoguidance, naive truncation."""
-    device = check_device(device or default_device())
+    device = pick_device(device)
+    need_matplotlib()
     loaded = get_models(ideal, models, net, autoguide, cfg_guide, device)
     out = default_output(out, models, 'toy.png')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
@@ -292,52 +241,158 @@ def plot(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_
     click.echo(f'wrote {out}')
 
 
-@cli.command()
-@click.option('--outdir', default='out/toy-demo', show_default=True, type=click.Path(file_okay=False))
-@click.option('--main-iterations', default=4096, show_default=True, type=int, callback=positive('--main-iterations'),
-              help='Training iterations of the main model (published: 4096).')
-@click.option('--guide-iterations', default=512, show_default=True, type=int, callback=positive('--guide-iterations'),
-              help='Training iterations of both guides (published: 512).')
-@click.option('--batch', default=4096, show_default=True, type=int, callback=positive('--batch'))
-@click.option('--num', default=20000, show_default=True, type=int, callback=positive('--num'),
-              help='Samples per method for the evaluation (the figure shows the first 6000).')
-@click.option('--seed', default=0, show_default=True, type=int)
-@click.option('--retrain/--reuse', default=False, show_default=True,
-              help='Retrain models already present in OUTDIR (default: reuse them).')
-@click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')
-def demo(outdir, main_iterations, guide_iterations, batch, num, seed, retrain, device):
-    """Train the main model and both guides with the published settings, evaluate, and plot; the same for the
-    idealised models (--ideal of eval/plot) as a second table and a second row of the figure."""
-    device = check_device(device or default_device())
-    t0 = time.time()
+def format_comparison(columns, weights):
+    """Outliers %, leaf coverage % and branch TV per method, one column group per (title, {method: row})."""
+    labels = {'ground truth': 'ground truth', 'unguided': 'unguided', 'CFG': f'CFG (w={weights["cfg"]:g})',
+              'autoguidance': f'autoguidance (w={weights["ag"]:g})',
+              'naive truncation': f'naive trunc. (w={weights["trunc"]:g})'}
+    head = f'{"":<24s}' + ''.join(f'{title:>26s}' for title, _ in columns)
+    sub = f'{"method":<24s}' + f'{"outl. %  leaf %    TV":>26s}' * len(columns)
+    lines = [head, sub, '-' * len(sub)]
+    for name in toy.METHODS:
+        cells = [f'{row[0]:8.2f} {row[1]:7.1f} {row[2]:7.3f}' if row else '-'
+                 for row in (rows.get(name) for _, rows in columns)]
+        lines.append(f'{labels[name]:<24s}' + ''.join(f'{c:>26s}' for c in cells))
+    return '\n'.join(lines)
+
+
+def format_summary(title, per_seed):
+    """Mean [min, max] over seeds of outliers %, leaf coverage % and branch TV, per method."""
+    lines = [f'{title} (mean [min, max] over seeds {", ".join(map(str, per_seed))}):',
+             f'{"method":<20s}{"outliers %":>24s}{"leaf coverage %":>24s}{"branch TV":>24s}']
+    for name, cols in summarise(per_seed).items():
+        cells = [f'{m:6.2f} [{lo:6.2f}, {hi:6.2f}]' if k < 2 else f'{m:6.3f} [{lo:6.3f}, {hi:6.3f}]'
+                 for k, (m, lo, hi) in enumerate(cols)]
+        lines.append(f'{name:<20s}' + ''.join(f'{c:>24s}' for c in cells))
+    return '\n'.join(lines)
+
+
+def train_models(outdir, seed, main_iterations, guide_iterations, batch, retrain, device):
+    """Train (or reuse) the three models of Figure 1 in `outdir` with the published settings; training
+    seeds: main `seed`, autoguide `seed + 1`, CFG guide `seed + 2`. Returns (models, whether all were reused)."""
     jobs = [('main', 'A', 64, main_iterations, seed),
             ('autoguide', 'A', 32, guide_iterations, seed + 1),
             ('cfg-guide', 'AB', 32, guide_iterations, seed + 2)]
+    reused = True
     for name, classes, width, iterations, s in jobs:
         path = os.path.join(outdir, f'{name}.safetensors')
         if not retrain and os.path.isfile(path):
             try:
                 old, meta = toy.load_model(path)
-                if ((meta.get('classes'), meta.get('iterations'), meta.get('batch'), old.init_kwargs['width'])
-                        == (classes, iterations, batch, width)):
+                if ((meta.get('classes'), meta.get('iterations'), meta.get('batch'), meta.get('seed'),
+                     old.init_kwargs['width']) == (classes, iterations, batch, s, width)):
                     click.echo(f'reusing {path}')
                     continue
             except toy.ToyModelError:
                 pass
+        reused = False
         train_one(outdir, name, classes, width, 4, iterations, batch, 0.01, 0.010, s, device)
-    loaded = resolve_models(outdir, None, None, None, device)
+    return resolve_models(outdir, None, None, None, device), reused
+
+
+def evaluate_seed(folder, seed, settings, weights, retrain, device):
+    """Results of one seed's trained models; an eval.json written by an earlier run with the same settings
+    is reused when its models were."""
+    models, reused = train_models(folder, seed, settings['main_iterations'], settings['guide_iterations'],
+                                  settings['batch'], retrain, device)
+    path = os.path.join(folder, 'eval.json')
+    settings = dict(settings, seed=seed, steps=32, weights=weights)
+    if reused and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get('settings') == settings and set(old.get('results', {})) == set(toy.METHODS):
+            click.echo(f'reusing {path}')
+            return old['results']
+    _, results, level = run_eval(models, settings['num'], seed, 32, weights, device)
+    write_json(path, results, level, settings)
+    return results
+
+
+def demo_seeds(outdir, seeds, settings, retrain, device):
+    """`demo --seeds`: train and evaluate every seed (models in OUTDIR/seed-N), print mean and range per
+    method beside the release procedure's, and check what holds on every seed of the release."""
     weights = dict(ag=3.0, cfg=4.0, trunc=1.5)
+    per_seed = {}
+    for seed in seeds:
+        folder = os.path.join(outdir, f'seed-{seed}')
+        results = evaluate_seed(folder, seed, settings, weights, retrain, device)
+        per_seed[seed] = {name: as_row(r) for name, r in results.items()}
+        click.echo(f'seed {seed} (models in {folder}):\n{format_table(results, weights)}\n')
+    release, source = toy.release_results()
+    click.echo(format_summary('ours, published settings', per_seed) + '\n')
+    click.echo(format_summary('release procedure (reference data)', release))
+    click.echo(f'  ({toy.reference.PROVENANCE}; read from {source})\n')
+    for title, data in [('ours', per_seed), ('release procedure', release)]:
+        click.echo(f'checks on {title}:')
+        for text, holds in toy.seed_checks(data):
+            click.echo(f'  {"holds" if holds else "DOES NOT HOLD"}: {text}')
+    return per_seed
+
+
+def demo_rows(loaded, seed, num, weights, device):
+    """[(label, samples, results)] of the figure: our trained models, the release procedure's models of
+    seed 0 (when the parity fixture is present), the idealised models."""
+    rows = []
     samples, results, level = run_eval(loaded, num, seed, 32, weights, device)
-    ideal_samples, ideal_results, _ = run_eval(toy.ideal_models(), num, seed, 32, weights, device)
+    rows.append((ROW_LABELS[0], samples, results))
+    release = toy.release_models()
+    if release is not None:
+        release = {k: v.to(device) for k, v in release.items()}
+        rows.append((ROW_LABELS[2], *run_eval(release, num, seed, 32, weights, device)[:2]))
+    rows.append((ROW_LABELS[1], *run_eval(toy.ideal_models(), num, seed, 32, weights, device)[:2]))
+    return rows, level
+
+
+@cli.command()
+@click.option('--outdir', default='out/toy-demo', show_default=True, type=click.Path(file_okay=False))
+@click.option('--main-iterations', default=4096, show_default=True, type=Int(1),
+              help='Training iterations of the main model (published: 4096).')
+@click.option('--guide-iterations', default=512, show_default=True, type=Int(1),
+              help='Training iterations of both guides (published: 512).')
+@click.option('--batch', default=4096, show_default=True, type=Int(1))
+@click.option('--num', default=20000, show_default=True, type=Int(1),
+              help='Samples per method for the evaluation (the figure shows the first 6000).')
+@click.option('--seed', default=0, show_default=True, type=Int(0),
+              help='Training seed (main; the guides use seed+1, seed+2) and sampling seed.')
+@click.option('--seeds', default=None, metavar='LIST',
+              help='Several seeds, e.g. 0,1,2: train and evaluate each (models in OUTDIR/seed-N) and print mean '
+                   'and range per method; no figure.')
+@click.option('--retrain/--reuse', default=False, show_default=True,
+              help='Retrain models already present in OUTDIR (default: reuse them).')
+@click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')
+def demo(outdir, main_iterations, guide_iterations, batch, num, seed, seeds, retrain, device):
+    """Train the main model and both guides with the published settings, evaluate and plot them beside the
+    release procedure's results (reference data) and the idealised models (--ideal of eval/plot)."""
+    device = pick_device(device)
+    t0 = time.time()
+    settings = dict(num=num, main_iterations=main_iterations, guide_iterations=guide_iterations, batch=batch)
+    if seeds is not None:
+        values = parse_number_list(seeds, '--seeds', lo=0)
+        if any(v != int(v) for v in values):
+            raise click.BadParameter(f'expected whole numbers, got {seeds!r}', param_hint='--seeds')
+        demo_seeds(outdir, sorted(set(int(v) for v in values)), settings, retrain, device)
+        click.echo(f'done ({time.time() - t0:.0f} s)')
+        return
+    need_matplotlib()
+    loaded, _ = train_models(outdir, seed, main_iterations, guide_iterations, batch, retrain, device)
+    weights = dict(ag=3.0, cfg=4.0, trunc=1.5)
+    rows, level = demo_rows(loaded, seed, num, weights, device)
+    results, ideal_results = rows[0][2], rows[-1][2]
     click.echo(f'trained models (published settings):\n{format_table(results, weights)}\n')
-    click.echo(f'{IDEAL_LABEL}:\n{format_table(ideal_results, weights)}')
+    click.echo(f'{IDEAL_LABEL}:\n{format_table(ideal_results, weights)}\n')
+    release, source = toy.release_results()
+    columns = [(f'ours, seed {seed}', {k: as_row(r) for k, r in results.items()})]
+    if seed in release:
+        columns.append((f'release, seed {seed}', dict(release[seed], **{'ground truth': GROUND_TRUTH_RESULT})))
+    columns.append(('idealised', {k: as_row(r) for k, r in ideal_results.items()}))
+    click.echo(f'comparison:\n{format_comparison(columns, weights)}\n'
+               f'release: reference data, {toy.reference.PROVENANCE} (read from {source})')
+    extra = dict(ideal=dict(main_blur=toy.IDEAL_MAIN_BLUR, guide_blur=toy.IDEAL_GUIDE_BLUR, results=ideal_results))
+    if len(rows) == 3:
+        extra['release_models_seed0'] = rows[1][2]
     write_json(os.path.join(outdir, 'eval.json'), results, level,
-               dict(num=num, seed=seed, steps=32, weights=weights, main_iterations=main_iterations,
-                    guide_iterations=guide_iterations, batch=batch),
-               ideal=dict(main_blur=toy.IDEAL_MAIN_BLUR, guide_blur=toy.IDEAL_GUIDE_BLUR, results=ideal_results))
-    draw_figure(os.path.join(outdir, 'toy.png'),
-                [(ROW_LABELS[0], samples, results), (ROW_LABELS[1], ideal_samples, ideal_results)],
-                level, weights)
+               dict(settings, seed=seed, steps=32, weights=weights), **extra)
+    draw_figure(os.path.join(outdir, 'toy.png'), rows, level, weights)
     click.echo(f'wrote {outdir}/eval.json and {outdir}/toy.png ({time.time() - t0:.0f} s)')
 
 
