@@ -599,18 +599,18 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
 
 def _sweep_source(folder, kimg, stds, file, flag):
     from edm2.cli import parse_number_list
-    from edm2.metrics import sweep as sweep_lib
+    from edm2.metrics import sweep_source
     from edm2.phema import SIGMA_REL_MAX
     if (folder is None) == (file is None):
         raise click.UsageError(f'give exactly one of {flag}-dir and {flag}')
     if file is not None:
-        return sweep_lib.file_source(file, flag)
+        return sweep_source.file_source(file, flag)
     if stds is None:
         raise click.UsageError(f'{flag}-dir needs {flag}-std (EMA lengths, e.g. 0.050,0.075,...,0.150)')
     values = parse_number_list(stds, f'{flag}-std', lo=0, hi=SIGMA_REL_MAX, lo_open=True, hi_open=True)
     try:
-        return sweep_lib.snapshot_source(folder, kimg, values, flag)
-    except sweep_lib.SweepError as e:
+        return sweep_source.snapshot_source(folder, kimg, values, flag)
+    except sweep_source.SweepError as e:
         _fail(e)
 
 

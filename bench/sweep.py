@@ -69,10 +69,10 @@ def make_run(folder, channels, resolution, seed, times=4, steps_per_time=4, step
 
 
 def sweep_config(main, guide, net_stds, gnet_stds, guidances, num, steps, batch, phema_batch, metrics=('fid',)):
-    from edm2.metrics import sweep
-    return sweep.SweepConfig(sweep.snapshot_source(main, None, net_stds, '--net'),
-                             sweep.snapshot_source(guide, None, gnet_stds, '--gnet'), guidances, list(metrics), num,
-                             steps=steps, batch=batch, phema_batch=phema_batch, ref_name='random')
+    from edm2.metrics import sweep, sweep_source
+    return sweep.SweepConfig(sweep_source.snapshot_source(main, None, net_stds, '--net'),
+                             sweep_source.snapshot_source(guide, None, gnet_stds, '--gnet'), guidances, list(metrics),
+                             num, steps=steps, batch=batch, phema_batch=phema_batch, ref_name='random')
 
 
 def stand_ins(tmp, width_divisor=1):

@@ -20,7 +20,7 @@ from edm2.checkpoint import load_snapshot, save_network
 from edm2.encoders import StandardRGBEncoder
 from edm2.metrics import detectors as det_lib
 from edm2.metrics import sweep as sweep_lib
-from edm2.metrics import sweep_plan
+from edm2.metrics import sweep_plan, sweep_source
 from edm2.metrics.reference import save_reference
 from edm2.networks import build_network
 from edm2.phema import PowerFunctionEMA
@@ -155,8 +155,8 @@ def test_coordinate_descent_finds_grid_optimum_with_fewer_cells():
 
 def _config(assets, net_stds=(0.05, 0.07, 0.09), gnet_stds=(0.05, 0.08), guidances=(1.5, 2.0, 2.5),
             search='grid', phema_batch=2, guide_batch=None, num=4):
-    net = sweep_lib.snapshot_source(assets['main'], None, list(net_stds), '--net')
-    gnet = sweep_lib.snapshot_source(assets['guide'], 2, list(gnet_stds), '--gnet')
+    net = sweep_source.snapshot_source(assets['main'], None, list(net_stds), '--net')
+    gnet = sweep_source.snapshot_source(assets['guide'], 2, list(gnet_stds), '--gnet')
     return sweep_lib.SweepConfig(net, gnet, guidances, ['fid'], num, batch=2, phema_batch=phema_batch,
                                  guide_batch=guide_batch, search=search, ref_name='synthetic')
 
@@ -249,8 +249,8 @@ def test_fixed_network_and_guide_from_the_same_run_earlier(assets, tmp_path):
     # The "reduce training only" ablation: the guide is the same run at kimg 1; the main network a fixed file.
     fixed = tmp_path / 'fixed.safetensors'
     save_network(fixed, _tiny(5, 8), StandardRGBEncoder())
-    net = sweep_lib.file_source(str(fixed), '--net')
-    gnet = sweep_lib.snapshot_source(assets['main'], 1, [0.05, 0.1], '--gnet')
+    net = sweep_source.file_source(str(fixed), '--net')
+    gnet = sweep_source.snapshot_source(assets['main'], 1, [0.05, 0.1], '--gnet')
     seen = []
     config = sweep_lib.SweepConfig(net, gnet, [2.0], ['fid'], 4, ref_name='synthetic')
     assert config.shape == (1, 2, 1) and config.planned_reconstructions() == (0, 2)

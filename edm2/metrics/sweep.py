@@ -5,7 +5,7 @@ snapshots, a batch of EMA lengths per pass over the snapshots, and kept while th
 are evaluated (order: edm2.metrics.sweep_plan). Every cell samples the same seeds, so differences
 between cells are not seed noise (autoguidance paper sec. 5 tunes these knobs the same way).
 
-    snapshot_source / file_source   where one axis's networks come from
+    SweepConfig(net, gnet, ...)     the axes (edm2.metrics.sweep_source) and fixed settings of a sweep
     run_sweep(config, ...)          evaluate the cells, append each to cells.jsonl, resume from it
 
 Memory bound: at most `phema_batch` main networks and `guide_batch` guides are held, plus one input
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from edm2 import distributed, generation, phema, phema_reconstruct, sampling
+from edm2 import distributed, generation, phema_reconstruct, sampling
 from edm2.checkpoint import load_snapshot
 from edm2.errors import one_line
 
@@ -25,12 +25,8 @@ from . import evaluate, sweep_plan
 from .sweep_log import CellLog, SweepError, cell_key, check_resume, write_settings
 
 # ----------------------------------------------------------------------------------------------------
-# Adapters: the only calls into post-hoc EMA reconstruction, the sampler and the detectors.
-
-
-def plan_phema(snapshots, stds, kimg):
-    """(kimg, nimg, inputs, coefficients [inputs, stds]) of a post-hoc EMA request (validated)."""
-    return phema_reconstruct.plan_reconstruction(snapshots, stds, kimg)
+# Adapters: the only calls into post-hoc EMA reconstruction (planning it: sweep_source), the sampler
+# and the detectors.
 
 
 def reconstruct_phema(snapshots, stds, kimg, device, loader=None):
@@ -79,82 +75,6 @@ def feature_stats(batches, detectors, num, keep, device):
 
 def metric_values(stats, reference, metrics, pr_features, seed, device):
     return evaluate.compute_metrics(stats, reference, metrics, pr_detector=pr_features, seed=seed, device=device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Inputs.
-
-class Source:
-    """The networks of one axis: post-hoc EMA reconstructions from `snapshots` at time `kimg`, or one
-    fixed network file (`path`, axis value None). `flag` names the option for messages."""
-
-    def __init__(self, flag, stds, snapshots=None, kimg=None, nimg=None, inputs=None, coefficients=None, path=None):
-        self.flag, self.stds, self.snapshots, self.kimg, self.nimg = flag, stds, snapshots, kimg, nimg
-        self.inputs, self.coefficients, self.path = inputs, coefficients, path
-
-    @property
-    def fixed(self):
-        return self.path is not None
-
-    def describe(self):
-        """JSON summary of what determines this axis's networks (compared on resume)."""
-        if self.fixed:
-            return {'file': str(self.path)}
-        return {'kimg': self.kimg, 'nimg': self.nimg, 'inputs': [os.path.basename(str(s.source)) for s in self.inputs]}
-
-    def provenance(self, index):
-        """The snapshot files and coefficients of the network at axis position `index`."""
-        if self.fixed:
-            return {'file': str(self.path)}
-        col = self.coefficients[:, index]
-        return {'kimg': self.kimg, 'std': self.stds[index],
-                'inputs': [os.path.basename(str(s.source)) for s in self.inputs],
-                'coefficients': [float(c) for c in col]}
-
-
-def snapshot_source(folder, kimg, stds, flag):
-    """A Source over the snapshots in `folder` (checked: not empty, `kimg` present, stds in range)."""
-    if not os.path.isdir(folder):
-        raise SweepError(f'{flag}-dir: {folder} is not a folder')
-    snapshots = phema_reconstruct.find_snapshots(folder)
-    if not snapshots:
-        raise SweepError(f'{flag}-dir: no snapshots named PREFIX-KIMG-STD.pkl or .safetensors in {folder}')
-    kimgs = sorted({s.kimg for s in snapshots})
-    if kimg is not None and int(kimg) not in kimgs:
-        raise SweepError(f'{flag}-kimg {kimg}: no snapshot in {folder} has that time (have kimg {kimgs})')
-    for std in stds:
-        if not 0 < std < phema.SIGMA_REL_MAX:
-            raise SweepError(f'{flag}-std: EMA length {std} outside (0, {phema.SIGMA_REL_MAX:.4f})')
-    _check_same_tensors(snapshots, flag)
-    try:
-        kimg, nimg, inputs, coefficients = plan_phema(snapshots, stds, kimg)
-    except phema.PhemaError as e:
-        raise SweepError(f'{flag}-dir: {e}') from None
-    return Source(flag, list(stds), snapshots, kimg, nimg, inputs, coefficients)
-
-
-def _check_same_tensors(snapshots, flag):
-    """Native snapshots must hold the same tensors (read from their headers; pickles are checked while
-    they are read, still before the first cell)."""
-    from safetensors import safe_open
-    ref = None
-    for snap in snapshots:
-        if not str(snap.source).endswith('.safetensors'):
-            continue
-        try:
-            with safe_open(str(snap.source), framework='pt', device='cpu') as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
-            raise SweepError(f'{flag}-dir: {snap.source}: unreadable ({type(e).__name__})') from None
-        if ref is None:
-            ref = (snap.source, shapes)
-        elif shapes != ref[1]:
-            raise SweepError(f'{flag}-dir: {snap.source} holds a different network than {ref[0]} '
-                             f'(mismatched snapshot folder)')
-
-
-def file_source(path, flag):
-    return Source(flag, [None], path=path)
 
 
 class SweepConfig:
