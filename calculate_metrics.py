@@ -673,6 +673,7 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
     """
     from edm2.cli import parse_number_list
     from edm2.metrics import sweep as sweep_lib
+    from edm2.metrics import sweep_report
     metrics = _parse_metrics(metrics)
     weights = parse_number_list(guidance, '--guidance')
     if guidance_interval is not None and guidance_interval_steps is not None:
@@ -697,61 +698,13 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
         sweep_lib.preflight(config, device)
     except sweep_lib.SweepError as e:
         _fail(e)
-    _print_sweep_plan(config)
+    distributed.print0('\n'.join(sweep_report.plan_lines(config)))
     try:
         result = sweep_lib.run_sweep(config, outdir, detectors=detectors, reference=reference, device=device)
     except (sweep_lib.SweepError, evaluate.MetricError, FrechetError) as e:
         _fail(e)
-    _finish_sweep(config, outdir, result, save_best, device)
+    sweep_report.finish(config, outdir, result, device, save_best=save_best)
     distributed.barrier()
-
-
-def _print_sweep_plan(config):
-    from edm2.metrics import sweep_plan
-    m, g, w = config.shape
-    main_cap, guide_cap = config.memory_bound()
-    rec_m, rec_g = config.planned_reconstructions()
-    distributed.print0(f'Sweep: {m} main EMA lengths x {g} guide EMA lengths x {w} guidance weights = '
-                       f'{sweep_plan.num_cells(config.shape)} cells ({config.search}), {config.num} images each, '
-                       f'{config.steps} steps')
-    for source in (config.net, config.gnet):
-        what = source.path if source.fixed else \
-            f'{len(source.inputs)} snapshots at kimg {source.kimg}, EMA lengths {source.stds}'
-        distributed.print0(f'  {source.flag}: {what}')
-    distributed.print0(f'Memory bound: {main_cap} main + {guide_cap} guide networks held, plus one input snapshot '
-                       f'while reconstructing')
-    distributed.print0(f'Reconstructions (full grid): {rec_m} main + {rec_g} guide = {rec_m + rec_g}' +
-                       ('; the coordinate search builds them as it goes' if config.search == 'descent' else ''))
-
-
-def _finish_sweep(config, outdir, result, save_best, device):
-    from edm2.metrics import sweep as sweep_lib
-    from edm2.metrics import sweep_report
-    records = result['cells']
-    best = sweep_report.best_cells(records, config.metrics)
-    summary = dict(cells=len(records), evaluated_this_run=result['evaluated'], counter=result['counter'],
-                   seconds=result['seconds'], descent=result['descent'])
-    sweep_lib.write_settings(outdir, config, best=best, extra=dict(result=summary))
-    if distributed.is_main():
-        distributed.print0(sweep_report.table(records, config.metrics, best))
-        if result['descent'] is not None:
-            distributed.print0(f'Coordinate search on {config.metrics[0]}: stopped after evaluating '
-                               f'{result["descent"]["visited"]} of {sweep_report.sweep_plan.num_cells(config.shape)} '
-                               f'cells')
-        for m, r in best.items():
-            distributed.print0(f'Best {m}: {r[m]:.4f} at net_std {r["net_std"]}, gnet_std {r["gnet_std"]}, '
-                               f'w {r["guidance"]:g}')
-        sweep_report.figures(outdir, records, config.metrics, config.net.stds, config.gnet.stds, best)
-        distributed.print0(f'Cells in {os.path.join(outdir, "cells.jsonl")}, summary in '
-                           f'{os.path.join(outdir, "sweep.json")}')
-    if save_best and best and distributed.is_main():
-        r = best[config.metrics[0]]
-        pair = sweep_lib.best_networks(config, r, device)
-        net_path, gnet_path = sweep_report.save_network_pair(outdir, pair[0], pair[1], r, config)
-        gen_line, calc_line = sweep_report.command_lines(net_path, gnet_path, r, config)
-        distributed.print0(f'Best networks for {config.metrics[0]}: {net_path}, {gnet_path}')
-        distributed.print0(f'  {gen_line}')
-        distributed.print0(f'  {calc_line}')
 
 
 if __name__ == '__main__':

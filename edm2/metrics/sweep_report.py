@@ -1,5 +1,6 @@
-"""What a finished sweep reports: the best cell per metric, a printed table, figures, and the best pair
-of networks written out with the command lines that reproduce the best cell.
+"""What a sweep reports: its plan before it starts; once finished, sweep.json with the best cell per
+metric, a printed table, figures, and the best pair of networks written out with the command lines that
+reproduce the best cell.
 
 Figures (matplotlib, an optional extra, imported here only): per metric, a heatmap over
 (main EMA length x guide EMA length) of the best value over w, with that w written in each cell, and
@@ -12,7 +13,12 @@ import shlex
 
 import numpy as np
 
+from edm2 import distributed
+from edm2.checkpoint import save_network
+
 from . import sweep_plan
+from .sweep import best_networks
+from .sweep_log import write_settings
 
 FIGURE_NAMES = ('sweep-{metric}-heatmap.png', 'sweep-{metric}-guidance.png')
 
@@ -42,6 +48,61 @@ def table(records, metrics, best):
             row += f'{r[m]:>13.4f}{mark}'
         lines.append(row)
     return '\n'.join(lines)
+
+
+def plan_lines(config):
+    """The plan printed before a sweep starts: its cells, where each axis's networks come from, the memory
+    bound and how many networks the full grid reconstructs."""
+    m, g, w = config.shape
+    main_cap, guide_cap = config.memory_bound()
+    rec_m, rec_g = config.planned_reconstructions()
+    lines = [f'Sweep: {m} main EMA lengths x {g} guide EMA lengths x {w} guidance weights = '
+             f'{sweep_plan.num_cells(config.shape)} cells ({config.search}), {config.num} images each, '
+             f'{config.steps} steps']
+    for source in (config.net, config.gnet):
+        what = source.path if source.fixed else \
+            f'{len(source.inputs)} snapshots at kimg {source.kimg}, EMA lengths {source.stds}'
+        lines.append(f'  {source.flag}: {what}')
+    lines.append(f'Memory bound: {main_cap} main + {guide_cap} guide networks held, plus one input snapshot '
+                 f'while reconstructing')
+    lines.append(f'Reconstructions (full grid): {rec_m} main + {rec_g} guide = {rec_m + rec_g}' +
+                 ('; the coordinate search builds them as it goes' if config.search == 'descent' else ''))
+    return lines
+
+
+def finish(config, outdir, result, device, save_best=False):
+    """After `sweep.run_sweep`: sweep.json with the best cells and a summary of the run; on rank 0 the
+    printed results and the figures, and with `save_best` the best networks and their command lines."""
+    records, descent = result['cells'], result['descent']
+    best = best_cells(records, config.metrics)
+    summary = dict(cells=len(records), evaluated_this_run=result['evaluated'], counter=result['counter'],
+                   seconds=result['seconds'], descent=descent)
+    write_settings(outdir, config, best=best, extra=dict(result=summary))
+    if not distributed.is_main():
+        return
+    _print_results(outdir, records, config, best, descent)
+    if save_best and best:
+        r = best[config.metrics[0]]
+        net_path, gnet_path = save_network_pair(outdir, *best_networks(config, r, device), r, config)
+        print(f'Best networks for {config.metrics[0]}: {net_path}, {gnet_path}', flush=True)
+        for line in command_lines(net_path, gnet_path, r, config):
+            print(f'  {line}', flush=True)
+
+
+def _print_results(outdir, records, config, best, descent):
+    """The table of cells, where the coordinate search stopped (`descent`, None for a grid) and the best
+    cell of each metric; then the figures and where the files are."""
+    lines = [table(records, config.metrics, best)]
+    if descent is not None:
+        lines.append(f'Coordinate search on {config.metrics[0]}: stopped after evaluating '
+                     f'{descent["visited"]} of {sweep_plan.num_cells(config.shape)} cells')
+    for m, r in best.items():
+        lines.append(f'Best {m}: {r[m]:.4f} at net_std {r["net_std"]}, gnet_std {r["gnet_std"]}, '
+                     f'w {r["guidance"]:g}')
+    print('\n'.join(lines), flush=True)
+    figures(outdir, records, config.metrics, config.net.stds, config.gnet.stds, best)
+    print(f'Cells in {os.path.join(outdir, "cells.jsonl")}, summary in {os.path.join(outdir, "sweep.json")}',
+          flush=True)
 
 
 def _surface(records, metric, net_stds, gnet_stds):
@@ -127,7 +188,6 @@ def figures(outdir, records, metrics, net_stds, gnet_stds, best):
 
 def save_network_pair(outdir, net_pair, gnet_pair, record, config):
     """Write the best cell's networks as native .safetensors; returns (net path, gnet path)."""
-    from edm2.checkpoint import save_network
     paths = []
     for (net, encoder), source, std, name in ((net_pair, config.net, record['net_std'], 'net'),
                                              (gnet_pair, config.gnet, record['gnet_std'], 'gnet')):
