@@ -4,13 +4,14 @@ Every numeric flag is checked finite and inside its meaningful range by click, b
 starts, so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag.
 """
 
+import functools
 import math
 import os
 from decimal import Decimal, InvalidOperation
 
 import click
 
-from .errors import one_line
+from .errors import EDM2Error, one_line
 
 
 def fail(error, prefix=None):
@@ -18,6 +19,18 @@ def fail(error, prefix=None):
     the flag or file it concerns)."""
     msg = one_line(error)
     raise click.ClickException(f'{prefix}: {msg}' if prefix else msg)
+
+
+def one_line_errors(command):
+    """Decorator of a command function: an `EDM2Error` that escapes it (bad input, named in its message)
+    becomes a one-line click error (`fail`) instead of a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EDM2Error as e:
+            fail(e)
+    return wrapper
 
 
 def _bounds_text(lo, hi, lo_open, hi_open):
