@@ -160,14 +160,15 @@ def _adm_ref(data, dest, seed, ref_images, opts):
 
 
 def evaluation_options(fn):
-    """--ref, --metrics and --num, shared by `calc` and `gen`."""
+    """--ref, --metrics and --num, shared by `calc` and `gen`. --num-images: under torchrun 2.13+ a bare --num
+    is refused as an ambiguous prefix of torchrun's own --numa-binding."""
     for option in reversed([
         click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
                      required=True),
         click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})  [default: '
                      f'{DEFAULT_METRICS}; with --protocol adm: {",".join(adm.METRICS)}]', metavar='LIST', default=None),
-        click.option('--num', help='Number of images per evaluation', metavar='INT', type=click.IntRange(min=2),
-                     default=50000, show_default=True),
+        click.option('--num', '--num-images', 'num', help='Number of images per evaluation', metavar='INT',
+                     type=click.IntRange(min=2), default=50000, show_default=True),
     ]):
         fn = option(fn)
     return fn

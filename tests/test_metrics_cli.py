@@ -134,10 +134,26 @@ def test_calc_repeats_disjoint(assets, tmp_path):
     for i in range(4, 8):
         os.link(os.path.join(assets['images'], f'{i:06d}.png'), sub / f'{i:06d}.png')
     out2 = tmp_path / 'r2.json'
-    result = _run(['calc', '--images', str(sub), '--ref', str(ref_path), '--num', '4', '--metrics', 'fid',
-                   '--out', str(out2)], assets)
+    result = _run(['calc', '--images', str(sub), '--ref', str(ref_path), '--num-images', '4', '--metrics', 'fid',
+                   '--out', str(out2)], assets)  # --num-images: the alias of --num (see the next test)
     assert result.exit_code == 0, result.output
     assert json.loads(out2.read_text())['runs'][0]['fid'] == pytest.approx(values[1], rel=1e-6)
+
+
+def test_num_images_is_an_alias_of_num(assets):
+    # torchrun 2.13 refuses a bare --num after the script (an ambiguous prefix of its --numa-binding), so
+    # every command also takes --num-images; both spellings give the same setting.
+    required = {'calc': ['--images', assets['images'], '--ref', 'ref.pkl'],
+                'gen': ['--net', 'net.pkl', '--ref', 'ref.pkl'],
+                'sweep': ['--guidance', '2', '--ref', 'ref.pkl', '--outdir', 'out']}
+    for name, args in required.items():
+        command = calculate_metrics.cli.commands[name]
+        values = []
+        for flag in ('--num', '--num-images'):
+            with command.make_context(name, args + [flag, '7']) as ctx:
+                values.append(ctx.params['num'])
+        assert values == [7, 7], name
+        assert '--num, --num-images' in _run([name, '--help'], assets, weights=False).output
 
 
 def test_bad_inputs_one_line(assets, tmp_path):
