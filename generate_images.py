@@ -17,7 +17,7 @@ import PIL.Image
 import torch
 
 from edm2 import cli, distributed, generation, guidance_setup, sampling
-from edm2.fileio import atomic_write
+from edm2.fileio import atomic_write, atomic_write_text
 from edm2.metrics.adm_npz import SampleBatchSink
 
 EXAMPLES = """
@@ -282,8 +282,7 @@ def _write_labels(path, labels, subdirs):
         return
     rows = sorted(row for part in parts for row in part)
     entries = [[image_path('', seed, subdirs).replace(os.sep, '/'), label] for _, seed, label in rows]
-    with atomic_write(path, 'w') as f:
-        json.dump({'labels': entries}, f)
+    atomic_write_text(path, json.dumps({'labels': entries}))
     print(f'Wrote the classes of {len(entries)} images to "{path}"')
 
 

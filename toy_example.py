@@ -31,7 +31,7 @@ from edm2 import toy
 from edm2.cli import Float, Int, fail, parse_number_list
 from edm2.distributed import default_device
 from edm2.errors import EDM2Error
-from edm2.fileio import atomic_write
+from edm2.fileio import atomic_write_text
 from edm2.toy.figure import draw_figure, pyplot
 from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
 
@@ -129,8 +129,7 @@ def run_eval(models, num, seed, steps, weights, device):
 
 def write_json(path, results, level, settings, **extra):
     data = dict(settings=settings, outlier_logp_level=level, results=results, **extra)
-    with atomic_write(path, 'w') as f:
-        f.write(json.dumps(data, indent=2) + '\n')
+    atomic_write_text(path, json.dumps(data, indent=2) + '\n')
 
 
 IDEAL_LABEL = (f'idealised models: ground truth blurred by {toy.IDEAL_MAIN_BLUR:g} (main), '

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from edm2.fileio import atomic_write
+from edm2.fileio import atomic_write, atomic_write_text
 from training.options import TrainingError, compare_settings
 
 OPTIONS_FILE = 'training_options.json'
@@ -158,8 +158,7 @@ def record_settings(outdir, new_settings):
     recorded, _note = _recorded_settings(outdir)
     if recorded is not None and not compare_settings(recorded, new_settings):
         return
-    with atomic_write(path, mode='w') as f:
-        json.dump(new_settings, f, indent=2)
+    atomic_write_text(path, json.dumps(new_settings, indent=2))
 
 
 def restore(state, net, optimizer, ema, device):
@@ -191,5 +190,4 @@ def truncate_stats(path, nimg):
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             pass
-    with atomic_write(path, mode='w') as f:
-        f.writelines(keep)
+    atomic_write_text(path, ''.join(keep))

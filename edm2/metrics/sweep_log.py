@@ -7,7 +7,7 @@ import os
 
 from edm2 import distributed
 from edm2.errors import EDM2Error
-from edm2.fileio import atomic_write
+from edm2.fileio import atomic_write, atomic_write_text
 
 
 class SweepError(EDM2Error):
@@ -77,6 +77,5 @@ def write_settings(outdir, config, best=None, extra=None):
                phema_batch=config.phema_batch, guide_batch=config.guide_batch,
                world_size=distributed.get_world_size(), best=best, **(extra or {}))
     if distributed.is_main():
-        with atomic_write(os.path.join(outdir, 'sweep.json'), 'w') as f:
-            f.write(json.dumps(doc, indent=2) + '\n')
+        atomic_write_text(os.path.join(outdir, 'sweep.json'), json.dumps(doc, indent=2) + '\n')
     return doc
