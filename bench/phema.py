@@ -15,9 +15,11 @@ import collections
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import click
@@ -53,9 +55,6 @@ def make_snapshots(folder, channels, times, stds):
 
 def child(args):
     """Runs in a fresh process: baseline RSS after imports, then reconstruct_phema.main, then the peak."""
-    import resource
-    import threading
-
     import psutil
     import torch
 
@@ -104,6 +103,8 @@ def main(channels, times, outputs, batches, dtype, child_args):
         return child(json.loads(child_args))
     import psutil
     import torch
+
+    from edm2.errors import one_line
     stds = (0.050, 0.100)
     out_stds = [round(0.04 + (0.16 * j / max(outputs - 1, 1)), 4) for j in range(outputs)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +128,7 @@ def main(channels, times, outputs, batches, dtype, child_args):
                                  capture_output=True, text=True, cwd=REPO)
             line = [x for x in run.stdout.splitlines() if x.startswith('BENCH ')]
             if run.returncode != 0 or not line:
-                raise click.ClickException(f'child failed: {run.stderr.strip().splitlines()[-1:]}')
+                raise click.ClickException(f'child failed: {one_line(run.stderr)}')
             r = json.loads(line[0][6:])
             used = (r['peak'] - r['baseline']) / net_bytes
             reads = r['reads']

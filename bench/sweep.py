@@ -138,6 +138,7 @@ def child(args):
 
 
 def memory(tmp, main, guide, args, main_bytes, guide_bytes):
+    from edm2.errors import one_line
     rows = []
     for pb in args['phema_batches']:
         child_args = dict(args, main=main, guide=guide, phema_batch=pb, outdir=os.path.join(tmp, f'mem{pb}'))
@@ -145,7 +146,7 @@ def memory(tmp, main, guide, args, main_bytes, guide_bytes):
                              capture_output=True, text=True, cwd=REPO)
         line = [x for x in run.stdout.splitlines() if x.startswith('BENCH ')]
         if run.returncode != 0 or not line:
-            raise click.ClickException(f'child failed: {run.stderr.strip().splitlines()[-1:]}')
+            raise click.ClickException(f'child failed: {one_line(run.stderr)}')
         r = json.loads(line[0][6:])
         used = r['peak'] - r['baseline']
         held_main, held_guide = r['bound']
