@@ -1,6 +1,8 @@
 """Machine details every benchmark prints next to its numbers (imported as `machine` by bench/*.py)."""
 
 import platform
+import threading
+import time
 
 
 def cpu_model() -> str:
@@ -13,3 +15,30 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or 'unknown'
+
+
+class PeakRSS:
+    """Context manager that samples this process's resident memory every 5 ms on a thread: `baseline` is
+    the RSS on entry, `peak` the largest sample seen until exit (bytes)."""
+
+    def __init__(self):
+        import psutil
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.baseline = self.peak = 0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.baseline = self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)

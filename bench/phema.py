@@ -19,11 +19,10 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import click
-from machine import cpu_model  # bench/machine.py
+from machine import PeakRSS, cpu_model  # bench/machine.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -55,7 +54,6 @@ def make_snapshots(folder, channels, times, stds):
 
 def child(args):
     """Runs in a fresh process: baseline RSS after imports, then reconstruct_phema.main, then the peak."""
-    import psutil
     import torch
 
     import edm2.checkpoint  # noqa: F401  (part of the baseline, like the command's own imports)
@@ -70,24 +68,12 @@ def child(args):
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
     with torch.device('meta'):  # torch imports its meta kernels (~75 MiB, once per process) on first use;
         torch.randn(1) * 2      # loading a checkpoint uses them to check shapes: part of the baseline
-    proc = psutil.Process()
-    baseline = proc.memory_info().rss
-    peak = [baseline]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.005)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    reconstruct_phema.main(args, standalone_mode=False)
-    seconds = time.perf_counter() - t0
-    stop.set()
-    thread.join()
+    with PeakRSS() as memory:
+        t0 = time.perf_counter()
+        reconstruct_phema.main(args, standalone_mode=False)
+        seconds = time.perf_counter() - t0
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print('BENCH ' + json.dumps(dict(seconds=seconds, baseline=baseline, peak=peak[0], maxrss=maxrss,
+    print('BENCH ' + json.dumps(dict(seconds=seconds, baseline=memory.baseline, peak=memory.peak, maxrss=maxrss,
                                      reads=sum(reads.values()))))
 
 

@@ -23,13 +23,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import warnings
 
 import click
-from machine import cpu_model  # bench/machine.py
+from machine import PeakRSS, cpu_model  # bench/machine.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -104,7 +103,6 @@ def time_split(tmp, main, guide, args):
 
 def child(args):
     """A fresh process: baseline RSS after imports and planning, then the sweep with a constant metric."""
-    import psutil
     import torch
 
     from edm2.metrics import sweep
@@ -112,28 +110,16 @@ def child(args):
     import tqdm  # noqa: F401  (the sweep's own imports belong to the baseline)
 
     from edm2.checkpoint import load_snapshot
-    from edm2.phema import _release_freed_memory
+    from edm2.phema_reconstruct import _release_freed_memory
     config = sweep_config(args['main'], args['guide'], args['net_std'], args['gnet_std'], args['guidance'], 4, 1, 1,
                           args['phema_batch'])
     for source in (config.net, config.gnet):  # warm-up: first-use allocations of the loaders, then freed
         load_snapshot(source.inputs[0].source)
     _release_freed_memory()
-    proc = psutil.Process()
-    baseline = proc.memory_info().rss
-    peak = [baseline]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.005)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    result = sweep.run_sweep(config, args['outdir'], cell_metrics=lambda cell, net, gnet: {'fid': 0.0},
-                             device='cpu', progress=False)
-    stop.set()
-    thread.join()
-    print('BENCH ' + json.dumps(dict(baseline=baseline, peak=peak[0], counter=result['counter'],
+    with PeakRSS() as memory:
+        result = sweep.run_sweep(config, args['outdir'], cell_metrics=lambda cell, net, gnet: {'fid': 0.0},
+                                 device='cpu', progress=False)
+    print('BENCH ' + json.dumps(dict(baseline=memory.baseline, peak=memory.peak, counter=result['counter'],
                                      bound=config.memory_bound())))
 
 

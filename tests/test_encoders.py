@@ -1,4 +1,4 @@
-"""Encoders (SPEC section 6): RGB scaling, the VAE latent pipeline, specs."""
+"""Encoders of the EDM2 paper's pixel-space and latent-space (Stable Diffusion VAE) models: RGB scaling, the VAE latent pipeline, specs."""
 
 import sys
 

@@ -198,6 +198,7 @@ def test_snapshot_intervals_that_cannot_collide_are_accepted(tmp_path):
         assert code == 0, (args, out)
 
 
+@pytest.mark.slow
 def test_snapshot_collision_with_an_earlier_session_is_refused_on_resume(tmp_path):
     data = make_images(tmp_path / 'data')
     run = tmp_path / 'run'
@@ -216,6 +217,7 @@ def test_snapshot_collision_with_an_earlier_session_is_refused_on_resume(tmp_pat
 # ----------------------------------------------------------------------------------------------
 # 3. Settings are recorded after the first successful step; resume compares resolved settings.
 
+@pytest.mark.slow
 def test_explicit_default_network_flags_resume_the_run(tmp_path):
     data = make_images(tmp_path / 'data')
     run = tmp_path / 'run'
@@ -230,6 +232,7 @@ def test_explicit_default_network_flags_resume_the_run(tmp_path):
     assert_one_line_error(code, out, 'channel_mult: [1, 2, 3, 4] -> [1, 2, 3]')
 
 
+@pytest.mark.slow
 def test_missing_or_damaged_options_file_resumes_from_the_checkpoint(tmp_path):
     data = make_images(tmp_path / 'data')
     run = tmp_path / 'run'

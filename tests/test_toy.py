@@ -445,6 +445,7 @@ def test_release_reference_data():
     assert not checks[0][1] and not checks[1][1] and checks[2][1]
 
 
+@pytest.mark.slow
 def test_cli_eval_ideal_needs_no_models(tmp_path):
     out = tmp_path / 'e.json'
     res = CliRunner().invoke(cli(), ['eval', '--ideal', '--num', '300', '--steps', '4', '--device', 'cpu',
@@ -487,6 +488,7 @@ def test_guidance_effects_that_hold(small_run):
     assert r['CFG']['branch_tv'] > r['autoguidance']['branch_tv'] + 0.2
 
 
+@pytest.mark.slow
 def test_what_the_release_models_show(release):
     """What the release procedure's own trained models (seed 0) show, sampled with our sampler from the
     same initial points and evaluated against the exact ground truth (4000 samples, deterministic):
