@@ -220,7 +220,7 @@ def _default_loader(source, device):
 
 def _sum_batch(inputs, X, cols, loader, stream_native, device, reads, bar):
     """The outputs of columns `cols` of X, and the first input's (encoder, metadata)."""
-    outs, first = [], None
+    outs, first, ref_shapes = [], None, None
     for i, snap in enumerate(inputs):
         weights = [float(X[i, j]) for j in cols]
         if reads is not None:

@@ -13,7 +13,6 @@ import os
 import re
 
 import numpy as np
-import torch
 
 from edm2 import presets
 from edm2.cli import check_range
