@@ -1,6 +1,10 @@
 """Machine details every benchmark prints next to its numbers (imported as `machine` by bench/*.py)."""
 
+import json
+import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 
@@ -42,3 +46,17 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def run_child(script, child_args, cwd) -> dict:
+    """Run `script --child-args JSON` in a fresh Python process and return the JSON object it printed on
+    its line starting with 'BENCH ' (a fresh process gives a clean memory baseline)."""
+    import click
+
+    from edm2.errors import one_line
+    run = subprocess.run([sys.executable, os.path.abspath(script), '--child-args', json.dumps(child_args)],
+                         capture_output=True, text=True, cwd=cwd)
+    line = [x for x in run.stdout.splitlines() if x.startswith('BENCH ')]
+    if run.returncode != 0 or not line:
+        raise click.ClickException(f'child failed: {one_line(run.stderr)}')
+    return json.loads(line[0][len('BENCH '):])

@@ -16,13 +16,12 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import click
-from machine import PeakRSS, cpu_model  # bench/machine.py
+from machine import PeakRSS, cpu_model, run_child  # bench/machine.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -90,7 +89,6 @@ def main(channels, times, outputs, batches, dtype, child_args):
     import psutil
     import torch
 
-    from edm2.errors import one_line
     stds = (0.050, 0.100)
     out_stds = [round(0.04 + (0.16 * j / max(outputs - 1, 1)), 4) for j in range(outputs)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,12 +108,7 @@ def main(channels, times, outputs, batches, dtype, child_args):
             outdir = os.path.join(tmp, f'out{batch}')
             args = ['--indir', indir, '--outdir', outdir, '--outstd', ','.join(map(str, out_stds)),
                     '--batch', str(batch), '--dtype', dtype, '--device', 'cpu']
-            run = subprocess.run([sys.executable, os.path.abspath(__file__), '--child-args', json.dumps(args)],
-                                 capture_output=True, text=True, cwd=REPO)
-            line = [x for x in run.stdout.splitlines() if x.startswith('BENCH ')]
-            if run.returncode != 0 or not line:
-                raise click.ClickException(f'child failed: {one_line(run.stderr)}')
-            r = json.loads(line[0][6:])
+            r = run_child(__file__, args, REPO)
             used = (r['peak'] - r['baseline']) / net_bytes
             reads = r['reads']
             assert reads == -(-outputs // batch) * m, reads  # each input once per batch

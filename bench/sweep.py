@@ -20,14 +20,13 @@ EMA at sigma_rel 0.05 and 0.10, several times), a main U-Net and a half-width gu
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 
 import warnings
 
 import click
-from machine import PeakRSS, cpu_model  # bench/machine.py
+from machine import PeakRSS, cpu_model, run_child  # bench/machine.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -123,16 +122,10 @@ def child(args):
 
 
 def memory(tmp, main, guide, args, main_bytes, guide_bytes):
-    from edm2.errors import one_line
     rows = []
     for pb in args['phema_batches']:
         child_args = dict(args, main=main, guide=guide, phema_batch=pb, outdir=os.path.join(tmp, f'mem{pb}'))
-        run = subprocess.run([sys.executable, os.path.abspath(__file__), '--child-args', json.dumps(child_args)],
-                             capture_output=True, text=True, cwd=REPO)
-        line = [x for x in run.stdout.splitlines() if x.startswith('BENCH ')]
-        if run.returncode != 0 or not line:
-            raise click.ClickException(f'child failed: {one_line(run.stderr)}')
-        r = json.loads(line[0][6:])
+        r = run_child(__file__, child_args, REPO)
         used = r['peak'] - r['baseline']
         held_main, held_guide = r['bound']
         bound = (held_main + 2) * main_bytes + held_guide * guide_bytes
