@@ -312,11 +312,14 @@ def test_reader_error_reaches_the_main_process_as_dataset_error(tmp_path):
     with open(src / '3.png', 'rb') as f:
         body = f.read()
     (src / '3.png').write_bytes(body[:60])  # head -c 60
-    loader = torch.utils.data.DataLoader(ImageFolderDataset(src), batch_size=2, num_workers=2)
+    batches = iter(torch.utils.data.DataLoader(ImageFolderDataset(src), batch_size=2, num_workers=2))
     start = time.monotonic()
-    with pytest.raises(DatasetError) as info:
-        for _ in loader:
-            pass
+    try:
+        with pytest.raises(DatasetError) as info:
+            for _ in batches:
+                pass
+    finally:  # as the training loop does; else the workers are joined whenever garbage collection gets to them
+        batches._shutdown_workers()
     assert time.monotonic() - start < 60
     assert str(info.value).strip().splitlines()[-1].endswith('3.png: damaged image: image file is truncated')
 

@@ -303,6 +303,7 @@ reconstruct_phema.main(sys.argv[1:])
 '''
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_temporaries_that_the_next_run_removes(tmp_path):
     run = _make_run(tmp_path / 'run', _tiny_net())
     out = tmp_path / 'out'

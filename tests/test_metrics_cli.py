@@ -281,6 +281,7 @@ def test_gen_preset_gives_same_result_as_flags(assets, tmp_path, official, monke
     assert ra['runs'][0]['fid'] == rb['runs'][0]['fid']
 
 
+@pytest.mark.slow
 def test_gen_interval_steps_and_balanced_labels(assets, tmp_path, official):
     net, gnet = official('main-rgb16.pkl'), official('guide-rgb16.pkl')
     ref_path = tmp_path / 'ref.npz'
