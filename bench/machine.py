@@ -1,4 +1,5 @@
-"""Machine details every benchmark prints next to its numbers (imported as `machine` by bench/*.py)."""
+"""What every benchmark shares (imported as `machine` by bench/*.py): the machine details printed next to
+its numbers, a peak-memory sampler, and running a measurement in a fresh child process."""
 
 import json
 import os
