@@ -36,6 +36,8 @@ from edm2.toy.figure import draw_figure, pyplot
 from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
 
 MODEL_FILES = {'net': 'main', 'autoguide': 'autoguide', 'cfg_guide': 'cfg-guide'}
+# Guidance weights of the paper's Figure 1 (autoguidance, CFG, naive truncation).
+PUBLISHED_WEIGHTS = dict(ag=3.0, cfg=4.0, trunc=1.5)
 METRIC_COLUMNS = [('outlier_rate', 'outliers', '{:.2%}'), ('leaf_coverage', 'leaf coverage', '{:.1%}'),
                   ('branch_tv', 'branch TV', '{:.3f}'), ('mean_loglik', 'mean log-lik', '{:.2f}'),
                   ('median_loglik', 'median log-lik', '{:.2f}')]
@@ -162,10 +164,10 @@ def sampling_options(f):
     f = click.option('--steps', default=32, show_default=True, type=Int(1),
                      help='Heun steps.')(f)
     f = click.option('--seed', default=0, show_default=True, type=Int(0), help='Seed of the initial noise.')(f)
-    f = click.option('--trunc-weight', default=1.5, show_default=True, type=Float(),
+    f = click.option('--trunc-weight', default=PUBLISHED_WEIGHTS['trunc'], show_default=True, type=Float(),
                      help='Naive truncation: the score is scaled by this.')(f)
-    f = click.option('--cfg-weight', default=4.0, show_default=True, type=Float(), help='CFG guidance weight w.')(f)
-    f = click.option('--ag-weight', default=3.0, show_default=True, type=Float(),
+    f = click.option('--cfg-weight', default=PUBLISHED_WEIGHTS['cfg'], show_default=True, type=Float(), help='CFG guidance weight w.')(f)
+    f = click.option('--ag-weight', default=PUBLISHED_WEIGHTS['ag'], show_default=True, type=Float(),
                      help='Autoguidance weight w.')(f)
     return f
 
@@ -310,7 +312,7 @@ def evaluate_seed(folder, seed, settings, weights, retrain, device):
 def demo_seeds(outdir, seeds, settings, retrain, device):
     """`demo --seeds`: train and evaluate every seed (models in OUTDIR/seed-N), print mean and range per
     method beside the release procedure's, and check what holds on every seed of the release."""
-    weights = dict(ag=3.0, cfg=4.0, trunc=1.5)
+    weights = PUBLISHED_WEIGHTS
     per_seed = {}
     for seed in seeds:
         folder = os.path.join(outdir, f'seed-{seed}')
@@ -374,7 +376,7 @@ def demo(outdir, main_iterations, guide_iterations, batch, num, seed, seeds, ret
         return
     need_matplotlib()
     loaded, _ = train_models(outdir, seed, main_iterations, guide_iterations, batch, retrain, device)
-    weights = dict(ag=3.0, cfg=4.0, trunc=1.5)
+    weights = PUBLISHED_WEIGHTS
     rows, level = demo_rows(loaded, seed, num, weights, device)
     results, ideal_results = rows[0][2], rows[-1][2]
     click.echo(f'trained models (published settings):\n{format_table(results, weights)}\n')
