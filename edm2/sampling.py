@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import EDM2Error
+from .guidance_rules import Lerp, Rule, parse_rule
 
 
 class SamplingError(EDM2Error):
@@ -135,6 +136,9 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels: Op
     labels:       [n, label_dim] one-hot classes for a conditional denoiser, or None.
     guided_steps: N booleans, the guidance decision of each step, passed to both of its evaluations.
     generators:   one torch.Generator per image for the churn noise; None uses the global generator.
+
+    A denoiser with a `reset()` method has it called once here, before the first evaluation: a new batch
+    of trajectories starts (a `GuidedDenoiser` then zeroes the memory of its rule, e.g. APG's momentum).
     """
     sigmas = sigmas.detach().to('cpu', options.dtype)  # 0-dim scalars for the arithmetic, no device syncs
     num_steps = len(sigmas) - 1
@@ -149,6 +153,9 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels: Op
     hats = [s + g * s if g > 0 else s for s, g in zip(sigmas[:-1], gammas)]
     # The levels the networks see (σ̂_i, then σ_{i+1}), moved to the device once.
     seen = torch.stack(hats + list(sigmas[1:])).to(noise.device)
+
+    if hasattr(denoiser, 'reset'):
+        denoiser.reset()
 
     def evaluate(x, level, step):
         if guided_steps is None:
@@ -246,25 +253,28 @@ def check_guide(net, guide, name='guiding network') -> None:
 
 
 class GuidedDenoiser:
-    """A main denoiser D_1 guided by denoisers D_0k, as one callable:
+    """A main denoiser D_1 guided by denoisers D_0k, as one callable. With the default rule (`Lerp`):
 
         D = D_1 + Σ_k w_k (D_1 − D_0k),   w_k = (w − 1) a_k,   a_k >= 0,  Σ_k a_k = 1.
 
     With one guide this is D_0 + w (D_1 − D_0), the guidance of the autoguidance paper (Karras et al.,
     NeurIPS 2024), computed as torch.lerp(D_0, D_1, w); several guides are its DeepFloyd experiment.
-    Because the a_k sum to 1, D equals one-guide guidance with the mixed guide Σ_k a_k D_0k, which is how
-    it is computed; guides with a_k = 0 are never evaluated.
+    Because the a_k sum to 1, D equals one-guide guidance with the mixed guide D_0 = Σ_k a_k D_0k, which is
+    how it is computed; guides with a_k = 0 are never evaluated. Another rule (`edm2.guidance_rules`)
+    combines D_1 with the same mixed guide D_0.
 
     net, guides: the denoisers; a conditional guide gets the labels, an unconditional one (label_dim 0) None.
     weight:      w; 1 is no guidance, and then no guide is ever evaluated.
     shares:      a_k (default equal).
     dtype:       every network output is cast to it.
+    rule:        how D_1 and D_0 combine: a rule of `edm2.guidance_rules` or its spec string (default lerp).
 
     Called as (x, sigma, labels=None, guided=True): `guided=False` evaluates D_1 alone. `num_evals`
-    counts the calls of [D_1, D_01, D_02, ...].
+    counts the calls of [D_1, D_01, D_02, ...]. `reset()` starts a new batch (the rule's memory is zeroed);
+    `heun_sampler` calls it.
     """
 
-    def __init__(self, net, guides=(), weight: float = 1.0, shares=None, dtype=torch.float32):
+    def __init__(self, net, guides=(), weight: float = 1.0, shares=None, dtype=torch.float32, rule: Rule = Lerp()):
         self.net, self.guides = net, list(guides)
         self.weight = float(weight)
         if not math.isfinite(self.weight):
@@ -275,7 +285,12 @@ class GuidedDenoiser:
             check_guide(net, guide, f'guiding network {k + 1}' if len(self.guides) > 1 else 'guiding network')
         self.shares = guide_shares(len(self.guides), shares) if self.guides else []
         self.dtype = dtype
+        self.rule = parse_rule(rule)
         self.num_evals = [0] * (1 + len(self.guides))
+        self.reset()
+
+    def reset(self) -> None:
+        self._memory = self.rule.new_memory()
 
     @property
     def active(self) -> bool:
@@ -297,7 +312,7 @@ class GuidedDenoiser:
             out = self._run(k + 1, guide, x, sigma, labels if getattr(guide, 'label_dim', 0) else None)
             out = out if share == 1 else out * share
             mixed = out if mixed is None else mixed + out
-        return mixed.lerp(main, self.weight)
+        return self.rule.combine(main, mixed, self.weight, self._memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,9 +323,10 @@ class Guidance:
     weight: float = 1.0                 # w; 1 = no guidance (guides never evaluated)
     shares: Optional[tuple] = None      # a_k of several guides; None = equal
     interval: Optional[Interval] = None  # which Heun steps are guided; None = every step
+    rule: Rule = Lerp()                 # how main and guide outputs combine (`edm2.guidance_rules`)
 
     def denoiser(self, net, dtype=torch.float32) -> GuidedDenoiser:
-        return GuidedDenoiser(net, self.guides, self.weight, self.shares, dtype)
+        return GuidedDenoiser(net, self.guides, self.weight, self.shares, dtype, self.rule)
 
     def steps(self, sigmas: torch.Tensor) -> Optional[list]:
         """The per-step decisions for `heun_sampler(guided_steps=...)`; None when every step is guided."""
