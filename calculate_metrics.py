@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from edm2 import cli as edm2_cli
-from edm2 import distributed, generation, guidance_setup, sampling
+from edm2 import distributed, generation, guidance_setup, run_lock, sampling
 from edm2.cli import one_line_errors, parse_number_list
 from edm2.metrics import adm, dataset_features, dataset_reference, evaluate, inputs, network_features, report
 from edm2.metrics import sweep as sweep_lib
@@ -369,6 +369,7 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
     net_source = _sweep_source(net_dir, net_kimg, net_std, net, '--net')
     gnet_source = _sweep_source(gnet_dir, gnet_kimg, gnet_std, gnet, '--gnet')
     device = distributed.init(opts['device'])
+    run_lock.hold_for_command(outdir)  # one sweep per folder, until the command ends
     reference = inputs.load_checked_reference(ref_path, metrics, opts['pr_features'])
     detectors = _load_detectors(evaluate.detectors_for(metrics, opts['pr_features']), opts, device)
     config = sweep_lib.SweepConfig(

@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from edm2 import cli, distributed, generation, guidance_setup, sampling
+from edm2 import cli, distributed, generation, guidance_setup, run_lock, sampling
 from edm2.fileio import atomic_write, atomic_write_text
 from edm2.metrics.adm_npz import SampleBatchSink
 
@@ -185,6 +185,8 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
         device = distributed.init(device)
     except distributed.DeviceError as e:
         cli.fail(e)
+    if outdir is not None:
+        run_lock.hold_for_command(outdir)  # one run per folder, until the command ends
 
     net_, encoder, guides = guidance_setup.load_networks(setup, device)
     skip = (lambda seed: os.path.isfile(image_path(outdir, seed, subdirs))) if skip_existing else None

@@ -25,8 +25,8 @@ import re
 import click
 import torch
 
-from edm2 import checkpoint, distributed, fileio, phema, phema_reconstruct
-from edm2.cli import Int, fail, parse_number_list
+from edm2 import checkpoint, distributed, fileio, phema, phema_reconstruct, run_lock
+from edm2.cli import Int, fail, fail_once, parse_number_list
 from edm2.errors import EDM2Error
 
 STD_BOUNDS = dict(lo=0, hi=phema.SIGMA_REL_MAX, lo_open=True, hi_open=True)
@@ -128,7 +128,12 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, batch
     except EDM2Error as e:
         fail(e)
     try:
-        run(dev, indir, inprefix, in_stds, outdir, outprefix, out_stds, outkimg, skip, batch, dtype)
+        with run_lock.hold_run_folder(outdir) as removed:
+            for path in removed:
+                distributed.print0(f'Removed {path.name}, left by an interrupted run')
+            run(dev, indir, inprefix, in_stds, outdir, outprefix, out_stds, outkimg, skip, batch, dtype)
+    except run_lock.FolderInUseError as e:
+        fail_once(e)
     finally:
         distributed.shutdown()
 
@@ -144,9 +149,6 @@ def run(dev, indir, inprefix, in_stds, outdir, outprefix, out_stds, outkimg, ski
     if not todo:
         distributed.print0('Nothing to do.')
         return
-    if distributed.is_main():  # the folder itself is created with the first output
-        for path in fileio.remove_stale_temporaries(outdir):
-            distributed.print0(f'Removed {path.name}, left by an interrupted run')
     # Each rank takes every world_size-th output. The barrier makes every rank decide --skip before
     # any rank writes.
     distributed.barrier()
@@ -181,7 +183,10 @@ def write_batch(items, dtype):
     try:
         for path, rec in items:
             temps.append((fileio.temporary_name(path), path))
-            _save(temps[-1][0], rec, dtype)
+            try:
+                _save(temps[-1][0], rec, dtype)
+            except fileio.NoSpaceError:
+                raise fileio.NoSpaceError(fileio.no_space_text(path)) from None  # the output, not the temporary
         for tmp, path in temps:
             os.replace(tmp, path)
         temps = []

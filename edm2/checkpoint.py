@@ -29,12 +29,11 @@ import struct
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from edm2 import encoders, published
 from edm2.download import DownloadError, fetch
 from edm2.errors import EDM2Error, one_line
-from edm2.fileio import atomic_path
+from edm2.fileio import save_safetensors
 from edm2.network_config import NetworkConfigError, check_network_kwargs, state_shapes
 from edm2.networks import Precond
 from edm2.phema import SIGMA_REL_MAX
@@ -335,8 +334,7 @@ def save_network(path, net, encoder=None, *, dtype=None, **metadata):
     except (TypeError, ValueError) as e:
         raise _error(path, f'metadata is not JSON-serialisable: {one_line(e)}') from None
     try:
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={_HEADER_KEY: text})
+        save_safetensors(path, tensors, metadata={_HEADER_KEY: text})
     except OSError as e:
         raise _error(path, f'cannot write: {one_line(e)}') from None
     return path

@@ -21,6 +21,14 @@ def fail(error, prefix=None):
     raise click.ClickException(f'{prefix}: {msg}' if prefix else msg)
 
 
+def fail_once(error, prefix=None):
+    """`fail` for an error every process of a torchrun job meets (e.g. agreed by broadcast): rank 0 prints
+    the line, the other ranks leave with status 1 silently."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        fail(error, prefix)
+    raise SystemExit(1)
+
+
 def one_line_errors(command):
     """Decorator of a command function: an `EDM2Error` that escapes it (bad input, named in its message)
     becomes a one-line click error (`fail`) instead of a traceback."""

@@ -1,12 +1,16 @@
 """Atomic file writing: outputs appear complete under their final name or not at all.
 
-Every writer of the project goes through `atomic_path` / `atomic_write`. Temporaries are named
-`.{final name}.edm2-{pid}-{random}.tmp` beside the target, so that a later run can recognise and
-remove those left by a process that was killed (`remove_stale_temporaries`), without touching the
-temporaries of a process that is still running.
+Every writer of the project goes through `atomic_path` / `atomic_write` (safetensors files through
+`save_safetensors`, so that no library makes temporaries of its own). Temporaries are named
+`.{final name}.edm2-{pid}-{host}{random}.tmp` beside the target (the final name shortened when needed, so
+that the temporary's name stays within the 255-byte limit of file names), so that a later run can
+recognise and remove those left by a process that was killed (`remove_stale_temporaries`), without
+touching the temporaries of a process that is still running. A full disk is reported as a `NoSpaceError`
+naming the file, after the partial temporary was removed.
 """
 
 import contextlib
+import errno
 import os
 import pathlib
 import re
@@ -15,8 +19,35 @@ import shutil
 import socket
 import zlib
 
-_TEMP_RE = re.compile(r'^\..+\.edm2-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})[0-9a-f]*\.tmp$')
-_HOST = format(zlib.crc32(socket.gethostname().encode()), '08x')
+from .errors import EDM2Error
+
+# The host tag is the first 4 hex digits of a CRC of the host name (older versions wrote all 8, then 8
+# random digits: their temporaries still match); 6 random hex digits follow.
+_TEMP_RE = re.compile(r'^\..+\.edm2-(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]*\.tmp$')
+_HOST = format(zlib.crc32(socket.gethostname().encode()), '08x')[:4]
+NAME_MAX = 255  # bytes in one file name on the file systems in use (ext4, xfs, btrfs, tmpfs, NFS)
+_NO_SPACE = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'no space left (disk quota exceeded)'}
+
+
+class NoSpaceError(EDM2Error):
+    """A write failed because the disk (or the user's quota) is full; the message names the file."""
+
+
+def no_space_text(path) -> str:
+    """The one-line report of a full disk while writing `path`."""
+    return f'{path}: no space left on the device; the partial file was removed (free some space and run again)'
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path):
+    """Turn an OSError of a full disk (ENOSPC, EDQUOT) inside the block into a `NoSpaceError` naming `path`
+    (file writes report no file name of their own); other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise NoSpaceError(no_space_text(path)) from e
+        raise
 
 
 def _umask():
@@ -28,7 +59,12 @@ def _umask():
 def temporary_name(path) -> pathlib.Path:
     """A fresh temporary path beside `path`, in the recognisable pattern described above."""
     path = pathlib.Path(path)
-    return path.with_name(f'.{path.name}.edm2-{os.getpid()}-{_HOST}{secrets.token_hex(4)}.tmp')
+    suffix = f'.edm2-{os.getpid()}-{_HOST}{secrets.token_hex(3)}.tmp'
+    name = path.name
+    room = NAME_MAX - 1 - len(suffix)
+    if len(name.encode()) > room:  # a name near the limit: keep its start (any characters, cut whole)
+        name = name.encode()[:room].decode(errors='ignore') or 'x'
+    return path.with_name(f'.{name}{suffix}')
 
 
 def fix_permissions(path):
@@ -45,17 +81,20 @@ def atomic_path(path):
     when the block replaced the temporary file with one of its own.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
+    tmp = None
     try:
-        with open(tmp, 'xb'):
-            pass
-        yield str(tmp)
-        fix_permissions(tmp)
-        os.replace(tmp, path)
+        with reporting_full_disk(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temporary_name(path)
+            with open(tmp, 'xb'):
+                pass
+            yield str(tmp)
+            fix_permissions(tmp)
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
 
 
@@ -69,6 +108,16 @@ def atomic_write(path, mode='wb', fsync=False):
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def save_safetensors(path, tensors, metadata=None, fsync=False):
+    """Write a dict of CPU tensors as a safetensors file, atomically (see atomic_path). The bytes are
+    serialised in memory and written under our temporary name: safetensors' own `save_file` makes a
+    temporary of its own beside the target, which a killed process would leave behind."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
+    with atomic_write(path, fsync=fsync) as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text):

@@ -31,8 +31,9 @@ from edm2 import distributed as dist
 from edm2 import encoders
 from edm2.checkpoint import save_network, snapshot_file_name
 from edm2.errors import one_line
-from edm2.fileio import remove_stale_temporaries
+from edm2.fileio import NoSpaceError, reporting_full_disk
 from edm2.networks import build_network
+from edm2.run_lock import FolderInUseError, hold_run_folder
 from edm2.phema import PowerFunctionEMA
 from training import state as run_state
 from training.loss import EDM2Loss
@@ -46,7 +47,9 @@ class _Logger:
     """Status lines to the console (through tqdm when a bar is shown) and to log.txt, rank 0 only."""
 
     def __init__(self, path):
-        self.file = open(path, 'a', encoding='utf-8') if dist.is_main() else None
+        self.path = path
+        with reporting_full_disk(path):
+            self.file = open(path, 'a', encoding='utf-8') if dist.is_main() else None
         self.bar = None
 
     def __call__(self, msg, console=True):
@@ -55,12 +58,18 @@ class _Logger:
         if console:
             (self.bar.write if self.bar is not None else lambda m: print(m, flush=True))(msg)
         if self.file is not None:
-            self.file.write(msg + '\n')
-            self.file.flush()
+            try:
+                with reporting_full_disk(self.path):
+                    self.file.write(msg + '\n')
+                    self.file.flush()
+            except NoSpaceError:
+                self.close()  # no further lines: the error itself is reported on the console
+                raise
 
     def close(self):
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a full disk: what could not be flushed is lost
+                self.file.close()
             self.file = None
 
 
@@ -90,19 +99,27 @@ def training_loop(opts, dry_run=False, step_callback=None):
                                         network_kwargs=prep.net_kwargs, parameters=prep.num_params,
                                         dataset_size=len(prep.dataset)), indent=2))
             return dict(dry_run=True, parameters=prep.num_params)
-        notes = []
-        start = list(_agree_on_start(opts.outdir, record, notes.append))  # [checkpoint path, state] or Nones
-        # --- From here on, output is written. ---------------------------------------------------
-        if dist.is_main():
-            os.makedirs(opts.outdir, exist_ok=True)
-            remove_stale_temporaries(opts.outdir)  # of a killed run (never renamed, so never used)
-        dist.barrier()
-        session = _Session(opts, prep, record, device, _Logger(os.path.join(opts.outdir, 'log.txt')))
-        for note in notes:
-            session.log(note)
-        return session.run(start, step_callback)
+        # One run per folder; the lock also removes temporaries of a killed run (never renamed, so never used).
+        try:
+            with hold_run_folder(opts.outdir):
+                return _train(opts, prep, record, device, step_callback)
+        except FolderInUseError as e:
+            raise TrainingError(str(e)) from None
     finally:
         prep.dataset.close()
+
+
+def _train(opts, prep, record, device, step_callback):
+    """The run itself, with the folder's lock held."""
+    notes = []
+    start = list(_agree_on_start(opts.outdir, record, notes.append))  # [checkpoint path, state] or Nones
+    # --- From here on, output is written. ---------------------------------------------------
+    session = _Session(opts, prep, record, device, _Logger(os.path.join(opts.outdir, 'log.txt')))
+    for note in notes:
+        session.log(note)
+    result = session.run(start, step_callback)
+    dist.barrier()  # every rank has finished writing before the lock is released
+    return result
 
 
 def _agree_on_start(outdir, record, log):
@@ -189,7 +206,8 @@ class _Session:
         except Exception as e:
             error = self._as_training_error(e)
             if error.report != 'none':
-                self.log(f'Error: {error}', console=False)
+                with contextlib.suppress(NoSpaceError):  # the error is reported on the console regardless
+                    self.log(f'Error: {error}', console=False)
             raise error from None
         finally:
             self.stop.restore()
@@ -199,11 +217,14 @@ class _Session:
         """A one-line TrainingError for any failure; the traceback of unexpected ones goes to log.txt."""
         if isinstance(error, TrainingError):
             return error
+        if isinstance(error, NoSpaceError):  # names the file; the last checkpoint resumes the run
+            return TrainingError(f'training stopped at {self.cur_nimg} images: {error}', report='self')
         if self.world > 1 and peer_failed(error):
             return TrainingError('stopped: another process failed', report='none')  # that one reports
         where, details = (f' (rank {self.rank})' if self.world > 1 else ''), ''
         if dist.is_main() and self.log.file is not None:
-            self.log(''.join(traceback.format_exception(error)), console=False)
+            with contextlib.suppress(NoSpaceError):
+                self.log(''.join(traceback.format_exception(error)), console=False)
             details = f' (traceback in {os.path.join(self.opts.outdir, "log.txt")})'
         return TrainingError(f'training stopped at {self.cur_nimg} images{where}: {type(error).__name__}: '
                              f'{one_line(error)}{details}', report='self')
@@ -363,8 +384,9 @@ class _Session:
                  f'loss {loss:<8.4f} lr {lr:<9.3g} nonfinite {rec["nonfinite"]:<4d} '
                  f'cpumem {rec["cpu_mem_gb"]:<6.2f} gpumem {gpu_mem:.2f}')
         if dist.is_main():
-            with open(os.path.join(self.opts.outdir, 'stats.jsonl'), 'a', encoding='utf-8') as f:
-                f.write(json.dumps(rec) + '\n')
+            path = os.path.join(self.opts.outdir, 'stats.jsonl')
+            with reporting_full_disk(path), open(path, 'a', encoding='utf-8') as f:
+                f.write(json.dumps(rec) + '\n')  # a line cut short is dropped on resume
         self.stats.zero_()
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)

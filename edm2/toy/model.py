@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from edm2 import mp
-from edm2.fileio import atomic_path
+from edm2.fileio import save_safetensors
 from edm2.toy.mixture import ToyError
 
 SIGMA_DATA = 0.5
@@ -83,8 +83,7 @@ def save_model(path, net, **metadata):
     path = os.fspath(path)
     meta = {'format': 'edm2-toy-v1', 'init_kwargs': json.dumps(net.init_kwargs), 'metadata': json.dumps(metadata)}
     tensors = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+    save_safetensors(path, tensors, metadata=meta)
 
 
 def load_model(path, device='cpu'):
