@@ -366,6 +366,8 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
         raise click.UsageError('give --guidance-interval or --guidance-interval-steps, not both')
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint="'--outdir'")
+    if edm2_cli.path_problem(outdir):
+        raise click.BadParameter(edm2_cli.path_problem(outdir), param_hint="'--outdir'")
     net_source = _sweep_source(net_dir, net_kimg, net_std, net, '--net')
     gnet_source = _sweep_source(gnet_dir, gnet_kimg, gnet_std, gnet, '--gnet')
     device = distributed.init(opts['device'])

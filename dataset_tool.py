@@ -23,7 +23,7 @@ import PIL.Image
 from tqdm import tqdm
 
 from edm2 import fileio
-from edm2.cli import Int, fail
+from edm2.cli import Int, fail, path_problem
 from edm2.data import IMAGE_EXTENSIONS, DatasetError, FileTree, ImageFolderDataset, decode_image, read_labels
 from edm2.dataset_transforms import TRANSFORMS, scale_only
 from edm2.errors import EDM2Error, one_line
@@ -94,6 +94,9 @@ def _check_output_size(width, height, what):
 def _check_destination(dest):
     """One-line error before any work when `dest` exists (other than an empty folder for a folder
     output) or lies below a file."""
+    problem = path_problem(dest)
+    if problem:
+        fail(f'--dest {dest}: {problem}')
     if dest.exists() or dest.is_symlink():
         empty_folder = dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir())
         if dest.suffix.lower() == '.zip' or not empty_folder:

@@ -26,7 +26,7 @@ import click
 import torch
 
 from edm2 import checkpoint, distributed, fileio, phema, phema_reconstruct, run_lock
-from edm2.cli import Int, fail, fail_once, parse_number_list
+from edm2.cli import Int, fail, fail_once, parse_number_list, path_problem
 from edm2.errors import EDM2Error
 
 STD_BOUNDS = dict(lo=0, hi=phema.SIGMA_REL_MAX, lo_open=True, hi_open=True)
@@ -38,6 +38,9 @@ def output_name(outprefix, kimg, std):
 
 def _check_outdir(outdir):
     """--outdir must be a writable folder, or creatable inside one."""
+    problem = path_problem(outdir)
+    if problem:
+        raise click.BadParameter(problem, param_hint='--outdir')
     if os.path.exists(outdir):
         if not os.path.isdir(outdir):
             raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')

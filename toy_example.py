@@ -28,10 +28,10 @@ import time
 import click
 
 from edm2 import toy
-from edm2.cli import Float, Int, fail, parse_number_list
+from edm2.cli import Float, Int, check_file_name, check_output, fail, parse_number_list
 from edm2.distributed import default_device
 from edm2.errors import EDM2Error
-from edm2.fileio import atomic_write_text
+from edm2.fileio import atomic_write_text, remove_stale_temporaries
 from edm2.toy.figure import draw_figure, pyplot
 from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
 
@@ -60,6 +60,7 @@ def need_matplotlib():
 def train_one(outdir, name, classes, width, layers, iterations, batch, lr, ema, seed, device, quiet=False):
     from tqdm import tqdm
     os.makedirs(outdir, exist_ok=True)
+    remove_stale_temporaries(outdir)  # of runs that were killed
     path = os.path.join(outdir, f'{name}.safetensors')
     bar = tqdm(total=iterations, desc=f'{name} ({classes}, width {width})', disable=quiet, leave=True,
                dynamic_ncols=True, file=sys.stderr)
@@ -190,8 +191,10 @@ def train(classes, layers, width, iterations, batch, lr, ema, seed, outdir, name
     if classes not in toy.CLASSES:
         raise click.BadParameter(f'unknown class {classes!r}; expected one of {", ".join(toy.CLASSES)}',
                                  param_hint='--classes')
-    device = pick_device(device)
     name = name or f'toy-{classes}-{layers}x{width}-{iterations}'
+    check_file_name(name, '--name', suffix='.safetensors')  # a name, never a path out of --outdir
+    check_output(outdir, '--outdir', folder=True)
+    device = pick_device(device)
     path = train_one(outdir, name, classes, width, layers, iterations, batch, lr, ema, seed, device)
     click.echo(f'wrote {path}')
 
@@ -364,6 +367,7 @@ def demo_rows(loaded, seed, num, weights, device):
 def demo(outdir, main_iterations, guide_iterations, batch, num, seed, seeds, retrain, device):
     """Train the main model and both guides with the published settings, evaluate and plot them beside the
     release procedure's results (reference data) and the idealised models (--ideal of eval/plot)."""
+    check_output(outdir, '--outdir', folder=True)
     device = pick_device(device)
     t0 = time.time()
     settings = dict(num=num, main_iterations=main_iterations, guide_iterations=guide_iterations, batch=batch)

@@ -7,12 +7,14 @@
 """
 
 import json
+import os
 
 import click
 import torch
 
 from edm2.checkpoint import CheckpointError, load_snapshot, save_network
 from edm2.cli import fail
+from edm2.fileio import NoSpaceError, remove_stale_temporaries
 
 
 @click.group(help='Inspect EDM2 network files (native .safetensors or published .pkl) and convert them '
@@ -57,8 +59,9 @@ def convert(src, dst, half):
     try:
         net, encoder, meta = load_snapshot(src)
         meta.pop('format', None)
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(dst)))  # of conversions that were killed
         save_network(dst, net, encoder, dtype=torch.float16 if half else None, **meta)
-    except CheckpointError as e:
+    except (CheckpointError, NoSpaceError) as e:
         fail(e)
     click.echo(f'wrote {dst}')
 

@@ -132,10 +132,47 @@ def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False
     return result
 
 
+NAME_MAX = 255    # bytes in one file or folder name (ext4, xfs, btrfs, tmpfs, NFS)
+PATH_MAX = 4095   # bytes in a whole path given to the kernel
+
+
+def path_problem(path):
+    """Why the file system cannot hold `path` as an output, or None: a name longer than NAME_MAX bytes, a
+    whole path longer than PATH_MAX, or a symbolic link to nothing (itself or a folder above it)."""
+    path = os.path.abspath(os.fspath(path))
+    for name in path.split(os.sep):
+        if len(os.fsencode(name)) > NAME_MAX:
+            return (f'the name {name[:24]}... is {len(os.fsencode(name))} bytes long; a file or folder name '
+                    f'holds at most {NAME_MAX}')
+    if len(os.fsencode(path)) > PATH_MAX:
+        return f'the path is {len(os.fsencode(path))} bytes long; at most {PATH_MAX} are possible'
+    part = path
+    while part != os.path.dirname(part):
+        if os.path.islink(part) and not os.path.exists(part):
+            return f'{part} is a symbolic link to {os.readlink(part)}, which does not exist'
+        part = os.path.dirname(part)
+    return None
+
+
+def check_file_name(name, flag, suffix=''):
+    """Refuse a value that must be a plain file name (written inside an output folder) but is a path,
+    hidden, empty, or too long once `suffix` is appended. Raises a one-line click error naming `flag`."""
+    if (not name or name in ('.', '..') or '/' in name or '\\' in name or '\0' in name
+            or name.startswith('.')):
+        fail(f'expected a file name without slashes or a leading dot, got {name!r}', flag)
+    if len(os.fsencode(name + suffix)) > NAME_MAX:
+        fail(f'{name[:24]}...{suffix} would be {len(os.fsencode(name + suffix))} bytes long; a file name holds '
+             f'at most {NAME_MAX}', flag)
+
+
 def check_output(path, flag, folder=False):
-    """Refuse, before any work, an output location that cannot be written: `path` exists as the wrong kind
-    (a file where a folder is wanted or the reverse), or it or its nearest existing parent folder is not
-    writable. Raises a one-line click error naming `flag`."""
+    """Refuse, before any work, an output location that cannot be written: a name or path too long or a
+    symbolic link to nothing (`path_problem`), `path` existing as the wrong kind (a file where a
+    folder is wanted or the reverse), or it or its nearest existing parent folder not writable. Raises a
+    one-line click error naming `flag`."""
+    problem = path_problem(path)
+    if problem:
+        fail(problem, flag)
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         if folder != os.path.isdir(path):

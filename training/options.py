@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from edm2 import presets
-from edm2.cli import check_range
+from edm2.cli import check_range, path_problem
 from edm2.errors import EDM2Error
 from edm2.network_config import NetworkConfigError, check_network_kwargs
 from edm2.phema import std_to_exp
@@ -243,6 +243,8 @@ def prepare(opts, world_size=1):
 
 def check_outdir(outdir):
     """--outdir must be a writable folder, or creatable: its nearest existing ancestor a writable folder."""
+    problem = path_problem(outdir)
+    _check(problem is None, f'--outdir {outdir}: {problem}')
     _check(not os.path.exists(outdir) or os.path.isdir(outdir), f'--outdir {outdir} exists and is not a folder')
     existing = os.path.abspath(outdir)
     while not os.path.exists(existing):
