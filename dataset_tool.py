@@ -10,6 +10,7 @@ and renamed when complete, so it never exists half-written; temporaries left by 
 are removed when the next run starts. Files get the permissions the umask allows.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -132,20 +133,31 @@ class _Destination:
             fail(f'--dest {dest}: cannot write there: {e.strerror or one_line(e)}')
 
     def write(self, name, data: bytes):
-        if self.is_zip:
-            self._zip.writestr(name, data)
-        else:
-            path = self.tmp / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+        with self._full_disk():
+            if self.is_zip:
+                self._zip.writestr(name, data)
+            else:
+                path = self.tmp / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
 
     def commit(self):
         if self.is_zip:
-            self._zip.close()
+            with self._full_disk():
+                self._zip.close()
         try:
             os.replace(self.tmp, self.dest)
         except OSError as e:
             fail(f'--dest {self.dest}: cannot move the finished output into place: {e.strerror or one_line(e)}')
+
+    @contextlib.contextmanager
+    def _full_disk(self):
+        """A full disk is one line naming --dest (the caller's abort() removes the partial output)."""
+        try:
+            with fileio.reporting_full_disk(self.dest):
+                yield
+        except fileio.NoSpaceError as e:
+            fail(f'--dest {e}')
 
     def abort(self):
         if self._zip is not None:

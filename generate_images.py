@@ -159,6 +159,7 @@ def make_grid(images):
 @click.option('--skip-existing', is_flag=True, help='Leave seeds whose PNG is already in --outdir alone (resume).')
 @click.option('--npz', metavar='FILE', help='Also write all images as an ADM sample batch (arr_0 NHWC uint8, '
                                            'arr_1 labels), streamed to disk, for the ADM TensorFlow evaluator.')
+@cli.one_line_errors  # e.g. a full disk (edm2.fileio.NoSpaceError): one line naming the file
 def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, outdir, subdirs,
          seeds, class_idx, label_rule, labels_out, batch_size, num_steps, sigma_min, sigma_max, rho, S_churn, S_min,
          S_max, S_noise, device, grid, skip_existing, npz):

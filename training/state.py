@@ -62,9 +62,33 @@ def save_state(outdir, cur_nimg, net, optimizer, ema, settings, snapshot_nimgs, 
     )
     path = os.path.join(outdir, f'training-state-{cur_nimg // 1000:07d}.pt')
     with atomic_write(path, fsync=True) as f:
-        torch.save(state, f)
+        writer = _KeepWriteError(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:  # e.g. a full disk: atomic_write names the file
+                raise writer.error from None
+            raise
     _fsync_dir(os.path.abspath(outdir))  # make the rename itself durable
     return path
+
+
+class _KeepWriteError:
+    """A file's `write` for torch.save, which turns an OSError of write() into a RuntimeError without its
+    errno: the original error is kept here, so that a full disk is reported as one."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def list_checkpoints(outdir):

@@ -7,7 +7,7 @@ import os
 
 from edm2 import distributed
 from edm2.errors import EDM2Error
-from edm2.fileio import atomic_write, atomic_write_text
+from edm2.fileio import atomic_write, atomic_write_text, reporting_full_disk
 
 
 class SweepError(EDM2Error):
@@ -47,7 +47,7 @@ class CellLog:
     def append(self, record):
         self.cells[cell_key(record['net_std'], record['gnet_std'], record['guidance'])] = record
         if distributed.is_main():
-            with open(self.path, 'a') as f:
+            with reporting_full_disk(self.path), open(self.path, 'a') as f:  # a line cut short is dropped on resume
                 f.write(json.dumps(record) + '\n')
                 f.flush()
                 os.fsync(f.fileno())
