@@ -107,6 +107,7 @@ def _snapshots(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_generate(tmp_path, monkeypatch):
     net = _snapshots(tmp_path / 'run') / 'network-snapshot-0000016-0.100.safetensors'
     out = tmp_path / 'out'
