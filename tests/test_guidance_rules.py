@@ -341,8 +341,9 @@ def test_rule_flag_and_preset_rule_reach_the_images_and_the_record(official, tmp
     assert torch.equal(written, library)
     configs = tmp_path / 'configs'
     configs.mkdir()
-    (configs / 'generate.toml').write_text(f"[tiny]\nnet = '{net}'\ngnet = '{gnet}'\nguidance = 3.0\n"
-                                           f"guidance_rule = '{spec}'\n[bad]\nnet = '{net}'\nguidance_rule = 'apg:x=1'\n")
+    (configs / 'generate.toml').write_text(
+        f"[tiny]\nnet = '{net}'\ngnet = '{gnet}'\nguidance = 3.0\nguidance_rule = '{spec}'\n"
+        f"[bad]\nnet = '{net}'\nguidance_rule = 'apg:x=1'\n")
     monkeypatch.setenv('EDM2_CONFIG_DIR', str(configs))
     presets.load.cache_clear()
     try:
