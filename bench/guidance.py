@@ -8,8 +8,9 @@ parameters, so its peak must stay within 10% of the unguided one; the real guide
 
 Time: in this process, the guided Heun sampler with a smaller network of the same shape, for every guide kind
 (a real half-width guide, self:pag on every attention block or one, self:skip) and every rule (lerp, apg,
-rescale), best of --repeats; printed as seconds per image, network evaluations per image and the ratio to
-the unguided sampler measured in the same run.
+rescale), best of --repeats with the settings taken in turn; printed as seconds per image (CPU time of
+this process on CPU, so that waiting for a core on a shared machine does not count; wall time on CUDA),
+network evaluations per image and the ratio to the unguided sampler measured in the same run.
 
     python bench/guidance.py                      # CPU, 1 thread; 52M-parameter net for memory, 5.8M for time
     python bench/guidance.py --device cuda --batch 32 --steps 32
@@ -106,23 +107,28 @@ def timing_rows(channels, batch, steps, repeats, device):
         ('self:skip=dec.4x4_in1', 'lerp', skip, 2.0),
     ]
 
+    # On CPU the process's CPU time: on a machine shared with other jobs, waiting for a core is not counted.
+    clock = time.perf_counter if device.type == 'cuda' else time.process_time
+
     def sample(guide, rule, weight):
         guidance = sampling.Guidance(guides=() if guide is None else (guide,), weight=weight, rule=rule)
         denoiser = guidance.denoiser(net)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         sampling.heun_sampler(denoiser, noise, sigmas, labels)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0, denoiser.num_evals
+        return clock() - t0, denoiser.num_evals
 
     with torch.no_grad():
         sample(gnet, 'lerp', 2.0)  # warm-up
-        rows = []
-        for name, rule, guide, weight in settings:
-            best = min(sample(guide, rule, weight) for _ in range(repeats))
-            rows.append((name, rule, best[0] / batch, best[1]))
+        best = [None] * len(settings)
+        for _ in range(repeats):  # round robin, so that a busy spell of the machine hits every setting alike
+            for k, (_, rule, guide, weight) in enumerate(settings):
+                result = sample(guide, rule, weight)
+                best[k] = result if best[k] is None or result[0] < best[k][0] else best[k]
+        rows = [(name, rule, seconds / batch, evals) for (name, rule, _, _), (seconds, evals) in zip(settings, best)]
     params = sum(p.numel() for p in net.parameters()), sum(p.numel() for p in gnet.parameters())
     return params, rows
 
@@ -136,8 +142,9 @@ def timing_rows(channels, batch, steps, repeats, device):
 @click.option('--repeats', type=int, default=3, show_default=True)
 @click.option('--threads', type=int, default=1, show_default=True,
               help='torch CPU threads here and in the children (on a busy machine more threads wait on each other)')
+@click.option('--parts', type=click.Choice(['all', 'memory', 'time']), default='all', show_default=True)
 @click.option('--child-args', type=str, hidden=True)
-def main(device, memory_channels, time_channels, batch, steps, repeats, threads, child_args):
+def main(device, memory_channels, time_channels, batch, steps, repeats, threads, parts, child_args):
     if child_args is not None:
         return child(json.loads(child_args))
     import psutil
@@ -150,6 +157,13 @@ def main(device, memory_channels, time_channels, batch, steps, repeats, threads,
           + (f', GPU {torch.cuda.get_device_name(device)}' if device.startswith('cuda') else ''))
     print(f'U-Net: {ARCH}; batch {batch}, {steps} Heun steps, device {device}')
 
+    if parts in ('all', 'memory'):
+        print_memory(memory_channels, batch, steps, device)
+    if parts in ('all', 'time'):
+        print_time(time_channels, batch, steps, repeats, device)
+
+
+def print_memory(memory_channels, batch, steps, device):
     params, net_bytes, rows = memory_rows(memory_channels, batch, steps, device)
     print(f'\nPeak memory of generate_images.py (fresh process each; main net model_channels {memory_channels}, '
           f'{params / 1e6:.1f}M parameters, {net_bytes / 2**20:.0f} MiB in float32)')
@@ -163,10 +177,16 @@ def main(device, memory_channels, time_channels, batch, steps, repeats, threads,
     print(f'self:pag peak / no-guide peak: {pag_ratio:.3f} (target <= 1.10: no copy of the weights): '
           + ('yes' if pag_ratio <= 1.10 else 'NO'))
 
-    (main_params, guide_params), rows = timing_rows(time_channels, batch, steps, repeats, torch.device(device))
+
+def print_time(time_channels, batch, steps, repeats, device):
+    import torch
+    device = torch.device(device)
+    (main_params, guide_params), rows = timing_rows(time_channels, batch, steps, repeats, device)
     print(f'\nTime per image of the guided sampler (main net model_channels {time_channels}, '
           f'{main_params / 1e6:.2f}M parameters; real guide {time_channels // 2}, {guide_params / 1e6:.2f}M; '
-          f'best of {repeats})')
+          f'best of {repeats}, settings taken in turn)')
+    print(('GPU wall' if device.type == 'cuda' else 'CPU') + ' seconds per image (process CPU time on CPU: time spent '
+          'waiting for a core on a shared machine is not counted)')
     print(f'{"guide":26s} {"rule":40s} {"s/image":>8s} {"evals/image main+guide":>22s} {"vs unguided":>11s}')
     unguided = rows[0][2]
     for name, rule, seconds, evals in rows:
