@@ -53,7 +53,12 @@ class Block(torch.nn.Module):
         res_balance        share t of the residual branch in mp_sum(skip, residual, t)
         attn_balance       share t of the attention branch in mp_sum(x, attention, t)
         clip_act           the output is clamped to [-clip_act, clip_act]; None: no clamp
+
+    `perturbation` (not a parameter; None except while `edm2.self_guides` evaluates a guide made from this
+    network): 'pag' replaces the attention weights by the identity, 'skip' returns the input unchanged.
     """
+
+    perturbation = None  # None | 'pag' | 'skip'
 
     def __init__(self, in_channels, out_channels, emb_channels, flavor='enc', resample_mode='keep',
                  resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0,
@@ -117,11 +122,16 @@ class Block(torch.nn.Module):
         qkv = self.attn_qkv(x).reshape(n, self.num_heads, head_channels, 3, h * w)
         qkv = normalize(qkv, dim=2).transpose(2, 4)                    # [n, head, pixel, (q, k, v), channel]
         query, key, value = qkv.unbind(dim=3)
-        weights = (query @ key.transpose(2, 3) / math.sqrt(head_channels)).softmax(dim=3)
-        mixed = (weights @ value).transpose(2, 3)                      # [n, head, channel, pixel]
+        if self.perturbation == 'pag':  # identity attention weights: every pixel keeps its own value (PAG)
+            mixed = value.transpose(2, 3)                              # [n, head, channel, pixel]
+        else:
+            weights = (query @ key.transpose(2, 3) / math.sqrt(head_channels)).softmax(dim=3)
+            mixed = (weights @ value).transpose(2, 3)                  # [n, head, channel, pixel]
         return self.attn_proj(mixed.reshape(n, c, h, w))
 
     def forward(self, x, emb):
+        if self.perturbation == 'skip':  # skip-layer guidance: the block is left out
+            return x
         x = self._enter(x)
         skip = self._widen(x) if self.flavor == 'dec' else x
         x = mp_sum(skip, self._residual_branch(x, emb), t=self.res_balance)
