@@ -520,6 +520,67 @@ def test_torchrun_two_processes_give_same_cells(assets, tmp_path):
             assert y == pytest.approx(x, rel=1e-5, abs=1e-6), k
 
 
+def _self_args(assets, outdir, extra=()):
+    return ['sweep', '--net-dir', assets['attn'], '--net-std', '0.06,0.09', '--gnet', 'self:pag',
+            '--guidance', '1.5,2.5', '--guidance-rule', 'lerp', '--guidance-rule', 'apg:eta=0', '--ref', assets['ref'],
+            '--metrics', 'fid,fd_dinov2', '--num-images', '4', '--steps', '6', '--batch', '2',
+            '--outdir', str(outdir), *extra, *_weights(assets)]
+
+
+def test_rule_and_self_guide_flags_refused_in_one_line(assets, tmp_path):
+    out = tmp_path / 'out'
+    for flag, value, fragment in (('--guidance-rule', 'apg:foo=1', 'unknown key'),
+                                  ('--guidance-rule', 'apg:eta=nan', 'finite'),
+                                  ('--guidance-rule', 'rescale', 'needs phi'),
+                                  ('--gnet', 'self:bogus', 'unknown self guide'),
+                                  ('--gnet', 'self:skip=dec.8x8_nope', 'dec.8x8_nope')):
+        args = _self_args(assets, out)
+        args[args.index(flag) + 1] = value
+        res = _invoke(calculate_metrics.cli, args)
+        _one_line_error(res, flag if flag == '--guidance-rule' else '--gnet', fragment)
+        assert res.exit_code in (1, 2) and (flag != '--guidance-rule' or res.exit_code == 2)
+    res = _invoke(calculate_metrics.cli, _self_args(assets, out, ['--guidance-interval-steps', '2,9']))
+    _one_line_error(res, '--guidance-interval-steps', '2,9')
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_kill9_two_rules_and_a_self_guide(assets, tmp_path):
+    """Two rules x a self guide (PAG of each main network): killed with SIGKILL mid-sweep, the rerun keeps every
+    finished cell, computes only the others, and equals an uninterrupted sweep."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    whole, cut = tmp_path / 'whole', tmp_path / 'cut'
+    cmd = [sys.executable, os.path.join(REPO, 'calculate_metrics.py')]
+    proc = subprocess.run(cmd + _self_args(assets, whole), env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'self:pag, a perturbation of each main network' in proc.stdout and '2 rules' in proc.stdout
+    cells = _cells(whole)
+    assert len(cells) == 8 and {c['rule'] for c in cells} == {'lerp', 'apg:eta=0,momentum=0,threshold=0'}
+    assert all(c['gnet'] == {'self': 'self:pag'} for c in cells)
+    p = subprocess.Popen(cmd + _self_args(assets, cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=REPO)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (cut / 'cells.jsonl').exists() and len((cut / 'cells.jsonl').read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = [line for line in (cut / 'cells.jsonl').read_text().splitlines(keepends=True) if line.endswith('\n')]
+    assert 3 <= len(done) < 8, 'the kill must land during the sweep'
+    proc = subprocess.run(cmd + _self_args(assets, cut), env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
+    assert after[:len(done)] == done and len(after) == 8
+    assert json.loads((cut / 'sweep.json').read_text())['result']['evaluated_this_run'] == 8 - len(done)
+    assert _values(_cells(cut)) == _values(cells)  # same process count and threads: bitwise equal
+    # apg:eta=0 differs from lerp at w != 1; the figures name the rules.
+    by = _by_key(cells)
+    assert by[(0.06, None, 2.5, 'lerp', None)]['fid'] != by[(0.06, None, 2.5, 'apg:eta=0,momentum=0,threshold=0', None)]['fid']
+    assert (whole / 'sweep-fid-heatmap.png').stat().st_size > 1000
+
+
 def test_figures_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch, capsys):
     from edm2.metrics import sweep_report
     records = [dict(net_std=0.05, gnet_std=0.05, guidance=w, fid=3 - w) for w in (1.0, 2.0)]
