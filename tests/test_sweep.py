@@ -443,7 +443,7 @@ def test_cells_equal_reconstruct_phema_plus_gen_and_outputs(assets, tmp_path):
                                             *_weights(assets)])
         assert r.exit_code == 0, r.output
         run = json.loads((tmp_path / 'gen.json').read_text())['runs'][0]
-        cell = by_key[(net_std, gnet_std, w)]
+        cell = by_key[(net_std, gnet_std, w, 'lerp', None)]
         for m in ('fid', 'fd_dinov2'):  # same networks, images and features: equal to float32 summation
             assert cell[m] == pytest.approx(run[m], rel=1e-5, abs=1e-6), (m, cell[m], run[m])
     # sweep.json, table, figures, and the best networks equal to the reconstructions.
