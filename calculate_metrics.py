@@ -238,8 +238,8 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
               'with --repeats, FILE-0.npz, FILE-1.npz, ...', metavar='FILE', default=None)
 @common_options
 @one_line_errors
-def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, ref_path, metrics,
-        num, seed, repeats, steps, label_rule, out, save_npz, **opts):
+def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, guidance_rule, ref_path,
+        metrics, num, seed, repeats, steps, label_rule, out, save_npz, **opts):
     """Calculate metrics of a network, generating images on the fly.
 
     \b
@@ -250,10 +250,12 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
       python calculate_metrics.py gen --net=s.pkl --gnet=xs-uncond.pkl --guidance=2.1 \\
           --guidance-interval=0.28,2.9 --labels=balanced --ref=refs/img512.pkl
       python calculate_metrics.py gen --preset=edm2-img512-xxl-guid-interval-fid --ref=refs/img512.pkl
+      python calculate_metrics.py gen --net=s.pkl --gnet=self:pag --guidance=2 --guidance-rule=apg:eta=0 \\
+          --ref=refs/img512.pkl
     """
     metrics = _metrics(metrics, opts['protocol'])
     setup = guidance_setup.resolve(preset, net, gnet, guidance, guide_weights, guidance_interval,
-                                   guidance_interval_steps)
+                                   guidance_interval_steps, guidance_rule)
     sigmas = sampling.edm_schedule(steps)
     guidance_setup.check_schedule(setup, sigmas)
     if out is not None:

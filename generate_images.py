@@ -39,6 +39,12 @@ Examples:
   python generate_images.py --net main.pkl --gnet uncond.pkl --gnet early.pkl \\
       --guide-weights 0.3,0.7 --guidance 2.0 --outdir out
 \b
+  # Perturbed-attention guidance (the main net guides itself), alone or mixed with a real guide,
+  # with adaptive projected guidance as the rule
+  python generate_images.py --net main.pkl --gnet self:pag --guidance 2.5 --outdir out
+  python generate_images.py --net main.pkl --gnet xs.pkl --gnet self:pag --guide-weights 0.5,0.5 \\
+      --guidance 2 --guidance-rule apg:eta=0,momentum=-0.5,threshold=15 --outdir out
+\b
   # 50k class-balanced images for FID on 8 GPUs, resumable, with the class of every image
   torchrun --nproc_per_node=8 generate_images.py --preset edm2-img512-xxl-fid --outdir out \\
       --subdirs --seeds 0-49999 --labels balanced --labels-out out/labels.json --skip-existing
@@ -159,9 +165,9 @@ def make_grid(images):
 @click.option('--skip-existing', is_flag=True, help='Leave seeds whose PNG is already in --outdir alone (resume).')
 @click.option('--npz', metavar='FILE', help='Also write all images as an ADM sample batch (arr_0 NHWC uint8, '
                                            'arr_1 labels), streamed to disk, for the ADM TensorFlow evaluator.')
-def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, outdir, subdirs,
-         seeds, class_idx, label_rule, labels_out, batch_size, num_steps, sigma_min, sigma_max, rho, S_churn, S_min,
-         S_max, S_noise, device, grid, skip_existing, npz):
+def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, guidance_rule, outdir,
+         subdirs, seeds, class_idx, label_rule, labels_out, batch_size, num_steps, sigma_min, sigma_max, rho, S_churn,
+         S_min, S_max, S_noise, device, grid, skip_existing, npz):
     """Sample images from an EDM2 network, optionally steered by one or more guiding networks.
 
     A seed gives the image the published generate_images.py gives it. --preset supplies the networks,
@@ -169,7 +175,7 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
     A guided step uses the guides in both of its network evaluations; the interval flags choose the steps.
     """
     setup = guidance_setup.resolve(preset, net, gnet, guidance, guide_weights, guidance_interval,
-                                   guidance_interval_steps)
+                                   guidance_interval_steps, guidance_rule)
     _check_flags(outdir, grid, npz, skip_existing, seeds, class_idx, label_rule, labels_out)
     options = sampling.HeunOptions(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     try:
@@ -199,7 +205,7 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
     except ValueError as e:  # the encoder could not be set up (e.g. the VAE extra is missing)
         cli.fail(e, f'--net {setup.net}')
 
-    guided = f', guidance {setup.weight:g} with {len(setup.gnets)} guide(s)' if setup.gnets else ''
+    guided = f', guidance {setup.weight:g} ({setup.rule}) with {len(setup.gnets)} guide(s)' if setup.gnets else ''
     distributed.print0(f'Generating {len(seeds)} images{guided} on {distributed.get_world_size()} process(es)'
                        + (f' to "{outdir}"' if outdir else '') + ' ...')
     kept, labels = {}, []

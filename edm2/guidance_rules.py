@@ -38,7 +38,10 @@ def _per_image(x: torch.Tensor) -> list:
 
 
 def _format(value: float) -> str:
-    return f'{value:g}'
+    """The shortest text that reads back as the same float (so parse_rule(str(rule)) == rule), without a
+    trailing '.0'."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith('.0') else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,4 +171,7 @@ def parse_rule(spec) -> Rule:
     missing = [key for key in keys if key not in values and cls is Rescale]
     if missing:
         raise RuleError(f'guidance rule {text!r}: {name} needs {", ".join(k + "=NUMBER" for k in missing)}')
-    return cls(**values)
+    try:
+        return cls(**values)
+    except RuleError as e:
+        raise RuleError(f'guidance rule {text!r}: {e}') from None

@@ -1,10 +1,11 @@
 """The guidance front end shared by the generating commands (`generate_images.py`, `calculate_metrics.py gen`).
 
-One place decides, from a `--preset` and the explicit flags, which networks guide with which weight and
-interval: `guidance_options` declares the flags, `resolve` merges them with the preset (explicit flags
-win; w = 1 drops the guides, so they are neither loaded nor evaluated), and `load_networks` loads the
-networks on rank 0 first (a download happens once; the other ranks then read the cache) and checks the
-guides against the main network. Errors are one-line click errors naming the flag.
+One place decides, from a `--preset` and the explicit flags, which networks guide with which weight,
+interval and rule: `guidance_options` declares the flags, `resolve` merges them with the preset (explicit
+flags win; w = 1 drops the guides, so they are neither loaded nor evaluated), and `load_networks` loads the
+networks on rank 0 first (a download happens once; the other ranks then read the cache), makes the `self:`
+guides from the main network (`edm2.self_guides`) and checks the guides against the main network. Errors
+are one-line click errors naming the flag.
 """
 
 import dataclasses
@@ -14,6 +15,8 @@ from typing import Optional
 import click
 
 from . import cli, distributed, presets, sampling
+from .guidance_rules import Lerp, Rule, RuleError, parse_rule
+from .self_guides import SelfGuideError, is_self_guide, parse_self_guide
 
 
 class IntervalType(click.ParamType):
@@ -50,13 +53,25 @@ class StepsType(click.ParamType):
         return first, last
 
 
+class RuleType(click.ParamType):
+    """A guidance rule spec ('lerp', 'apg:eta=0,momentum=-0.5,threshold=15', 'rescale:phi=0.7') -> the rule."""
+    name = 'SPEC'
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_rule(value)
+        except RuleError as e:
+            self.fail(str(e), param, ctx)
+
+
 def _shares(ctx, param, value):
     return None if value is None else tuple(cli.parse_number_list(value, "'--guide-weights'", lo=0, hi=1))
 
 
 def guidance_options(fn):
     """The click options --preset --net --gnet --guidance --guide-weights --guidance-interval
-    --guidance-interval-steps (None or empty when not given, so that `resolve` sees what was explicit)."""
+    --guidance-interval-steps --guidance-rule (None or empty when not given, so that `resolve` sees what was
+    explicit)."""
     options = [
         click.option('--preset', metavar='NAME',
                      help='Named setting from configs/generate.toml (networks, weight, interval); flags given '
@@ -64,8 +79,11 @@ def guidance_options(fn):
         click.option('--net', metavar='PATH|URL',
                      help='The network that generates: a .safetensors file of this project or a published '
                           '.pkl snapshot, local or by URL.'),
-        click.option('--gnet', metavar='PATH|URL', multiple=True,
-                     help='A network that guides the main one; repeat the flag to guide with several.'),
+        click.option('--gnet', metavar='PATH|URL|self:...', multiple=True,
+                     help='A network that guides the main one; repeat the flag to guide with several. '
+                          "'self:pag' perturbs the main network's self-attention (every attention block, or "
+                          "'self:pag=enc.8x8_block1,dec.8x8_in0'), 'self:skip=BLOCKS' skips blocks of it: "
+                          'guides made from the main network, without a copy of its weights.'),
         click.option('--guidance', metavar='FLOAT', type=cli.Float(0, 100), default=None,
                      help='Guidance weight w; 1 turns guidance off and loads no guide.  [default: 1, or the '
                           "preset's]"),
@@ -77,6 +95,11 @@ def guidance_options(fn):
         click.option('--guidance-interval-steps', metavar='FIRST,LAST', type=StepsType(), default=None,
                      help='Guide only steps FIRST..LAST (inclusive, counted from 0); an alternative to '
                           '--guidance-interval.'),
+        click.option('--guidance-rule', metavar='SPEC', type=RuleType(), default=None,
+                     help="How the main and guide outputs combine: 'lerp' (D0 + w (D1 - D0)), "
+                          "'apg:eta=0,momentum=-0.5,threshold=15' (adaptive projected guidance; any subset of "
+                          "the keys, default 0) or 'rescale:phi=0.7' (guidance rescale).  [default: lerp, or "
+                          "the preset's]"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -93,6 +116,7 @@ class GuidanceSetup:
     shares: Optional[tuple]
     interval: Optional[sampling.Interval]
     preset: Optional[str] = None
+    rule: Rule = Lerp()          # `edm2.guidance_rules`
 
     def describe(self) -> dict:
         """The settings as plain JSON values (for result files)."""
@@ -101,7 +125,8 @@ class GuidanceSetup:
         return dict(preset=self.preset, net=self.net, gnet=list(self.gnets) or None, guidance=self.weight,
                     guide_weights=None if self.shares is None else list(self.shares),
                     guidance_interval=None if sigma is None else [sigma.lo, sigma.hi],
-                    guidance_interval_steps=None if steps is None else [steps.first, steps.last])
+                    guidance_interval_steps=None if steps is None else [steps.first, steps.last],
+                    guidance_rule=str(self.rule))
 
 
 def _preset_values(name):
@@ -119,21 +144,28 @@ def _preset_values(name):
             interval = sampling.StepInterval(*(int(v) for v in entry['guidance_interval_steps']))
     except (TypeError, sampling.SamplingError) as e:
         raise click.BadParameter(f'preset {name!r}: {e}', param_hint="'--preset'") from None
+    try:
+        rule = parse_rule(entry.get('guidance_rule', 'lerp'))
+    except RuleError as e:
+        raise click.BadParameter(f'preset {name!r}: {e}', param_hint="'--preset'") from None
     shares = entry.get('guide_weights')
     return dict(net=entry.get('net'), gnet=gnet, guidance=float(entry.get('guidance', 1.0)),
-                shares=None if shares is None else tuple(float(a) for a in shares), interval=interval)
+                shares=None if shares is None else tuple(float(a) for a in shares), interval=interval, rule=rule)
 
 
 def resolve(preset=None, net=None, gnet=(), guidance=None, guide_weights=None, guidance_interval=None,
-            guidance_interval_steps=None) -> GuidanceSetup:
+            guidance_interval_steps=None, guidance_rule=None) -> GuidanceSetup:
     """Merge the preset with the flags given explicitly (None / empty = not given). Either interval flag
-    replaces the preset's interval; giving both is a usage error."""
+    replaces the preset's interval; giving both is a usage error. `self:` guides are parsed here (their
+    block names are checked against the network in `load_networks`)."""
     if guidance_interval is not None and guidance_interval_steps is not None:
         raise click.UsageError('give --guidance-interval or --guidance-interval-steps, not both')
     base = _preset_values(preset) if preset is not None else dict(net=None, gnet=(), guidance=1.0, shares=None,
-                                                                 interval=None)
+                                                                 interval=None, rule=Lerp())
     net = net if net is not None else base['net']
     gnets = tuple(gnet) if gnet else base['gnet']
+    gnets = tuple(_canonical_gnet(g, "'--gnet'" if gnet else "'--preset'") for g in gnets)
+    rule = parse_rule(guidance_rule) if guidance_rule is not None else base['rule']
     weight = float(guidance) if guidance is not None else base['guidance']
     shares = guide_weights if guide_weights is not None else (base['shares'] if not gnet else None)
     interval = base['interval']
@@ -152,7 +184,18 @@ def resolve(preset=None, net=None, gnet=(), guidance=None, guide_weights=None, g
             sampling.guide_shares(len(gnets), shares)
         except sampling.SamplingError as e:
             raise click.BadParameter(str(e), param_hint="'--guide-weights'") from None
-    return GuidanceSetup(net=net, gnets=gnets, weight=weight, shares=shares, interval=interval, preset=preset)
+    return GuidanceSetup(net=net, gnets=gnets, weight=weight, shares=shares, interval=interval, preset=preset,
+                         rule=rule)
+
+
+def _canonical_gnet(value, hint):
+    """A guide path as given, or a `self:` spec in its canonical form (a bad one is a usage error)."""
+    if not is_self_guide(value):
+        return value
+    try:
+        return str(parse_self_guide(value))
+    except SelfGuideError as e:
+        raise click.BadParameter(str(e), param_hint=hint) from None
 
 
 def check_schedule(setup: GuidanceSetup, sigmas) -> None:
@@ -180,6 +223,13 @@ def load_networks(setup: GuidanceSetup, device):
         net, encoder = _load(setup.net, device, '--net')
         guides = []
         for path in setup.gnets:
+            if is_self_guide(path):
+                try:
+                    guides.append(parse_self_guide(path).bind(net))
+                except SelfGuideError as e:
+                    raise click.BadParameter(str(e), param_hint="'--gnet'") from None
+                distributed.print0(f'Guiding with {path}: the main network, perturbed ...')
+                continue
             distributed.print0(f'Loading guiding network from {path} ...')
             guide, _ = _load(path, device, '--gnet')
             try:
@@ -188,5 +238,5 @@ def load_networks(setup: GuidanceSetup, device):
                 cli.fail(e, f'--gnet {path}')
             guides.append(guide)
     guidance = sampling.Guidance(guides=tuple(guides), weight=setup.weight, shares=setup.shares,
-                                 interval=setup.interval)
+                                 interval=setup.interval, rule=setup.rule)
     return net, encoder, guidance

@@ -2,12 +2,20 @@
 written here, evaluation counts, the main network left untouched, and bad specs and block names."""
 
 import copy
+import json
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
+from click.testing import CliRunner
 
+import calculate_metrics
 import edm2
-from edm2 import sampling
+import generate_images
+from edm2 import generation, sampling
+from edm2.checkpoint import save_network
+from edm2.metrics import detectors
 from edm2.mp import normalize
 from edm2.networks import build_network
 from edm2.self_guides import (PerturbedNetwork, SelfGuide, SelfGuideError, is_self_guide, network_blocks,
@@ -195,3 +203,75 @@ def test_pag_needs_attention_and_an_edm2_network():
     assert isinstance(parse_self_guide('self:skip=enc.8x8_block0').bind(net), PerturbedNetwork)
     with pytest.raises(SelfGuideError, match='needs an EDM2 network'):
         parse_self_guide('self:pag').bind(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# --gnet self:... in both generating commands.
+
+def _generate(*args):
+    return CliRunner().invoke(generate_images.main, [str(a) for a in args])
+
+
+def _gen(*args, ref):
+    weights = ['--inception-weights', ref.parent / 'inception-tiny.pth', '--workers', 0]
+    return CliRunner().invoke(calculate_metrics.cli, ['gen', '--ref', ref] + [str(a) for a in list(args) + weights])
+
+
+@pytest.fixture(scope='module')
+def cli_files(tmp_path_factory):
+    """FID statistics and tiny Inception weights for `gen`, and a network without attention."""
+    folder = tmp_path_factory.mktemp('self-guide-cli')
+    np.savez(folder / 'ref.npz', mu=np.zeros(128), sigma=np.eye(128))
+    torch.save(detectors.random_state_dict('inception', width_divisor=16), folder / 'inception-tiny.pth')
+    torch.manual_seed(0)
+    save_network(folder / 'plain.safetensors', build_network(dict(
+        img_resolution=16, img_channels=3, label_dim=10, model_channels=8, channel_mult=[1], num_blocks=1,
+        attn_resolutions=[])))
+    return dict(ref=folder / 'ref.npz', plain=folder / 'plain.safetensors')
+
+
+@pytest.mark.parametrize('net, spec, message', [
+    ('main', 'self:pag=enc.8x8_nope', "'enc.8x8_nope' is not a block of the network; attention blocks: enc.8x8_block0"),
+    ('main', 'self:pag=dec.8x8_in1', "'dec.8x8_in1' has no self-attention"),
+    ('main', 'self:skip=dec.8x8_block0', "'dec.8x8_block0' changes the shape of its input; blocks whose input"),
+    ('main', 'self:foo', "unknown self guide 'self:foo'"),
+    ('main', 'self:skip', 'self:skip needs the blocks'),
+    ('plain', 'self:pag', 'self:pag: the network has no self-attention blocks'),
+])
+def test_bad_self_guides_in_both_commands(official, cli_files, tmp_path, net, spec, message):
+    net = official('main-rgb16.pkl') if net == 'main' else cli_files['plain']
+    out = tmp_path / 'out'
+    result = _generate('--net', net, '--gnet', spec, '--guidance', 2, '--outdir', out, '--steps', 2, '--seeds', '0-1')
+    for result in (result, _gen('--net', net, '--gnet', spec, '--guidance', 2, '--metrics', 'fid', '--num', 2,
+                                '--steps', 2, '--out', tmp_path / 'r.json', ref=cli_files['ref'])):
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+        assert len(errors) == 1 and "'--gnet'" in errors[0] and message in errors[0], result.output
+        assert 'Traceback' not in result.output
+    assert not out.exists() and not (tmp_path / 'r.json').exists()
+
+
+@pytest.mark.filterwarnings('ignore:Fréchet distance.*singular:RuntimeWarning')
+def test_a_real_guide_and_a_self_guide_together(official, cli_files, tmp_path):
+    net_path, gnet_path = official('main-rgb16.pkl'), official('guide-rgb16.pkl')
+    flags = ['--net', net_path, '--gnet', gnet_path, '--gnet', 'self:pag', '--guide-weights', '0.5,0.5',
+             '--guidance', 2, '--steps', 4]
+    result = _generate(*flags, '--seeds', '0-2', '--outdir', tmp_path / 'out')
+    assert result.exit_code == 0, result.output
+    written = torch.stack([torch.from_numpy(np.array(PIL.Image.open(tmp_path / 'out' / f'{s:06d}.png')))
+                           .permute(2, 0, 1) for s in range(3)])
+    net, encoder, _ = edm2.load_snapshot(net_path)
+    gnet = edm2.load_snapshot(gnet_path)[0].eval()
+    guidance = sampling.Guidance(guides=(gnet, parse_self_guide('self:pag').bind(net.eval())), weight=2.0,
+                                 shares=(0.5, 0.5))
+    library = torch.cat([b.images for b in generation.generate(net, range(3), guidance=guidance, encoder=encoder,
+                                                               sigmas=sampling.edm_schedule(4))])
+    assert torch.equal(written, library)
+    real_only = sampling.Guidance(guides=(gnet,), weight=2.0)
+    other = torch.cat([b.images for b in generation.generate(net, range(3), guidance=real_only, encoder=encoder,
+                                                             sigmas=sampling.edm_schedule(4))])
+    assert not torch.equal(other, library)
+    result = _gen(*flags, '--metrics', 'fid', '--num', 3, '--out', tmp_path / 'r.json', ref=cli_files['ref'])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / 'r.json').read_text())
+    assert record['gnet'] == [str(gnet_path), 'self:pag'] and record['guide_weights'] == [0.5, 0.5]
