@@ -323,7 +323,7 @@ def _sweep_source(folder, kimg, stds, file, flag):
 @click.option('--guidance', help='Guidance weights w, e.g. 1.6,1.8,...,2.8', metavar='LIST', required=True)
 @click.option('--guidance-rule', 'rules', help="How main and guide combine: lerp, apg:eta=E,momentum=B,threshold=R, "
               "rescale:phi=P; repeat the flag for a rule axis  [default: lerp]", metavar='SPEC', multiple=True,
-              type=edm2_cli.GuidanceRuleType())
+              type=guidance_setup.RuleType())
 @click.option('--guidance-interval', help='Guide only the steps whose noise level lies in (LO, HI]; repeat the flag '
               '(or mix with --guidance-interval-steps) for an interval axis', metavar='LO,HI',
               type=guidance_setup.IntervalType(), multiple=True)

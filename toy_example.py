@@ -32,8 +32,9 @@ import time
 import click
 
 from edm2 import toy
-from edm2.cli import Float, GuidanceRuleType, Int, fail, parse_number_list
+from edm2.cli import Float, Int, fail, parse_number_list
 from edm2.distributed import default_device
+from edm2.guidance_setup import RuleType
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write_text
 from edm2.guidance_rules import Lerp
@@ -168,7 +169,7 @@ def model_options(f):
 
 
 def sampling_options(f):
-    f = click.option('--guidance-rule', 'rule', default='lerp', show_default=True, type=GuidanceRuleType(),
+    f = click.option('--guidance-rule', 'rule', default='lerp', show_default=True, type=RuleType(),
                      help="How each guided method combines main and guide denoisers D = x + sigma^2 score: "
                           "'lerp', 'apg:eta=E,momentum=B,threshold=R' or 'rescale:phi=P' (edm2.guidance_rules).")(f)
     f = click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')(f)
@@ -457,7 +458,7 @@ def format_rules(rows):
 @click.option('--release', is_flag=True,
               help="The release procedure's trained models of seed 0 (the toy parity fixture).")
 @click.option('--ideal', is_flag=True, help='The idealised models (ground truth blurred, no training).')
-@click.option('--guidance-rule', 'rules', multiple=True, type=GuidanceRuleType(), default=RULES_FIGURE_RULES,
+@click.option('--guidance-rule', 'rules', multiple=True, type=RuleType(), default=RULES_FIGURE_RULES,
               show_default=True, help='A rule to compare; repeat the flag for several (one panel each).')
 @click.option('--ag-weight', default=PUBLISHED_WEIGHTS['ag'], show_default=True, type=Float(),
               help='Autoguidance weight w, the same for every rule.')

@@ -144,15 +144,3 @@ def check_output(path, flag, folder=False):
     if not os.access(parent, os.W_OK | os.X_OK):
         fail(f'cannot create {path}: {parent} is not writable', flag)
 
-
-class GuidanceRuleType(click.ParamType):
-    """A guidance rule spec ('lerp', 'apg:eta=0,momentum=-0.5,threshold=15', 'rescale:phi=0.7') -> the rule
-    object of `edm2.guidance_rules` (its `str()` is the canonical spec); a bad spec is one line naming it."""
-    name = 'SPEC'
-
-    def convert(self, value, param, ctx):
-        from .guidance_rules import RuleError, parse_rule  # the rules import torch; load them when used
-        try:
-            return parse_rule(value)
-        except RuleError as e:
-            self.fail(str(e), param, ctx)
