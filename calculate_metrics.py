@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from edm2 import cli as edm2_cli
-from edm2 import distributed, generation, guidance_setup, run_lock, sampling
+from edm2 import distributed, generation, guidance_setup, run_lock, sampling, self_guides
 from edm2.cli import one_line_errors, parse_number_list
 from edm2.metrics import adm, dataset_features, dataset_reference, evaluate, inputs, network_features, report
 from edm2.metrics import sweep as sweep_lib
@@ -296,6 +296,8 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
 def _sweep_source(folder, kimg, stds, file, flag):
     if (folder is None) == (file is None):
         raise click.UsageError(f'give exactly one of {flag}-dir and {flag}')
+    if file is not None and flag == '--gnet' and self_guides.is_self_guide(file):
+        return sweep_source.self_source(file, flag)
     if file is not None:
         return sweep_source.file_source(file, flag)
     if stds is None:
@@ -315,13 +317,18 @@ def _sweep_source(folder, kimg, stds, file, flag):
 @click.option('--gnet-kimg', help='Training time of the guide  [default: latest]', metavar='KIMG',
               type=click.IntRange(min=0), default=None)
 @click.option('--gnet-std', help='Guide EMA lengths', metavar='LIST', default=None)
-@click.option('--gnet', help='A fixed guide file instead of --gnet-dir (unconditional: a CFG sweep)', metavar='PATH',
-              default=None)
+@click.option('--gnet', help='A fixed guide file instead of --gnet-dir (unconditional: a CFG sweep), or a '
+              "perturbation of each cell's main network: self:pag, self:pag=BLOCKS, self:skip=BLOCKS",
+              metavar='PATH|self:...', default=None)
 @click.option('--guidance', help='Guidance weights w, e.g. 1.6,1.8,...,2.8', metavar='LIST', required=True)
-@click.option('--guidance-interval', help='Guide only the steps whose noise level lies in (LO, HI]', metavar='LO,HI',
-              type=guidance_setup.IntervalType(), default=None)
-@click.option('--guidance-interval-steps', help='Guide only steps FIRST..LAST (inclusive, from 0)',
-              metavar='FIRST,LAST', type=guidance_setup.StepsType(), default=None)
+@click.option('--guidance-rule', 'rules', help="How main and guide combine: lerp, apg:eta=E,momentum=B,threshold=R, "
+              "rescale:phi=P; repeat the flag for a rule axis  [default: lerp]", metavar='SPEC', multiple=True,
+              type=guidance_setup.RuleType())
+@click.option('--guidance-interval', help='Guide only the steps whose noise level lies in (LO, HI]; repeat the flag '
+              '(or mix with --guidance-interval-steps) for an interval axis', metavar='LO,HI',
+              type=guidance_setup.IntervalType(), multiple=True)
+@click.option('--guidance-interval-steps', help='Guide only steps FIRST..LAST (inclusive, from 0); repeatable',
+              metavar='FIRST,LAST', type=guidance_setup.StepsType(), multiple=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (.pkl, .npz, or URL)', metavar='PKL|NPZ|URL',
               required=True)
 @click.option('--metrics', help=f'Metrics; the first one steers --search=descent (comma-separated: '
@@ -345,13 +352,15 @@ def _sweep_source(folder, kimg, stds, file, flag):
               is_flag=True)
 @common_options
 @one_line_errors
-def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, guidance, guidance_interval,
+def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, guidance, rules, guidance_interval,
           guidance_interval_steps, ref_path, metrics, num, seed, steps, search, phema_batch, gnet_batch, outdir,
           save_best, **opts):
-    """Tune autoguidance: metrics over main EMA length x guide EMA length x guidance weight.
+    """Tune autoguidance: metrics over main EMA length x guide EMA length x guidance weight (x guidance rule
+    x guidance interval, when those flags are repeated).
 
     Networks are reconstructed in memory from the snapshots (post-hoc EMA), a batch at a time; every
     cell samples the same seeds. Cost: cells x num images x (steps x 2 - 1) x 2 network evaluations.
+    Rerunning with more values of an axis (EMA lengths, w, rules, intervals) computes only the new cells.
 
     \b
     Examples:
@@ -361,11 +370,12 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
           --guidance=1.6,1.8,...,2.8 --ref=refs/img512.pkl --num-images=10000 --outdir=sweeps/s-autog
       python calculate_metrics.py sweep --net-dir=runs/tiny --net-std=0.05,0.1 --gnet-dir=runs/tiny \\
           --gnet-kimg=1000 --gnet-std=0.05,0.1 --guidance=1.5,2 --ref=refs/tiny.pkl --search=descent --outdir=sw
+      python calculate_metrics.py sweep --net-dir=runs/img64-s --net-std=0.05,0.1 --gnet=self:pag \
+          --guidance=1.5,2,2.5 --guidance-rule=lerp --guidance-rule=apg:eta=0 \
+          --guidance-interval=0.28,2.9 --guidance-interval=0,inf --ref=refs/img64.pkl --outdir=sw-pag
     """
     metrics = _metrics(metrics)
     weights = parse_number_list(guidance, '--guidance')
-    if guidance_interval is not None and guidance_interval_steps is not None:
-        raise click.UsageError('give --guidance-interval or --guidance-interval-steps, not both')
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint="'--outdir'")
     if edm2_cli.path_problem(outdir):
@@ -377,8 +387,9 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
     reference = inputs.load_checked_reference(ref_path, metrics, opts['pr_features'])
     detectors = _load_detectors(evaluate.detectors_for(metrics, opts['pr_features']), opts, device)
     config = sweep_lib.SweepConfig(
-        net_source, gnet_source, weights, metrics, num, seed=seed, steps=steps, guidance_interval=guidance_interval,
-        guidance_interval_steps=guidance_interval_steps, batch=opts['batch'], phema_batch=phema_batch,
+        net_source, gnet_source, weights, metrics, num, seed=seed, steps=steps,
+        guidance_interval=list(guidance_interval) or None, guidance_interval_steps=list(guidance_interval_steps) or None,
+        rules=rules or ('lerp',), batch=opts['batch'], phema_batch=phema_batch,
         guide_batch=gnet_batch, search=search, pr_features=opts['pr_features'], ref_name=str(ref_path),
         extra_fixed={'--inception-weights/--dinov2-weights': report.detector_info(detectors),
                      '--dinov2-resize': opts['dinov2_resize'], '--pr-features': opts['pr_features']})

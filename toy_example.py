@@ -18,6 +18,10 @@ Examples:
 \b
   # several training seeds: mean and range per method, beside the release procedure's seeds 0-2
   python toy_example.py demo --seeds 0,1,2 --outdir out/toy-seeds
+\b
+  # guidance rules: autoguidance under lerp, APG and rescale at one weight (docs/toy-rules.png)
+  python toy_example.py eval --models out/toy --guidance-rule apg:eta=0 --out out/toy/eval-apg.json
+  python toy_example.py rules --release --ideal --out docs/toy-rules.png
 """
 
 import json
@@ -30,14 +34,19 @@ import click
 from edm2 import toy
 from edm2.cli import Float, Int, check_file_name, check_output, fail, parse_number_list
 from edm2.distributed import default_device
+from edm2.guidance_setup import RuleType
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write_text, remove_stale_temporaries
-from edm2.toy.figure import draw_figure, pyplot
+from edm2.guidance_rules import Lerp
+from edm2.toy.figure import draw_figure, draw_rules_figure, pyplot
 from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
 
 MODEL_FILES = {'net': 'main', 'autoguide': 'autoguide', 'cfg_guide': 'cfg-guide'}
 # Guidance weights of the paper's Figure 1 (autoguidance, CFG, naive truncation).
 PUBLISHED_WEIGHTS = dict(ag=3.0, cfg=4.0, trunc=1.5)
+# The rules compared by `rules` (docs/toy-rules.png): the paper's lerp, APG with its parallel part dropped
+# (eta = 0, no momentum or cap), and guidance rescale with phi = 0.7 (Lin et al.'s recommended value).
+RULES_FIGURE_RULES = ('lerp', 'apg:eta=0', 'rescale:phi=0.7')
 METRIC_COLUMNS = [('outlier_rate', 'outliers', '{:.2%}'), ('leaf_coverage', 'leaf coverage', '{:.1%}'),
                   ('branch_tv', 'branch TV', '{:.3f}'), ('mean_loglik', 'mean log-lik', '{:.2f}'),
                   ('median_loglik', 'median log-lik', '{:.2f}')]
@@ -120,10 +129,10 @@ def format_table(results, weights):
     return '\n'.join(lines)
 
 
-def run_eval(models, num, seed, steps, weights, device):
+def run_eval(models, num, seed, steps, weights, device, rule=None):
     samples = toy.sample_methods(models['net'], models['autoguide'], models['cfg_guide'], num=num, seed=seed,
                                  ag_weight=weights['ag'], cfg_weight=weights['cfg'], trunc_weight=weights['trunc'],
-                                 num_steps=steps, device=device)
+                                 num_steps=steps, device=device, rule=rule)
     mixture = toy.gt('A')
     level = toy.outlier_level(mixture)
     results = {name: toy.evaluate(x, mixture, level) for name, x in samples.items()}
@@ -161,6 +170,9 @@ def model_options(f):
 
 
 def sampling_options(f):
+    f = click.option('--guidance-rule', 'rule', default='lerp', show_default=True, type=RuleType(),
+                     help="How each guided method combines main and guide denoisers D = x + sigma^2 score: "
+                          "'lerp', 'apg:eta=E,momentum=B,threshold=R' or 'rescale:phi=P' (edm2.guidance_rules).")(f)
     f = click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')(f)
     f = click.option('--steps', default=32, show_default=True, type=Int(1),
                      help='Heun steps.')(f)
@@ -214,15 +226,17 @@ def default_output(out, models, name):
 @click.option('--num', default=20000, show_default=True, type=Int(1),
               help='Samples per method.')
 @click.option('--out', default=None, type=click.Path(dir_okay=False), help='JSON output [default: DIR/eval.json].')
-def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, num, out):
+def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, rule,
+             num, out):
     """Outlier rate, leaf-branch coverage and log-likelihood of every method; prints a table, writes JSON."""
     device = pick_device(device)
     loaded = get_models(ideal, models, net, autoguide, cfg_guide, device)
     out = default_output(out, models, 'eval.json')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
-    _, results, level = run_eval(loaded, num, seed, steps, weights, device)
+    _, results, level = run_eval(loaded, num, seed, steps, weights, device, rule)
     click.echo(format_table(results, weights))
-    write_json(out, results, level, dict(num=num, seed=seed, steps=steps, weights=weights, ideal=ideal))
+    write_json(out, results, level, dict(num=num, seed=seed, steps=steps, weights=weights, ideal=ideal,
+                                         guidance_rule=str(rule)))
     click.echo(f'wrote {out}')
 
 
@@ -233,15 +247,18 @@ def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, tr
               help='Samples per panel.')
 @click.option('--out', default=None, type=click.Path(dir_okay=False), help='PNG output [default: DIR/toy.png].')
 @click.option('--dpi', default=90, show_default=True, type=Int(1))
-def plot(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, num, out, dpi):
+def plot(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, rule, num,
+         out, dpi):
     """The panels of Figure 1: ground truth, unguided, CFG, autoguidance, naive truncation."""
     device = pick_device(device)
     need_matplotlib()
     loaded = get_models(ideal, models, net, autoguide, cfg_guide, device)
     out = default_output(out, models, 'toy.png')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
-    samples, results, level = run_eval(loaded, num, seed, steps, weights, device)
-    draw_figure(out, [(ROW_LABELS[1] if ideal else None, samples, results)], level, weights, max_points=num, dpi=dpi)
+    samples, results, level = run_eval(loaded, num, seed, steps, weights, device, rule)
+    label = ' '.join(part for part in (ROW_LABELS[1] if ideal else None,
+                                        None if isinstance(rule, Lerp) else f'rule {rule}') if part)
+    draw_figure(out, [(label or None, samples, results)], level, weights, max_points=num, dpi=dpi)
     click.echo(f'wrote {out}')
 
 
@@ -399,6 +416,77 @@ def demo(outdir, main_iterations, guide_iterations, batch, num, seed, seeds, ret
                dict(settings, seed=seed, steps=32, weights=weights), **extra)
     draw_figure(os.path.join(outdir, 'toy.png'), rows, level, weights)
     click.echo(f'wrote {outdir}/eval.json and {outdir}/toy.png ({time.time() - t0:.0f} s)')
+
+
+def rules_rows(trained, release, ideal, rules, weight, num, seed, steps, device):
+    """[(label, {spec: samples}, {spec: results})] of `rules`, one row per model set asked for, and the
+    outlier level. The autoguidance pairs: our trained main/autoguide, the release procedure's of seed 0,
+    the idealised ones."""
+    sets = []
+    if trained is not None:
+        models = resolve_models(trained, None, None, None, device)
+        sets.append((f'trained models ({trained})', models))
+    if release:
+        models = toy.release_models()
+        if models is None:
+            raise click.UsageError(f'--release: no release-models-seed0.pt in {toy.reference.fixture_dir()} '
+                                   f'(set EDM2_SHARED_DIR to the folder holding fixtures/toy)')
+        sets.append((ROW_LABELS[2], {k: v.to(device) for k, v in models.items()}))
+    if ideal:
+        sets.append((ROW_LABELS[1], toy.ideal_models()))
+    if not sets:
+        raise click.UsageError('give at least one of --models DIR, --release, --ideal')
+    mixture = toy.gt('A')
+    level = toy.outlier_level(mixture)
+    rows = []
+    for label, models in sets:
+        samples = toy.sample_rules(models['net'], models['autoguide'], rules, w=weight, num=num, seed=seed,
+                                   num_steps=steps, device=device)
+        rows.append((label, samples, {spec: toy.evaluate(x, mixture, level) for spec, x in samples.items()}))
+    return rows, level
+
+
+def format_rules(rows):
+    head = f'{"models":<40s}{"rule":<36s}{"outliers":>10s}{"branch TV":>11s}{"leaf coverage":>15s}'
+    lines = [head, '-' * len(head)]
+    for label, _, results in rows:
+        for spec, r in results.items():
+            lines.append(f'{label[:39]:<40s}{spec:<36s}{r["outlier_rate"]:>10.2%}{r["branch_tv"]:>11.3f}'
+                         f'{r["leaf_coverage"]:>15.1%}')
+    return '\n'.join(lines)
+
+
+@cli.command()
+@click.option('--models', metavar='DIR', type=click.Path(file_okay=False),
+              help='Trained models: DIR/main.safetensors guided by DIR/autoguide.safetensors (as written by demo).')
+@click.option('--release', is_flag=True,
+              help="The release procedure's trained models of seed 0 (the toy parity fixture).")
+@click.option('--ideal', is_flag=True, help='The idealised models (ground truth blurred, no training).')
+@click.option('--guidance-rule', 'rules', multiple=True, type=RuleType(), default=RULES_FIGURE_RULES,
+              show_default=True, help='A rule to compare; repeat the flag for several (one panel each).')
+@click.option('--ag-weight', default=PUBLISHED_WEIGHTS['ag'], show_default=True, type=Float(),
+              help='Autoguidance weight w, the same for every rule.')
+@click.option('--num', default=20000, show_default=True, type=Int(1),
+              help='Samples per rule for the numbers (the figure shows the first 6000).')
+@click.option('--seed', default=0, show_default=True, type=Int(0), help='Seed of the initial noise.')
+@click.option('--steps', default=32, show_default=True, type=Int(1), help='Heun steps.')
+@click.option('--out', required=True, type=click.Path(dir_okay=False),
+              help='PNG output; the numbers go to the same name with .json.')
+@click.option('--dpi', default=90, show_default=True, type=Int(1))
+@click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')
+def rules(models, release, ideal, rules, ag_weight, num, seed, steps, out, dpi, device):
+    """Autoguidance under several guidance rules at one weight: a row of panels per model set, each with its
+    outlier rate and branch TV (seeded: the same command gives the same figure and numbers)."""
+    device = pick_device(device)
+    need_matplotlib()
+    rules = list(dict.fromkeys(rules))  # canonical rule objects; a repeated one is drawn once
+    rows, level = rules_rows(models, release, ideal, rules, ag_weight, num, seed, steps, device)
+    click.echo(format_rules(rows))
+    json_path = os.path.splitext(out)[0] + '.json'
+    settings = dict(num=num, seed=seed, steps=steps, ag_weight=ag_weight, rules=[str(r) for r in rules])
+    write_json(json_path, {label: results for label, _, results in rows}, level, settings)
+    draw_rules_figure(out, rows, level, ag_weight, dpi=dpi)
+    click.echo(f'wrote {out} and {json_path}')
 
 
 if __name__ == '__main__':

@@ -188,3 +188,4 @@ def check_output(path, flag, folder=False):
         fail(f'cannot create {path}: {parent} is not a folder', flag)
     if not os.access(parent, os.W_OK | os.X_OK):
         fail(f'cannot create {path}: {parent} is not writable', flag)
+

@@ -2,6 +2,7 @@
 and reconstructions counted, resume after kill -9, the coordinate search, torchrun, one-line errors."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -32,20 +33,21 @@ STDS = (0.05, 0.10)
 STEP_IMAGES = 256
 
 
-def _tiny(seed, channels):
+def _tiny(seed, channels, attn_resolutions=()):
     torch.manual_seed(seed)
     net = build_network(dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=channels,
-                             channel_mult=[1], num_blocks=1, attn_resolutions=[]))
+                             channel_mult=[1], num_blocks=1, attn_resolutions=list(attn_resolutions),
+                             channels_per_head=4))
     with torch.no_grad():
         net.unet.out_gain.fill_(1.0)  # out_gain starts at 0 (D = c_skip x); make the net do something
     return net.eval()
 
 
-def _write_run(folder, seed, channels, steps=12, every=4):
+def _write_run(folder, seed, channels, steps=12, every=4, attn_resolutions=()):
     """Snapshots of a random-walk 'training' tracked by the power-function EMA at STDS, every `every` steps
     (kimg 1, 2, 3 for the defaults), as native files named like the trainer's."""
     folder.mkdir()
-    net = _tiny(seed, channels)
+    net = _tiny(seed, channels, attn_resolutions)
     ema = PowerFunctionEMA(net, stds=STDS)
     gen = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
@@ -74,7 +76,8 @@ def assets(tmp_path_factory):
     save_reference(root / 'ref-fid.pkl', {'fid': ref['fid']})
     return dict(root=root, inception=str(inc), dinov2=str(dino), ref=str(root / 'ref.pkl'),
                 ref_fid=str(root / 'ref-fid.pkl'), main=str(_write_run(root / 'main', 0, 8)),
-                guide=str(_write_run(root / 'guide', 1, 4)))
+                guide=str(_write_run(root / 'guide', 1, 4)),
+                attn=str(_write_run(root / 'attn', 2, 8, attn_resolutions=[8])))
 
 
 def _weights(assets):
@@ -99,7 +102,7 @@ def _cells(outdir):
 
 
 def _by_key(cells):
-    return {(c['net_std'], c['gnet_std'], c['guidance']): c for c in cells}
+    return {(c['net_std'], c['gnet_std'], c['guidance'], c.get('rule', 'lerp'), c.get('interval')): c for c in cells}
 
 
 def _one_line_error(result, *fragments):
@@ -253,7 +256,7 @@ def test_fixed_network_and_guide_from_the_same_run_earlier(assets, tmp_path):
     gnet = sweep_source.snapshot_source(assets['main'], 1, [0.05, 0.1], '--gnet')
     seen = []
     config = sweep_lib.SweepConfig(net, gnet, [2.0], ['fid'], 4, ref_name='synthetic')
-    assert config.shape == (1, 2, 1) and config.planned_reconstructions() == (0, 2)
+    assert config.shape == (1, 2, 1, 1, 1) and config.planned_reconstructions() == (0, 2)
     result = sweep_lib.run_sweep(config, tmp_path / 'out', progress=False,
                                  cell_metrics=lambda cell, n, g: seen.append((n, g)) or {'fid': cell['gnet_std']})
     assert result['counter'] == {'loads': 1, 'reconstructions': 2, 'batches': 1}
@@ -266,6 +269,110 @@ def test_fixed_network_and_guide_from_the_same_run_earlier(assets, tmp_path):
     stored, _, _ = load_snapshot(os.path.join(assets['main'], 'network-snapshot-0000001-0.100.safetensors'))
     for a, b in zip(seen[1][1].parameters(), stored.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def _rule_surface(cell, net, gnet):
+    """_surface plus a term per rule and interval: apg:eta=0 better, the interval (0.5, inf] better still."""
+    return {'fid': _surface(cell, net, gnet)['fid'] + (0 if cell['rule'].startswith('apg') else 0.5)
+            + (0 if cell['interval'] == 'sigma:0.5,inf' else 0.25)}
+
+
+def test_rule_and_interval_axes_resume_and_descent(assets, tmp_path):
+    out = tmp_path / 'out'
+    base = dict(net_stds=(0.05, 0.07, 0.09), gnet_stds=(0.05, 0.08), guidances=(1.5, 2.0, 2.5))
+
+    def config(rules, intervals=None, **kw):
+        c = _config(assets, **dict(base, **kw))
+        return sweep_lib.SweepConfig(c.net, c.gnet, c.guidances, ['fid'], 4, batch=2, search=c.search, rules=rules,
+                                     guidance_interval=intervals, ref_name='synthetic')
+
+    first = sweep_lib.run_sweep(config(['lerp']), out, cell_metrics=_rule_surface, progress=False)
+    assert first['evaluated'] == 18 and {(c['rule'], c['interval']) for c in _cells(out)} == {('lerp', None)}
+    # A second rule adds its cells only; the spec is canonical ('apg:eta=0' = 'apg:eta=0.0,momentum=0').
+    more = sweep_lib.run_sweep(config(['lerp', 'apg:eta=0.0,momentum=0']), out, cell_metrics=_rule_surface,
+                               progress=False)
+    assert more['evaluated'] == 18 and more['counter']['reconstructions'] == 3 + 2
+    assert {c['rule'] for c in _cells(out)} == {'lerp', 'apg:eta=0,momentum=0,threshold=0'}
+    # Dropping a rule or reordering computes nothing; an interval axis adds cells per interval.
+    again = sweep_lib.run_sweep(config(['apg:eta=0']), out, cell_metrics=_rule_surface, progress=False)
+    assert again['evaluated'] == 0 and again['counter'] == {} and len(again['cells']) == 18
+    widened = sweep_lib.run_sweep(config(['apg:eta=0', 'lerp'], [(0.5, math.inf), (0.0, math.inf)]), out,
+                                  cell_metrics=_rule_surface, progress=False)
+    assert widened['evaluated'] == 2 * 36 and len(_cells(out)) == 36 + 72
+    doc = json.loads((out / 'sweep.json').read_text())
+    assert doc['rule'] == ['apg:eta=0,momentum=0,threshold=0', 'lerp']
+    assert doc['interval'] == ['sigma:0.5,inf', 'sigma:0.0,inf'] and '--guidance-interval' not in doc['fixed']
+    best_grid = min(widened['cells'], key=lambda r: r['fid'])
+    assert (best_grid['rule'], best_grid['interval']) == ('apg:eta=0,momentum=0,threshold=0', 'sigma:0.5,inf')
+    # The coordinate search over five axes (rule and interval categorical) finds the same optimum.
+    desc = sweep_lib.run_sweep(config(['lerp', 'apg:eta=0'], [(0.0, math.inf), (0.5, math.inf)], search='descent'),
+                               tmp_path / 'desc', cell_metrics=_rule_surface, progress=False)
+    assert desc['descent']['cell'] == sweep_lib.cell_key(best_grid['net_std'], best_grid['gnet_std'],
+                                                         best_grid['guidance'], best_grid['rule'],
+                                                         best_grid['interval'])
+    assert desc['descent']['visited'] < 72 // 2
+
+
+def test_cells_written_before_the_rule_axis_mean_lerp_and_their_interval(assets, tmp_path):
+    out = tmp_path / 'old'
+    interval = (0.5, math.inf)
+    c = _config(assets)
+    sweep_lib.run_sweep(sweep_lib.SweepConfig(c.net, c.gnet, c.guidances, ['fid'], 4, batch=2, ref_name='synthetic',
+                                              guidance_interval=interval), out, cell_metrics=_rule_surface,
+                        progress=False)
+    # Make it look like a folder of the earlier format: no rule/interval in the cells, the interval a fixed setting.
+    lines = [{k: v for k, v in rec.items() if k not in ('rule', 'interval')} for rec in _cells(out)]
+    (out / 'cells.jsonl').write_text(''.join(json.dumps(rec) + '\n' for rec in lines))
+    doc = json.loads((out / 'sweep.json').read_text())
+    for key in ('rule', 'interval', 'cell_defaults'):
+        del doc[key]
+    doc['fixed'].update({'--guidance-interval': list(interval), '--guidance-interval-steps': None})
+    (out / 'sweep.json').write_text(json.dumps(doc))
+
+    def config(intervals, rules=('lerp',)):
+        return sweep_lib.SweepConfig(c.net, c.gnet, c.guidances, ['fid'], 4, batch=2, ref_name='synthetic',
+                                     guidance_interval=intervals, rules=rules)
+
+    same = sweep_lib.run_sweep(config(interval), out, cell_metrics=_rule_surface, progress=False)
+    assert same['evaluated'] == 0 and len(same['cells']) == 18
+    assert all(r['rule'] == 'lerp' and r['interval'] == 'sigma:0.5,inf' for r in same['cells'])
+    # The old cells keep that meaning once sweep.json is in the new format; no interval = every step: new cells.
+    assert json.loads((out / 'sweep.json').read_text())['cell_defaults'] == {'rule': 'lerp', 'interval': 'sigma:0.5,inf'}
+    other = sweep_lib.run_sweep(config(None, rules=('lerp', 'rescale:phi=0.7')), out, cell_metrics=_rule_surface,
+                                progress=False)
+    assert other['evaluated'] == 36 and len(_cells(out)) == 18 + 36
+
+
+def test_self_guide_axis_perturbs_each_main_network(assets, tmp_path):
+    net = sweep_source.snapshot_source(assets['attn'], None, [0.05, 0.09], '--net')
+    gnet = sweep_source.self_source('self:pag', '--gnet')
+    config = sweep_lib.SweepConfig(net, gnet, [1.0, 2.0], ['fid'], 4, ref_name='synthetic', rules=['lerp', 'apg:eta=0'])
+    assert config.shape == (2, 1, 2, 2, 1) and config.memory_bound() == (2, 0)
+    assert config.planned_reconstructions() == (2, 0)
+    sweep_lib.preflight(config, 'cpu')
+    seen = []
+
+    def metric(cell, n, g):
+        seen.append((cell['net_std'], n, g))
+        return {'fid': cell['guidance'] + (cell['rule'] == 'lerp')}
+
+    out = tmp_path / 'out'
+    result = sweep_lib.run_sweep(config, out, cell_metrics=metric, progress=False)
+    assert result['counter'] == {'reconstructions': 2, 'batches': 1} and len(result['cells']) == 8
+    for _, n, g in seen:  # the guide is the cell's own main network, perturbed: no second copy
+        assert g.net is n and str(g.spec) == 'self:pag' and len(g.blocks) > 0
+    assert {id(n) for _, n, _ in seen} == {id(n) for std, n, _ in seen if std == 0.05} | \
+        {id(n) for std, n, _ in seen if std == 0.09} and len({id(n) for _, n, _ in seen}) == 2
+    assert result['cells'][0]['gnet'] == {'self': 'self:pag'} and result['cells'][0]['gnet_std'] is None
+    # Another guide changes what every cell means: refused, naming the flag.
+    with pytest.raises(sweep_lib.SweepError, match='--gnet-dir/--gnet'):
+        sweep_lib.run_sweep(sweep_lib.SweepConfig(net, sweep_source.self_source('self:skip=enc.8x8_block0', '--gnet'),
+                                                  [1.0], ['fid'], 4, ref_name='synthetic'), out, cell_metrics=metric,
+                            progress=False)
+    # A self guide whose blocks the network lacks is refused before any cell.
+    bad = sweep_lib.SweepConfig(net, sweep_source.self_source('self:pag=enc.8x8_nope', '--gnet'), [2.0], ['fid'], 4)
+    with pytest.raises(sweep_lib.SweepError, match="--gnet self:pag=enc.8x8_nope: .*'enc.8x8_nope'"):
+        sweep_lib.preflight(bad, 'cpu')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,7 +443,7 @@ def test_cells_equal_reconstruct_phema_plus_gen_and_outputs(assets, tmp_path):
                                             *_weights(assets)])
         assert r.exit_code == 0, r.output
         run = json.loads((tmp_path / 'gen.json').read_text())['runs'][0]
-        cell = by_key[(net_std, gnet_std, w)]
+        cell = by_key[(net_std, gnet_std, w, 'lerp', None)]
         for m in ('fid', 'fd_dinov2'):  # same networks, images and features: equal to float32 summation
             assert cell[m] == pytest.approx(run[m], rel=1e-5, abs=1e-6), (m, cell[m], run[m])
     # sweep.json, table, figures, and the best networks equal to the reconstructions.
@@ -411,6 +518,67 @@ def test_torchrun_two_processes_give_same_cells(assets, tmp_path):
     for k in a:  # each rank samples a batch of 2 as one process does: features equal up to summation order
         for x, y in zip(a[k], b[k]):
             assert y == pytest.approx(x, rel=1e-5, abs=1e-6), k
+
+
+def _self_args(assets, outdir, extra=()):
+    return ['sweep', '--net-dir', assets['attn'], '--net-std', '0.06,0.09', '--gnet', 'self:pag',
+            '--guidance', '1.5,2.5', '--guidance-rule', 'lerp', '--guidance-rule', 'apg:eta=0', '--ref', assets['ref'],
+            '--metrics', 'fid,fd_dinov2', '--num-images', '4', '--steps', '6', '--batch', '2',
+            '--outdir', str(outdir), *extra, *_weights(assets)]
+
+
+def test_rule_and_self_guide_flags_refused_in_one_line(assets, tmp_path):
+    out = tmp_path / 'out'
+    for flag, value, fragment in (('--guidance-rule', 'apg:foo=1', 'unknown key'),
+                                  ('--guidance-rule', 'apg:eta=nan', 'finite'),
+                                  ('--guidance-rule', 'rescale', 'needs phi'),
+                                  ('--gnet', 'self:bogus', 'unknown self guide'),
+                                  ('--gnet', 'self:skip=dec.8x8_nope', 'dec.8x8_nope')):
+        args = _self_args(assets, out)
+        args[args.index(flag) + 1] = value
+        res = _invoke(calculate_metrics.cli, args)
+        _one_line_error(res, flag if flag == '--guidance-rule' else '--gnet', fragment)
+        assert res.exit_code in (1, 2) and (flag != '--guidance-rule' or res.exit_code == 2)
+    res = _invoke(calculate_metrics.cli, _self_args(assets, out, ['--guidance-interval-steps', '2,9']))
+    _one_line_error(res, '--guidance-interval-steps', '2,9')
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_kill9_two_rules_and_a_self_guide(assets, tmp_path):
+    """Two rules x a self guide (PAG of each main network): killed with SIGKILL mid-sweep, the rerun keeps every
+    finished cell, computes only the others, and equals an uninterrupted sweep."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    whole, cut = tmp_path / 'whole', tmp_path / 'cut'
+    cmd = [sys.executable, os.path.join(REPO, 'calculate_metrics.py')]
+    proc = subprocess.run(cmd + _self_args(assets, whole), env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'self:pag, a perturbation of each main network' in proc.stdout and '2 rules' in proc.stdout
+    cells = _cells(whole)
+    assert len(cells) == 8 and {c['rule'] for c in cells} == {'lerp', 'apg:eta=0,momentum=0,threshold=0'}
+    assert all(c['gnet'] == {'self': 'self:pag'} for c in cells)
+    p = subprocess.Popen(cmd + _self_args(assets, cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=REPO)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (cut / 'cells.jsonl').exists() and len((cut / 'cells.jsonl').read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = [line for line in (cut / 'cells.jsonl').read_text().splitlines(keepends=True) if line.endswith('\n')]
+    assert 3 <= len(done) < 8, 'the kill must land during the sweep'
+    proc = subprocess.run(cmd + _self_args(assets, cut), env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
+    assert after[:len(done)] == done and len(after) == 8
+    assert json.loads((cut / 'sweep.json').read_text())['result']['evaluated_this_run'] == 8 - len(done)
+    assert _values(_cells(cut)) == _values(cells)  # same process count and threads: bitwise equal
+    # apg:eta=0 differs from lerp at w != 1; the figures name the rules.
+    by = _by_key(cells)
+    assert by[(0.06, None, 2.5, 'lerp', None)]['fid'] != by[(0.06, None, 2.5, 'apg:eta=0,momentum=0,threshold=0', None)]['fid']
+    assert (whole / 'sweep-fid-heatmap.png').stat().st_size > 1000
 
 
 def test_figures_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch, capsys):

@@ -361,6 +361,31 @@ def test_heun_on_exact_score_reproduces_ground_truth(mix):
     assert toy.evaluate(xt, mix, level)['branch_tv'] > r['branch_tv'] + 0.1
 
 
+# ---- guidance rules on the toy's denoisers ------------------------------------------------------------------
+
+def test_guided_score_with_rules():
+    """Rules act on D = x + sigma^2 score per 2D point: rescale with phi = 0 and apg with eta = 1 are lerp;
+    apg with eta = 0 leaves an update orthogonal to D1; the rule's memory starts afresh with every sampling."""
+    net, guide = toy.SmoothedGT('A', 0.02), toy.SmoothedGT('A', 0.04)
+    x = toy.gt('A').sample(64, 0.3, torch.Generator().manual_seed(0), dtype=torch.float64)
+    for sigma in (0.05, 0.3, 2.0):
+        lerp = toy.guided_score(net, guide, 3.0)(x, sigma)
+        for spec in ('rescale:phi=0', 'apg:eta=1'):
+            torch.testing.assert_close(toy.guided_score(net, guide, 3.0, spec)(x, sigma), lerp, rtol=1e-9, atol=1e-9)
+        d1 = x + sigma ** 2 * net.score(x, sigma)
+        d = x + sigma ** 2 * toy.guided_score(net, guide, 3.0, 'apg:eta=0')(x, sigma)
+        cosine = ((d - d1) * d1).sum(1) / ((d - d1).norm(dim=1) * d1.norm(dim=1))
+        assert cosine.abs().max() < 1e-9
+        assert not torch.allclose(d, x + sigma ** 2 * lerp)
+    score = toy.guided_score(net, guide, 3.0, 'apg:eta=0,momentum=-0.5')
+    x0 = toy.gt('A').sample(32, 5.0, torch.Generator().manual_seed(1))
+    first = toy.heun_sample(score, x0, num_steps=4)
+    assert score.memory.buffer is not None
+    torch.testing.assert_close(toy.heun_sample(score, x0, num_steps=4), first, rtol=0, atol=0)
+    no_momentum = toy.heun_sample(toy.guided_score(net, guide, 3.0, 'apg:eta=0'), x0, num_steps=4)
+    assert not torch.allclose(first, no_momentum)
+
+
 # ---- command line ------------------------------------------------------------------------------------------
 
 def cli():
@@ -379,6 +404,9 @@ def cli():
     (['demo', '--seeds', '0,1.5'], '--seeds'),
     (['demo', '--seeds', 'one'], '--seeds'),
     (['demo', '--device', 'nonsense'], '--device'),
+    (['eval', '--ideal', '--guidance-rule', 'apg:eta=x'], '--guidance-rule'),
+    (['rules', '--out', 'r.png', '--guidance-rule', 'rescale'], 'needs phi'),
+    (['rules', '--out', 'r.png'], 'give at least one of --models DIR, --release, --ideal'),
 ])
 def test_cli_bad_input_one_line(tmp_path, args, message):
     res = CliRunner().invoke(cli(), args)
@@ -533,3 +561,26 @@ def test_autoguidance_claim_with_idealised_models():
     r = {name: toy.evaluate(x, mixture, level) for name, x in samples.items()}
     assert r['unguided']['outlier_rate'] > 0.1   # the blurred main model does scatter samples off the tree
     assert_paper_claim(r, n)
+
+
+@pytest.mark.slow
+def test_cli_rules_tiny_is_seeded_and_lerp_is_eval(tmp_path):
+    """`rules` on tiny settings: one panel per rule, numbers in JSON beside the PNG, the same on a rerun, and its
+    lerp panel the autoguidance of `eval` (same models, seed and weight)."""
+    runner = CliRunner()
+    args = ['rules', '--ideal', '--num', '300', '--steps', '4', '--device', 'cpu', '--dpi', '40']
+    res = runner.invoke(cli(), args + ['--out', str(tmp_path / 'r.png')])
+    assert res.exit_code == 0, res.output
+    data = json.load(open(tmp_path / 'r.json'))
+    (label, results), = data['results'].items()
+    assert list(results) == ['lerp', 'apg:eta=0,momentum=0,threshold=0', 'rescale:phi=0.7']
+    assert len({r['outlier_rate'] for r in results.values()}) == 3  # the rules do differ
+    res = runner.invoke(cli(), args + ['--out', str(tmp_path / 'again.png')])
+    assert res.exit_code == 0, res.output
+    assert json.load(open(tmp_path / 'again.json'))['results'] == data['results']
+    res = runner.invoke(cli(), ['eval', '--ideal', '--num', '300', '--steps', '4', '--device', 'cpu',
+                                '--out', str(tmp_path / 'e.json')])
+    assert res.exit_code == 0, res.output
+    assert json.load(open(tmp_path / 'e.json'))['results']['autoguidance'] == results['lerp']
+    from PIL import Image
+    assert Image.open(tmp_path / 'r.png').size[0] > 300

@@ -1,4 +1,5 @@
-"""Autoguidance sweep: evaluate metrics over (main EMA length, guide EMA length, guidance weight w).
+"""Autoguidance sweep: evaluate metrics over (main EMA length, guide EMA length, guidance weight w, guidance
+rule, guidance interval); the last two axes are edm2.metrics.sweep_axes.
 
 The networks are post-hoc EMA reconstructions (EDM2 paper sec. 3.3) built in memory from a folder of
 snapshots, a batch of EMA lengths per pass over the snapshots, and kept while the cells that need them
@@ -12,6 +13,7 @@ Memory bound: at most `phema_batch` main networks and `guide_batch` guides are h
 snapshot (one tensor for native files) while a batch is being reconstructed.
 """
 
+import itertools
 import os
 import time
 
@@ -20,8 +22,10 @@ import torch
 from edm2 import distributed, generation, phema_reconstruct, sampling
 from edm2.checkpoint import load_snapshot
 from edm2.errors import one_line
+from edm2.guidance_rules import RuleError, parse_rule
+from edm2.self_guides import SelfGuideError
 
-from . import evaluate, sweep_plan
+from . import evaluate, sweep_axes, sweep_plan
 from .sweep_log import CellLog, SweepError, cell_key, check_resume, write_settings
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,19 +54,21 @@ def check_pair(net, gnet):
     sampling.check_guide(net, gnet)
 
 
-def guidance_interval(config):
-    """The sampler's interval (sampling.SigmaInterval / StepInterval) of the sweep, or None."""
-    if config.guidance_interval is not None:
-        return sampling.SigmaInterval(*config.guidance_interval)
-    if config.guidance_interval_steps is not None:
-        return sampling.StepInterval(*config.guidance_interval_steps)
-    return None
+def guidance_intervals(guidance_interval=None, guidance_interval_steps=None):
+    """The interval axis from the flags' values (each None, one pair or a list of pairs): sampling.SigmaInterval
+    and StepInterval objects, or [None] (every step guided) when neither is given."""
+    def pairs(value):
+        return [] if value is None else [value] if value and not isinstance(value[0], (tuple, list)) else list(value)
+    intervals = [sampling.SigmaInterval(*v) for v in pairs(guidance_interval)]
+    intervals += [sampling.StepInterval(*v) for v in pairs(guidance_interval_steps)]
+    return list(dict.fromkeys(intervals)) or [None]
 
 
-def sample_images(net, encoder, gnet, guidance, seeds, config, device):
+def sample_images(net, encoder, gnet, guidance, seeds, config, device, rule=None, interval=None):
     """This rank's batches (uint8 images, positions into `seeds`) of the guided sampler, as `gen` draws them
     (w = 1 never evaluates the guide)."""
-    guides = sampling.Guidance(guides=(gnet,), weight=guidance, interval=guidance_interval(config))
+    guides = sampling.Guidance(guides=(gnet,), weight=guidance, interval=interval,
+                               rule=parse_rule('lerp' if rule is None else rule))
     stream = generation.generate(net, seeds, guidance=guides, sigmas=sampling.edm_schedule(config.steps),
                                  encoder=encoder, batch_size=config.batch, device=device)
     return ((b.images, torch.as_tensor(list(b.positions))) for b in stream)
@@ -78,46 +84,62 @@ def metric_values(stats, reference, metrics, pr_features, seed, device):
 
 
 class SweepConfig:
-    """Everything that defines a sweep. Axes: `net`, `gnet` (Source) and `guidances` (list of w)."""
+    """Everything that defines a sweep. Axes: `net`, `gnet` (Source), `guidances` (list of w), `rules`
+    (guidance rules or their specs; default lerp) and the guidance intervals (`guidance_interval`: one
+    (lo, hi] pair or a list of them; `guidance_interval_steps` likewise; none = every step guided)."""
 
     def __init__(self, net, gnet, guidances, metrics, num, seed=0, steps=32, guidance_interval=None,
                  guidance_interval_steps=None, batch=64, phema_batch=8, guide_batch=None, search='grid',
-                 pr_features='dinov2', ref_name=None, extra_fixed=None):
+                 pr_features='dinov2', ref_name=None, extra_fixed=None, rules=('lerp',)):
         self.net, self.gnet, self.guidances = net, gnet, [float(w) for w in guidances]
         self.metrics, self.num, self.seed, self.steps = list(metrics), int(num), int(seed), int(steps)
-        self.guidance_interval, self.guidance_interval_steps = guidance_interval, guidance_interval_steps
+        try:
+            self.rules = list(dict.fromkeys(parse_rule(r) for r in rules))
+            self.intervals = guidance_intervals(guidance_interval, guidance_interval_steps)
+        except (RuleError, sampling.SamplingError) as e:
+            raise SweepError(one_line(e)) from None
+        self.cell_defaults = {'rule': 'lerp', 'interval': None}  # run_sweep reads them from the folder
         self.batch, self.phema_batch = int(batch), max(int(phema_batch), 1)
         self.guide_batch = len(gnet.stds) if not guide_batch else int(guide_batch)
         self.search, self.pr_features, self.ref_name = search, pr_features, ref_name
         self.extra_fixed = dict(extra_fixed or {})
         if not self.guidances:
             raise SweepError('--guidance: expected at least one value')
+        if not self.rules:
+            raise SweepError('--guidance-rule: expected at least one rule')
         if search not in ('grid', 'descent'):
             raise SweepError(f'--search: expected grid or descent, got {search!r}')
 
     @property
     def shape(self):
-        return len(self.net.stds), len(self.gnet.stds), len(self.guidances)
+        """Axis sizes: (main EMA lengths, guide EMA lengths, w, rules, intervals)."""
+        return len(self.net.stds), len(self.gnet.stds), len(self.guidances), len(self.rules), len(self.intervals)
 
     def fixed_settings(self):
-        """Settings that change the value of a cell, keyed by the flag that sets them (checked on resume)."""
+        """Settings that change the value of a cell, keyed by the flag that sets them (checked on resume).
+        The rule and the interval are not among them: every cell records its own (sweep_axes)."""
         return dict({'--net-dir/--net': self.net.describe(), '--gnet-dir/--gnet': self.gnet.describe(),
                      '--ref': self.ref_name, '--metrics': self.metrics, '--num': self.num, '--seed': self.seed,
-                     '--steps': self.steps,
-                     '--guidance-interval': None if self.guidance_interval is None else list(self.guidance_interval),
-                     '--guidance-interval-steps': None if self.guidance_interval_steps is None
-                     else list(self.guidance_interval_steps)}, **self.extra_fixed)
+                     '--steps': self.steps}, **self.extra_fixed)
 
     def memory_bound(self):
-        """(main networks, guide networks) held at most; plus one input snapshot while reconstructing."""
+        """(main networks, guide networks) held at most; plus one input snapshot while reconstructing. A
+        self guide holds nothing of its own (it is the main network, perturbed while it runs)."""
         main = 1 if self.net.fixed else min(self.phema_batch, len(self.net.stds))
-        guide = 1 if self.gnet.fixed else min(self.guide_batch, len(self.gnet.stds))
+        guide = 0 if self.gnet.is_self else 1 if self.gnet.fixed else min(self.guide_batch, len(self.gnet.stds))
         return main, guide
 
     def planned_reconstructions(self):
         """(main, guide) reconstructions of a full grid in the grid order (0 for a fixed network)."""
-        m, g = sweep_plan.count_reconstructions(len(self.net.stds), len(self.gnet.stds), *self.memory_bound())
-        return (0 if self.net.fixed else m), (0 if self.gnet.fixed else g)
+        main_cap, guide_cap = self.memory_bound()
+        m, g = sweep_plan.count_reconstructions(len(self.net.stds), len(self.gnet.stds), main_cap, max(guide_cap, 1))
+        return (0 if self.net.fixed else m), (0 if self.gnet.fixed or self.gnet.is_self else g)
+
+    def key(self, cell):
+        """The cell_key of the cell at index tuple `cell`."""
+        i, j, k, r, v = cell
+        return cell_key(self.net.stds[i], self.gnet.stds[j], self.guidances[k], str(self.rules[r]),
+                        sweep_axes.interval_spec(self.intervals[v]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,6 +156,8 @@ class NetworkPool:
         self.seconds = 0.0
 
     def ensure(self, indices):
+        if self.source.is_self:
+            return  # made from the main network by each cell
         indices = list(dict.fromkeys(indices))
         for i in indices:
             if i in self.held:
@@ -160,30 +184,38 @@ class NetworkPool:
         self.seconds += time.perf_counter() - t0
 
     def get(self, index):
-        return self.held[index]
+        return (None, None) if self.source.is_self else self.held[index]
 
     def clear(self):
         self.held.clear()
 
 
 def preflight(config, device):
-    """Checks made before any cell: the guidance interval, and that the guide fits the main network
-    (reads one snapshot of each axis)."""
-    try:
-        interval = guidance_interval(config)
-        if interval is not None:
-            interval.select(sampling.edm_schedule(config.steps))
-    except sampling.SamplingError as e:
-        flag = '--guidance-interval' if config.guidance_interval is not None else '--guidance-interval-steps'
-        raise SweepError(f'{flag}: {one_line(e)}') from None
+    """Checks made before any cell: the guidance intervals, and that the guide fits the main network
+    (reads one snapshot of each axis; a self guide's blocks are looked up in the main network)."""
+    for interval in config.intervals:
+        try:
+            if interval is not None:
+                interval.select(sampling.edm_schedule(config.steps))
+        except sampling.SamplingError as e:
+            flag = '--guidance-interval' if isinstance(interval, sampling.SigmaInterval) else \
+                '--guidance-interval-steps'
+            raise SweepError(f'{flag}: {one_line(e)}') from None
     def first(source):
         if source.fixed:
             return load_network_file(source.path, device)[0]
         return load_network_file(source.inputs[0].source, device)[0]
     try:
-        net, gnet = first(config.net), first(config.gnet)
+        net = first(config.net)
+        gnet = None if config.gnet.is_self else first(config.gnet)
     except ValueError as e:  # CheckpointError, PhemaError: one line naming the file
         raise SweepError(one_line(e)) from None
+    if gnet is None:
+        try:
+            config.gnet.self_guide.bind(net)
+        except SelfGuideError as e:
+            raise SweepError(f'{config.gnet.flag} {config.gnet.self_guide}: {e}') from None
+        return
     try:
         check_pair(net, gnet)
     except ValueError as e:  # SamplingError
@@ -225,9 +257,7 @@ class _Cells:
         self.evaluated = 0
 
     def key(self, cell):
-        i, j, k = cell
-        c = self.config
-        return cell_key(c.net.stds[i], c.gnet.stds[j], c.guidances[k])
+        return self.config.key(cell)
 
     def done(self, cell):
         return self.key(cell) in self.log.cells
@@ -235,17 +265,20 @@ class _Cells:
     def __call__(self, cell):
         if self.done(cell):
             return self.log.cells[self.key(cell)]
-        i, j, k = cell
+        i, j, k, r, v = cell
         c = self.config
         self.pools[0].ensure([i])
         self.pools[1].ensure([j])
         (net, encoder), (gnet, _) = self.pools[0].get(i), self.pools[1].get(j)
+        if c.gnet.is_self:
+            gnet = c.gnet.self_guide.bind(net)  # shares the main network's parameters
         t0 = time.perf_counter()
-        info = dict(net_std=c.net.stds[i], gnet_std=c.gnet.stds[j], guidance=c.guidances[k])
+        info = dict(net_std=c.net.stds[i], gnet_std=c.gnet.stds[j], guidance=c.guidances[k], rule=str(c.rules[r]),
+                    interval=sweep_axes.interval_spec(c.intervals[v]))
         if self.cell_metrics is not None:
             values, seconds = dict(self.cell_metrics(info, net, gnet)), {}
         else:
-            values, seconds = self._measure(net, encoder, gnet, c.guidances[k])
+            values, seconds = self._measure(net, encoder, gnet, c.guidances[k], c.rules[r], c.intervals[v])
         values = _share(values, c.metrics, self.device)
         seconds['total'] = time.perf_counter() - t0
         record = dict(info, **{m: values[m] for m in c.metrics}, seconds=seconds,
@@ -256,13 +289,13 @@ class _Cells:
             self.bar.update(1)
         return record
 
-    def _measure(self, net, encoder, gnet, guidance):
+    def _measure(self, net, encoder, gnet, guidance, rule, interval):
         c = self.config
         seeds = list(range(c.seed, c.seed + c.num))
         times = {'sampling': 0.0, 'features': 0.0}
         keep = {c.pr_features} if any(m in evaluate.PR_METRICS for m in c.metrics) else set()
         try:
-            batches = sample_images(net, encoder, gnet, guidance, seeds, c, self.device)
+            batches = sample_images(net, encoder, gnet, guidance, seeds, c, self.device, rule, interval)
         except sampling.SamplingError as e:
             raise SweepError(str(e)) from None
         t0 = time.perf_counter()
@@ -279,12 +312,12 @@ class _Cells:
 def _run_grid(config, cells):
     chunks, _ = sweep_plan.grid_chunks(*config.shape[:2], *config.memory_bound())
     for main_idx, guide_idx in chunks:
-        todo = [(i, j, k) for i in main_idx for j in guide_idx for k in range(config.shape[2])
-                if not cells.done((i, j, k))]
+        todo = [(i, j) + rest for i in main_idx for j in guide_idx
+                for rest in itertools.product(*map(range, config.shape[2:])) if not cells.done((i, j) + rest)]
         if not todo:
             continue  # finished in an earlier run: not even reconstructed
-        cells.pools[0].ensure(sorted({i for i, _, _ in todo}))
-        cells.pools[1].ensure(sorted({j for _, j, _ in todo}))
+        cells.pools[0].ensure(sorted({cell[0] for cell in todo}))
+        cells.pools[1].ensure(sorted({cell[1] for cell in todo}))
         for cell in todo:
             cells(cell)
 
@@ -292,7 +325,7 @@ def _run_grid(config, cells):
 def _run_descent(config, cells):
     metric = config.metrics[0]
     best, _, values = sweep_plan.coordinate_descent(
-        config.shape, lambda cell: sweep_plan.score(metric, cells(cell)[metric]))
+        config.shape, lambda cell: sweep_plan.score(metric, cells(cell)[metric]), categorical=(3, 4))
     return best, len(values)
 
 
@@ -309,7 +342,8 @@ def run_sweep(config, outdir, *, detectors=None, reference=None, device='cpu', c
     from tqdm import tqdm
 
     check_resume(outdir, config)
-    log = CellLog(os.path.join(outdir, 'cells.jsonl'))
+    config.cell_defaults = sweep_axes.cell_defaults(outdir)
+    log = CellLog(os.path.join(outdir, 'cells.jsonl'), config.cell_defaults)
     distributed.barrier()  # every rank has read the log before rank 0 touches it
     if distributed.is_main():
         os.makedirs(outdir, exist_ok=True)
@@ -340,19 +374,25 @@ def run_sweep(config, outdir, *, detectors=None, reference=None, device='cpu', c
         bar.close()
         for pool in pools:
             pool.clear()
-    records = [log.cells[cells.key(c)] for c in _all_cells(config.shape) if cells.done(c)]
+    # Records written before the rule and interval were axes get them filled in (cell_defaults).
+    records = [dict(config.cell_defaults, **log.cells[cells.key(c)]) for c in _all_cells(config.shape)
+               if cells.done(c)]
     return dict(cells=records, counter=counter, evaluated=cells.evaluated, descent=descent,
                 seconds=dict(total=time.perf_counter() - t0, reconstruction=sum(p.seconds for p in pools)))
 
 
 def _all_cells(shape):
-    return [(i, j, k) for i in range(shape[0]) for j in range(shape[1]) for k in range(shape[2])]
+    return list(itertools.product(*map(range, shape)))
 
 
 def best_networks(config, record, device, loader=None):
-    """((net, encoder), (gnet, encoder)) of a cell's EMA lengths, reconstructed afresh (for --save-best)."""
+    """((net, encoder), (gnet, encoder)) of a cell's EMA lengths, reconstructed afresh (for --save-best);
+    (gnet, encoder) is None for a self guide (it is the main network)."""
     out = []
     for source, std in ((config.net, record['net_std']), (config.gnet, record['gnet_std'])):
+        if source.is_self:
+            out.append(None)
+            continue
         index = 0 if source.fixed else min(range(len(source.stds)), key=lambda n: abs(source.stds[n] - std))
         pool = NetworkPool(source, 1, device, loader)
         pool.ensure([index])

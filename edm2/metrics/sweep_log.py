@@ -9,21 +9,33 @@ from edm2 import distributed
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write, atomic_write_text, reporting_full_disk
 
+from .sweep_axes import LEGACY_FIXED, interval_spec
+
 
 class SweepError(EDM2Error):
     """Bad sweep request, or a setting that differs from the cells already in the output folder."""
 
 
-def cell_key(net_std, gnet_std, guidance):
+def cell_key(net_std, gnet_std, guidance, rule='lerp', interval=None):
+    """What identifies a cell: the axis values, EMA lengths and w rounded; rule and interval as spec strings
+    (edm2.metrics.sweep_axes)."""
     r = (lambda v: None if v is None else round(float(v), 6))
-    return r(net_std), r(gnet_std), r(guidance)
+    return r(net_std), r(gnet_std), r(guidance), str(rule), interval
+
+
+def record_key(record, defaults=None):
+    """The cell_key of a cells.jsonl record; `defaults` give the rule and interval of a record written before
+    they were recorded (sweep_axes.cell_defaults)."""
+    defaults = defaults or {}
+    return cell_key(record['net_std'], record['gnet_std'], record['guidance'],
+                    record.get('rule', defaults.get('rule', 'lerp')), record.get('interval', defaults.get('interval')))
 
 
 class CellLog:
     """The finished cells of an output folder. Reading drops a last line cut short by a killed process."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, defaults=None):
+        self.path, self.defaults = path, defaults
         self.cells = {}
         self.partial = False
         if os.path.exists(path):
@@ -34,7 +46,7 @@ class CellLog:
             for line in lines[:-1]:
                 if line.strip():
                     rec = json.loads(line)
-                    self.cells[cell_key(rec['net_std'], rec['gnet_std'], rec['guidance'])] = rec
+                    self.cells[record_key(rec, defaults)] = rec
             self._good = data[:len(data) - len(lines[-1])]
 
     def repair(self):
@@ -45,7 +57,7 @@ class CellLog:
             self.partial = False
 
     def append(self, record):
-        self.cells[cell_key(record['net_std'], record['gnet_std'], record['guidance'])] = record
+        self.cells[record_key(record, self.defaults)] = record
         if distributed.is_main():
             with reporting_full_disk(self.path), open(self.path, 'a') as f:  # a line cut short is dropped on resume
                 f.write(json.dumps(record) + '\n')
@@ -64,6 +76,8 @@ def check_resume(outdir, config):
     except (OSError, ValueError, AttributeError) as e:
         raise SweepError(f'{path}: unreadable ({type(e).__name__}); use another --outdir') from None
     new = json.loads(json.dumps(config.fixed_settings()))
+    for flag in LEGACY_FIXED:  # now an axis: the old value is the cells' interval (sweep_axes.cell_defaults)
+        old.pop(flag, None)
     for flag in sorted(set(old) | set(new)):
         if old.get(flag) != new.get(flag):
             raise SweepError(f'{flag} differs from the sweep in {outdir} ({old.get(flag)} there, '
@@ -73,7 +87,9 @@ def check_resume(outdir, config):
 def write_settings(outdir, config, best=None, extra=None):
     """sweep.json: the settings (`fixed` is what a resume must match) and, once done, the best cells."""
     doc = dict(fixed=config.fixed_settings(), net_std=config.net.stds, gnet_std=config.gnet.stds,
-               guidance=config.guidances, search=config.search, batch=config.batch,
+               guidance=config.guidances, rule=[str(r) for r in config.rules],
+               interval=[interval_spec(i) for i in config.intervals], cell_defaults=config.cell_defaults,
+               search=config.search, batch=config.batch,
                phema_batch=config.phema_batch, guide_batch=config.guide_batch,
                world_size=distributed.get_world_size(), best=best, **(extra or {}))
     if distributed.is_main():

@@ -1,13 +1,13 @@
 """The order in which an autoguidance sweep visits its cells, and the coordinate search.
 
-A cell is one (main EMA length, guide EMA length, guidance weight w), indexed (i, j, k) into the three
-axes. Networks are reconstructed in batches (post-hoc EMA, EDM2 paper sec. 3.3): the grid order visits
+A cell is one (main EMA length, guide EMA length, guidance weight w, guidance rule, guidance interval),
+indexed (i, j, k, r, v) into the five axes. Networks are reconstructed in batches (post-hoc EMA, EDM2 paper sec. 3.3): the grid order visits
 every cell of one batch of main networks with one batch of guides before moving on, so that each
 reconstruction is used fully before it is dropped (autoguidance paper sec. 5 tunes these three knobs).
 
     grid_chunks(num_main, num_guide, main_batch, guide_batch)   batches of (main indices, guide indices)
     count_reconstructions(...)                                   how many networks the grid order builds
-    coordinate_descent(shape, objective, start=None)             axis-by-axis search on an index grid
+    coordinate_descent(shape, objective, start=None, categorical=())   axis-by-axis search on an index grid
 """
 
 import math
@@ -59,12 +59,13 @@ def middle(shape):
     return tuple((n - 1) // 2 for n in shape)
 
 
-def coordinate_descent(shape, objective, start=None):
+def coordinate_descent(shape, objective, start=None, categorical=()):
     """Minimise `objective(cell) -> float` over the index grid `shape` by coordinate search.
 
     From `start` (default: the middle), take one axis at a time and move to the better of the two
     neighbours along it while that improves; cycle through the axes until a full pass moves nowhere.
-    Each cell is evaluated at most once (values are remembered), so the caller may count evaluations.
+    Along a `categorical` axis (values without an order, such as guidance rules) every other value is a
+    neighbour. Each cell is evaluated at most once (values are remembered), so the caller may count evaluations.
     Returns (best cell, its value, {cell: value} of every evaluated cell in evaluation order).
     """
     values = {}
@@ -82,7 +83,9 @@ def coordinate_descent(shape, objective, start=None):
         for axis in range(len(shape)):
             while True:
                 options = []
-                for step in (-1, 1):
+                steps = [n - cur[axis] for n in range(shape[axis]) if n != cur[axis]] if axis in categorical \
+                    else (-1, 1)
+                for step in steps:
                     cell = list(cur)
                     cell[axis] += step
                     if 0 <= cell[axis] < shape[axis]:

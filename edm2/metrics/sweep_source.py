@@ -1,9 +1,11 @@
 """Where the networks of one axis of an autoguidance sweep come from: post-hoc EMA reconstructions (EDM2
-paper sec. 3.3) of a folder of snapshots at one training time, or one fixed network file (an
-unconditional guide gives a classifier-free guidance sweep).
+paper sec. 3.3) of a folder of snapshots at one training time, one fixed network file (an
+unconditional guide gives a classifier-free guidance sweep), or, for the guide, a perturbation of each
+cell's main network (`edm2.self_guides`: 'self:pag', 'self:skip=...').
 
     snapshot_source(folder, kimg, stds, flag)   an axis of EMA lengths, checked before any network is built
     file_source(path, flag)                      an axis of one fixed network
+    self_source(spec, flag)                      the guide made from each cell's main network
 
 Errors are `SweepError`s with one-line messages naming the flag (`flag`, e.g. '--net').
 """
@@ -12,31 +14,41 @@ import os
 
 from safetensors import safe_open
 
-from edm2 import phema, phema_reconstruct
+from edm2 import phema, phema_reconstruct, self_guides
 
 from .sweep_log import SweepError
 
 
 class Source:
     """The networks of one axis: post-hoc EMA reconstructions from `snapshots` at time `kimg`, or one
-    fixed network file (`path`, axis value None). `flag` names the option for messages."""
+    fixed network file (`path`, axis value None), or a perturbation of the main network (`self_guide`, an
+    `edm2.self_guides.SelfGuide`; axis value None, nothing loaded). `flag` names the option for messages."""
 
-    def __init__(self, flag, stds, snapshots=None, kimg=None, nimg=None, inputs=None, coefficients=None, path=None):
+    def __init__(self, flag, stds, snapshots=None, kimg=None, nimg=None, inputs=None, coefficients=None, path=None,
+                 self_guide=None):
         self.flag, self.stds, self.snapshots, self.kimg, self.nimg = flag, stds, snapshots, kimg, nimg
-        self.inputs, self.coefficients, self.path = inputs, coefficients, path
+        self.inputs, self.coefficients, self.path, self.self_guide = inputs, coefficients, path, self_guide
 
     @property
     def fixed(self):
         return self.path is not None
 
+    @property
+    def is_self(self):
+        return self.self_guide is not None
+
     def describe(self):
         """JSON summary of what determines this axis's networks (compared on resume)."""
+        if self.is_self:
+            return {'self': str(self.self_guide)}
         if self.fixed:
             return {'file': str(self.path)}
         return {'kimg': self.kimg, 'nimg': self.nimg, 'inputs': [os.path.basename(str(s.source)) for s in self.inputs]}
 
     def provenance(self, index):
         """The snapshot files and coefficients of the network at axis position `index`."""
+        if self.is_self:
+            return {'self': str(self.self_guide)}
         if self.fixed:
             return {'file': str(self.path)}
         col = self.coefficients[:, index]
@@ -87,3 +99,13 @@ def _check_same_tensors(snapshots, flag):
 
 def file_source(path, flag):
     return Source(flag, [None], path=path)
+
+
+def self_source(spec, flag):
+    """The guide axis of one perturbation of each cell's main network ('self:pag', 'self:skip=NAMES'); the
+    block names are checked against the main network by the sweep's preflight."""
+    try:
+        guide = self_guides.parse_self_guide(spec)
+    except self_guides.SelfGuideError as e:
+        raise SweepError(f'{flag} {spec}: {e}') from None
+    return Source(flag, [None], self_guide=guide)

@@ -7,23 +7,47 @@ import math
 
 import torch
 
+from edm2.guidance_rules import Lerp, parse_rule
 from edm2.sampling import edm_schedule
 from edm2.toy.mixture import ToyError, gt
 
 
-def guided_score(net, guide=None, w=1.0):
-    """Score of D_w = w D_1 + (1 - w) D_0 (autoguidance paper eq. 2): score_w = w s_1 + (1 - w) s_0.
+class GuidedScore:
+    """Score of the guided denoiser D_w (autoguidance paper eq. 2 with a guidance rule), called as (x, sigma).
 
-    guide=None means a guide whose score is zero (D_0(x) = x), i.e. naive truncation: the score is
-    scaled by w. With w = 1 the guide is never evaluated.
+    With the default rule (lerp) score_w = w s_1 + (1 - w) s_0, the same line as D_w = w D_1 + (1 - w) D_0.
+    Any other rule of `edm2.guidance_rules` combines the denoisers D_k = x + sigma^2 s_k (Tweedie's formula,
+    as in `heun_sample`), each 2D point being one 'image' of the rule, and the result is turned back into a
+    score, (D - x) / sigma^2. guide=None is a guide whose score is zero (D_0(x) = x), i.e. naive truncation:
+    with lerp the score is scaled by w. With w = 1 the guide is never evaluated. `reset()` zeroes the rule's
+    memory (APG's momentum) before a new batch of trajectories; `heun_sample` calls it.
     """
-    def score(x, sigma):
-        s1 = net.score(x, sigma)
-        if w == 1:
+
+    def __init__(self, net, guide=None, w=1.0, rule=None):
+        self.net, self.guide, self.w = net, guide, w
+        self.rule = None if rule is None else parse_rule(rule)
+        if isinstance(self.rule, Lerp):
+            self.rule = None  # the score-space line above: bit-identical to the published toy
+        self.reset()
+
+    def reset(self):
+        self.memory = None if self.rule is None else self.rule.new_memory()
+
+    def __call__(self, x, sigma):
+        s1 = self.net.score(x, sigma)
+        if self.w == 1:
             return s1
-        s0 = guide.score(x, sigma) if guide is not None else torch.zeros_like(s1)
-        return s1 * w + s0 * (1 - w)
-    return score
+        s0 = self.guide.score(x, sigma) if self.guide is not None else torch.zeros_like(s1)
+        if self.rule is None:
+            return s1 * self.w + s0 * (1 - self.w)
+        var = sigma ** 2
+        denoised = self.rule.combine(x + var * s1, x + var * s0, self.w, self.memory)
+        return (denoised - x) / var
+
+
+def guided_score(net, guide=None, w=1.0, rule=None):
+    """A `GuidedScore`: the score of net guided by `guide` with weight w and `rule` (default lerp)."""
+    return GuidedScore(net, guide, w, rule)
 
 
 class SmoothedGT:
@@ -56,6 +80,8 @@ def heun_sample(score_fn, x_init, num_steps=32, sigma_min=0.002, sigma_max=5.0, 
     """EDM Heun sampler (EDM paper Algorithm 1, no churn) on a score: D(x; sigma) = x + sigma^2 score, so
     the ODE direction (x - D) / sigma is -sigma * score. x_init is already at noise level sigma_max."""
     t = edm_schedule(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).tolist()
+    if hasattr(score_fn, 'reset'):
+        score_fn.reset()  # a new batch of trajectories: the rule's memory starts at zero
     x = x_init
     for i in range(num_steps):
         t_cur, t_next = t[i], t[i + 1]
@@ -72,11 +98,12 @@ METHODS = ('ground truth', 'unguided', 'CFG', 'autoguidance', 'naive truncation'
 
 
 def sample_methods(net, autoguide, cfg_guide, num=20000, seed=0, ag_weight=3.0, cfg_weight=4.0,
-                   trunc_weight=1.5, num_steps=32, sigma_max=5.0, device='cpu', classes='A'):
+                   trunc_weight=1.5, num_steps=32, sigma_max=5.0, device='cpu', classes='A', rule=None):
     """Samples of every method of Figure 1, {name: [num, 2] float32 CPU tensor}.
 
     All guided/unguided methods start from the SAME initial points: ground truth of `classes` diffused to
     sigma_max (autoguidance paper, Appendix C). 'ground truth' is an independent draw of the clean mixture.
+    `rule` (a guidance rule or its spec; default lerp) combines every guided method's denoisers.
     """
     mixture = gt(classes)
     gen = torch.Generator().manual_seed(int(seed))
@@ -84,11 +111,24 @@ def sample_methods(net, autoguide, cfg_guide, num=20000, seed=0, ag_weight=3.0, 
     reference = mixture.sample(num, 0.0, gen)
     runs = {
         'unguided': guided_score(net),
-        'CFG': guided_score(net, cfg_guide, cfg_weight),
-        'autoguidance': guided_score(net, autoguide, ag_weight),
-        'naive truncation': guided_score(net, None, trunc_weight),
+        'CFG': guided_score(net, cfg_guide, cfg_weight, rule),
+        'autoguidance': guided_score(net, autoguide, ag_weight, rule),
+        'naive truncation': guided_score(net, None, trunc_weight, rule),
     }
     out = {'ground truth': reference}
     for name, score_fn in runs.items():
         out[name] = heun_sample(score_fn, x_init, num_steps=num_steps, sigma_max=sigma_max).to('cpu', torch.float32)
+    return out
+
+
+def sample_rules(net, guide, rules, w=3.0, num=20000, seed=0, num_steps=32, sigma_max=5.0, device='cpu',
+                 classes='A'):
+    """Guided samples of `net` with `guide` at one weight w under each guidance rule (specs or rule objects),
+    {canonical spec: [num, 2] float32 CPU tensor}, all from the same initial points as `sample_methods`."""
+    gen = torch.Generator().manual_seed(int(seed))
+    x_init = gt(classes).sample(num, sigma_max, gen, device=device)
+    out = {}
+    for rule in (parse_rule(r) for r in rules):
+        x = heun_sample(guided_score(net, guide, w, rule), x_init, num_steps=num_steps, sigma_max=sigma_max)
+        out[str(rule)] = x.to('cpu', torch.float32)
     return out
