@@ -93,6 +93,20 @@ def image_path(outdir, seed, subdirs):
     return os.path.join(outdir, f'{seed // 1000 * 1000:06d}', name) if subdirs else os.path.join(outdir, name)
 
 
+def is_complete_png(path):
+    """--skip-existing: whether `path` holds a PNG that decodes in full. A zero-byte, truncated or corrupt
+    file (e.g. from a disk that filled up or a copy cut short) is not an existing image: it is generated
+    again."""
+    try:
+        with PIL.Image.open(path) as image:
+            if image.format != 'PNG':
+                return False
+            image.load()  # decodes every row: a truncated stream raises here
+        return True
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
+        return False
+
+
 def to_pil(image):
     """uint8 [C, H, W] -> PIL image (C = 1 or 3)."""
     array = image.permute(1, 2, 0).cpu().numpy()
@@ -187,7 +201,7 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
         cli.fail(e)
 
     net_, encoder, guides = guidance_setup.load_networks(setup, device)
-    skip = (lambda seed: os.path.isfile(image_path(outdir, seed, subdirs))) if skip_existing else None
+    skip = (lambda seed: is_complete_png(image_path(outdir, seed, subdirs))) if skip_existing else None
     classes = class_idx if class_idx is not None else label_rule
     if labels_out is not None and not net_.label_dim:
         cli.fail('the network is unconditional (label_dim 0): there are no labels to write', '--labels-out')
