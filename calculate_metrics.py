@@ -24,7 +24,7 @@ from edm2.metrics import adm, dataset_features, dataset_reference, evaluate, inp
 from edm2.metrics import sweep as sweep_lib
 from edm2.metrics import sweep_report, sweep_source
 from edm2.metrics.report import DEFAULT_METRICS, PROTOCOLS
-from edm2.phema import SIGMA_REL_MAX
+from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers: library calls with the settings every command shares
@@ -124,6 +124,7 @@ def ref(data, dest, metrics, keep_features, keep_num, seed, ref_images, **opts):
           --metrics=fid,fd_dinov2,precision,recall --keep-features
       python calculate_metrics.py ref --protocol=adm --data=datasets/img512.zip --dest=refs/img512-adm.npz
     """
+    edm2_cli.check_output(dest, '--dest')  # before the statistics are computed
     if opts['protocol'] == 'adm':
         return _adm_ref(data, dest, seed, ref_images, opts)
     metrics = _metrics(metrics)
@@ -194,6 +195,8 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
           --metrics=fid,precision,recall --num=50000 --repeats=3 --out=metrics.json
     """
     metrics = _metrics(metrics, opts['protocol'])
+    if out is not None:
+        edm2_cli.check_output(out, '--out')  # before the statistics are computed
     device = distributed.init(opts['device'])
     if not report.is_adm(metrics):
         reference = inputs.load_checked_reference(ref_path, metrics, opts['pr_features'])
@@ -298,7 +301,7 @@ def _sweep_source(folder, kimg, stds, file, flag):
         return sweep_source.file_source(file, flag)
     if stds is None:
         raise click.UsageError(f'{flag}-dir needs {flag}-std (EMA lengths, e.g. 0.050,0.075,...,0.150)')
-    values = parse_number_list(stds, f'{flag}-std', lo=0, hi=SIGMA_REL_MAX, lo_open=True, hi_open=True)
+    values = parse_number_list(stds, f'{flag}-std', lo=SIGMA_REL_MIN, hi=SIGMA_REL_MAX, hi_open=True)
     return sweep_source.snapshot_source(folder, kimg, values, flag)
 
 

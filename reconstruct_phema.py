@@ -29,7 +29,7 @@ from edm2 import checkpoint, distributed, fileio, phema, phema_reconstruct
 from edm2.cli import Int, fail, parse_number_list
 from edm2.errors import EDM2Error
 
-STD_BOUNDS = dict(lo=0, hi=phema.SIGMA_REL_MAX, lo_open=True, hi_open=True)
+STD_BOUNDS = dict(lo=phema.SIGMA_REL_MIN, hi=phema.SIGMA_REL_MAX, hi_open=True)
 
 
 def output_name(outprefix, kimg, std):

@@ -32,6 +32,7 @@ from edm2.cli import Float, Int, fail, parse_number_list
 from edm2.distributed import default_device
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write_text
+from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 from edm2.toy.figure import draw_figure, pyplot
 from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
 
@@ -179,7 +180,7 @@ def sampling_options(f):
 @click.option('--iterations', default=4096, show_default=True, type=Int(1))
 @click.option('--batch', default=4096, show_default=True, type=Int(1))
 @click.option('--lr', default=0.01, show_default=True, type=Float(0, lo_open=True))
-@click.option('--ema', default=0.010, show_default=True, type=Float(0, 12 ** -0.5, lo_open=True, hi_open=True),
+@click.option('--ema', default=0.010, show_default=True, type=Float(SIGMA_REL_MIN, SIGMA_REL_MAX, hi_open=True),
               help='Power-function EMA length sigma_rel.')
 @click.option('--seed', default=0, show_default=True, type=Int(0))
 @click.option('--outdir', required=True, type=click.Path(file_okay=False), help='Output folder.')
