@@ -15,10 +15,9 @@ import calculate_metrics
 import reconstruct_phema
 import toy_example
 import train_edm2
-from edm2 import phema
+from edm2 import phema, safe_pickle
 from edm2.metrics import dataset_features, inputs
 from edm2.metrics import detectors as det_lib
-from edm2.safe_pickle import UnsafePickleError, load_tensor_archive
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -96,8 +95,8 @@ def test_unreadable_weights_get_our_message_not_torchs_advice(tmp_path):
             det_lib.load_state_dict(path)
         text = str(info.value)
         assert str(path) in text and 'weights_only' not in text and '\n' not in text, text
-        with pytest.raises(UnsafePickleError) as info:
-            load_tensor_archive(path)
+        with pytest.raises(safe_pickle.UnsafePickleError) as info:
+            safe_pickle.load_tensor_archive(path)
         assert 'weights_only' not in str(info.value)
     assert 'not a plain tensor file' in str(pytest.raises(det_lib.DetectorError, det_lib.load_state_dict, noise).value)
     assert 'Unlisted' in str(pytest.raises(det_lib.DetectorError, det_lib.load_state_dict, code).value)
