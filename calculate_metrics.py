@@ -24,7 +24,7 @@ from edm2.metrics import adm, dataset_features, dataset_reference, evaluate, inp
 from edm2.metrics import sweep as sweep_lib
 from edm2.metrics import sweep_report, sweep_source
 from edm2.metrics.report import DEFAULT_METRICS, PROTOCOLS
-from edm2.phema import SIGMA_REL_MAX
+from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers: library calls with the settings every command shares
@@ -55,10 +55,26 @@ def _accumulate(dataset, positions, detectors, opts, device, desc, **kwargs):
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
+# Memory (lower estimates) per image of a detector batch (Inception's 299x299 RGB input in float32, twice), per
+# kept feature vector (Inception 2048 + DINOv2 1024 float32 values), per stored ADM reference image (64x64 RGB
+# at least), per evaluated image (its position, its class, its precision/recall features when asked for).
+DETECTOR_IMAGE_BYTES = 2 * 3 * 299 * 299 * 4
+FEATURE_BYTES = (2048 + 1024) * 4
+ADM_IMAGE_BYTES = 64 * 64 * 3
+
+
+def _image_bytes(p):
+    names = (p.get('metrics') or DEFAULT_METRICS).split(',')
+    return 16 + (FEATURE_BYTES if any(n.strip() in evaluate.PR_METRICS for n in names) else 0)
+
+
+def _count(lo, item_bytes=None, item='image', hi=None):
+    return edm2_cli.Int(lo, hi, item_bytes=item_bytes, item=item)
+
 
 def common_options(fn):
     opts = [
-        click.option('--batch', help='Batch size per process', metavar='INT', type=click.IntRange(min=1),
+        click.option('--batch', help='Batch size per process', metavar='INT', type=_count(1, DETECTOR_IMAGE_BYTES),
                      default=64, show_default=True),
         click.option('--workers', help='Data loader worker processes', metavar='INT', type=click.IntRange(min=0),
                      default=2, show_default=True),
@@ -83,7 +99,7 @@ def common_options(fn):
     return fn
 
 
-@click.group()
+@click.group(cls=edm2_cli.Group)
 def cli():
     """Calculate FID, FD_DINOv2, precision and recall of generated images.
 
@@ -107,11 +123,11 @@ def cli():
               f'[default: {DEFAULT_METRICS}]', metavar='LIST', default=None)
 @click.option('--keep-features', help='Also store features (needed for precision/recall)', is_flag=True)
 @click.option('--keep-num', help='Store at most this many features (seeded random subset)', metavar='INT',
-              type=click.IntRange(min=1), default=50000, show_default=True)
+              type=_count(1, FEATURE_BYTES, 'feature vector'), default=50000, show_default=True)
 @click.option('--seed', help='Seed of the stored feature subset (and of the ADM reference images)', metavar='INT',
               type=int, default=0, show_default=True)
 @click.option('--ref-images', help='--protocol adm: images stored as arr_0 (seeded random subset)', metavar='INT',
-              type=click.IntRange(min=4), default=10000, show_default=True)
+              type=_count(4, ADM_IMAGE_BYTES), default=10000, show_default=True)
 @common_options
 @one_line_errors
 def ref(data, dest, metrics, keep_features, keep_num, seed, ref_images, **opts):
@@ -124,6 +140,7 @@ def ref(data, dest, metrics, keep_features, keep_num, seed, ref_images, **opts):
           --metrics=fid,fd_dinov2,precision,recall --keep-features
       python calculate_metrics.py ref --protocol=adm --data=datasets/img512.zip --dest=refs/img512-adm.npz
     """
+    edm2_cli.check_output(dest, '--dest')  # before the statistics are computed
     if opts['protocol'] == 'adm':
         return _adm_ref(data, dest, seed, ref_images, opts)
     metrics = _metrics(metrics)
@@ -168,7 +185,7 @@ def evaluation_options(fn):
         click.option('--metrics', help=f'Metrics (comma-separated: {", ".join(evaluate.METRICS)})  [default: '
                      f'{DEFAULT_METRICS}; with --protocol adm: {",".join(adm.METRICS)}]', metavar='LIST', default=None),
         click.option('--num', '--num-images', 'num', help='Number of images per evaluation', metavar='INT',
-                     type=click.IntRange(min=2), default=50000, show_default=True),
+                     type=_count(2, _image_bytes), default=50000, show_default=True),
     ]):
         fn = option(fn)
     return fn
@@ -180,7 +197,7 @@ def evaluation_options(fn):
 @click.option('--seed', help='Seed of the random subset when the folder holds more images', metavar='INT',
               type=int, default=0, show_default=True)
 @click.option('--repeats', help='Evaluate this many disjoint subsets; report each, min and mean', metavar='INT',
-              type=click.IntRange(min=1), default=1, show_default=True)
+              type=_count(1, lambda p: 16 * p['num'], 'repeat'), default=1, show_default=True)
 @click.option('--out', help='Write results and settings as JSON', metavar='JSON', default=None)
 @common_options
 @one_line_errors
@@ -194,6 +211,8 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
           --metrics=fid,precision,recall --num=50000 --repeats=3 --out=metrics.json
     """
     metrics = _metrics(metrics, opts['protocol'])
+    if out is not None:
+        edm2_cli.check_output(out, '--out')  # before the statistics are computed
     device = distributed.init(opts['device'])
     if not report.is_adm(metrics):
         reference = inputs.load_checked_reference(ref_path, metrics, opts['pr_features'])
@@ -226,8 +245,8 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
 @click.option('--seed', help='First seed; evaluation r uses seeds seed + r*num ... seed + (r+1)*num - 1',
               metavar='INT', type=edm2_cli.Int(0), default=0, show_default=True)
 @click.option('--repeats', help='Evaluate this many disjoint seed ranges; report each, min and mean', metavar='INT',
-              type=click.IntRange(min=1), default=1, show_default=True)
-@click.option('--steps', help='Heun steps of the sampler', metavar='INT', type=edm2_cli.Int(1, 100000), default=32,
+              type=_count(1, lambda p: 16 * p['num'], 'repeat'), default=1, show_default=True)
+@click.option('--steps', help='Heun steps of the sampler', metavar='INT', type=_count(1, 16, 'step', hi=100000), default=32,
               show_default=True)
 @click.option('--labels', 'label_rule', type=click.Choice(generation.CLASS_RULES), default='random', show_default=True,
               help="Classes of a conditional net: 'random' (each drawn from its seed's stream, the published "
@@ -302,7 +321,7 @@ def _sweep_source(folder, kimg, stds, file, flag):
         return sweep_source.file_source(file, flag)
     if stds is None:
         raise click.UsageError(f'{flag}-dir needs {flag}-std (EMA lengths, e.g. 0.050,0.075,...,0.150)')
-    values = parse_number_list(stds, f'{flag}-std', lo=0, hi=SIGMA_REL_MAX, lo_open=True, hi_open=True)
+    values = parse_number_list(stds, f'{flag}-std', lo=SIGMA_REL_MIN, hi=SIGMA_REL_MAX, hi_open=True)
     return sweep_source.snapshot_source(folder, kimg, values, flag)
 
 
@@ -335,10 +354,10 @@ def _sweep_source(folder, kimg, stds, file, flag):
               f'{", ".join(evaluate.METRICS)})', metavar='LIST', default=DEFAULT_METRICS, show_default=True)
 # --num-images: under torchrun 2.13+ a bare --num is refused as an ambiguous prefix of --numa-binding.
 @click.option('--num', '--num-images', 'num', help='Number of images per cell', metavar='INT',
-              type=click.IntRange(min=2), default=50000, show_default=True)
+              type=_count(2, _image_bytes), default=50000, show_default=True)
 @click.option('--seed', help='First seed; every cell uses seeds seed ... seed + num - 1', metavar='INT',
               type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=32,
+@click.option('--steps', help='Sampling steps', metavar='INT', type=_count(1, 16, 'step', hi=100000), default=32,
               show_default=True)
 @click.option('--search', help='Evaluate every cell, or a coordinate search on the first metric',
               type=click.Choice(['grid', 'descent']), default='grid', show_default=True)

@@ -24,7 +24,7 @@ import PIL.Image
 from tqdm import tqdm
 
 from edm2 import fileio
-from edm2.cli import Int, fail, path_problem
+from edm2.cli import Group, Int, fail, memory_error, path_problem
 from edm2.data import IMAGE_EXTENSIONS, DatasetError, FileTree, ImageFolderDataset, decode_image, read_labels
 from edm2.dataset_transforms import TRANSFORMS, scale_only
 from edm2.errors import EDM2Error, one_line
@@ -66,6 +66,14 @@ class _Source:
         return self.labels[name]
 
 
+# Memory (lower estimates) per output pixel while an image is converted (source, scaled and encoded copies, RGB
+# bytes and float32 resampling), per listed image (its name and label in dataset.json), and per image of a
+# VAE batch (a 256x256 RGB image in float32 and the encoder's first 128-channel activation at that size).
+PIXEL_BYTES = 3 * 4 * 3
+LABEL_BYTES = 256
+VAE_IMAGE_BYTES = 256 * 256 * (3 + 128) * 4
+
+
 class Resolution(click.ParamType):
     """'WxH' -> (W, H), each side in [1, MAX_RESOLUTION]."""
     name = 'WxH'
@@ -79,6 +87,9 @@ class Resolution(click.ParamType):
             self.fail(f'expected WxH such as 512x512, got {value!r}', param, ctx)
         if not (1 <= w <= MAX_RESOLUTION and 1 <= h <= MAX_RESOLUTION):
             self.fail(f'each side must lie in [1, {MAX_RESOLUTION}], got {value!r}', param, ctx)
+        error = memory_error(w * h, PIXEL_BYTES, 'pixel')
+        if error:
+            self.fail(error, param, ctx)
         return w, h
 
 
@@ -186,7 +197,7 @@ def _write_labels(out, labels):
 
 # ----------------------------------------------------------------------------------------------
 
-@click.group()
+@click.group(cls=Group)
 def cli():
     """Turn image collections into the datasets that train_edm2.py and calculate_metrics.py read.
 
@@ -250,7 +261,8 @@ def _convert_images(src, out, transform, size, max_images, skip_bad):
 @click.option('--source', help='Folder or ZIP archive holding the images to convert', metavar='PATH', required=True)
 @click.option('--dest', help='Dataset to create: a folder, or a .zip (stored uncompressed)', metavar='PATH',
               required=True)
-@click.option('--max-images', help='Convert at most this many images', metavar='INT', type=Int(1))
+@click.option('--max-images', help='Convert at most this many images', metavar='INT',
+              type=Int(1, item_bytes=LABEL_BYTES, item='image'))
 @click.option('--transform', help='How images are cropped and scaled to --resolution',
               type=click.Choice(sorted(TRANSFORMS)))
 @click.option('--resolution', help='Output size, width x height (e.g. 64x64)', metavar='WxH', type=Resolution())
@@ -332,9 +344,10 @@ def _encode_images(vae, ds, labels_all, out, count, batch, device):
 @click.option('--source', help='Pixel dataset to encode (folder or ZIP of PNGs)', metavar='PATH', required=True)
 @click.option('--dest', help='Latent dataset to create: a folder, or a .zip (stored uncompressed)', metavar='PATH',
               required=True)
-@click.option('--max-images', help='Encode at most this many images', metavar='INT', type=Int(1))
-@click.option('--batch', help='Images the VAE encodes at once', metavar='INT', type=Int(1, 65536), default=8,
-              show_default=True)
+@click.option('--max-images', help='Encode at most this many images', metavar='INT',
+              type=Int(1, item_bytes=LABEL_BYTES, item='image'))
+@click.option('--batch', help='Images the VAE encodes at once', metavar='INT', default=8, show_default=True,
+              type=Int(1, 65536, item_bytes=VAE_IMAGE_BYTES, item='image'))
 @click.option('--device', help='Where the VAE runs (default: CUDA when present, else the CPU)', metavar='STR')
 def encode(model_url, source, dest, max_images, batch, device):
     """Encode a PNG dataset into raw Stability VAE latents: 8 channels, posterior mean then std.

@@ -54,6 +54,7 @@ Examples:
 """
 
 GRID_MAX = 4096  # a contact sheet holds every image in memory
+LABEL_BYTES = 128  # --labels-out: (position, seed, class) of one image and its entry in the JSON
 
 
 class SeedsType(click.ParamType):
@@ -99,6 +100,20 @@ def image_path(outdir, seed, subdirs):
     return os.path.join(outdir, f'{seed // 1000 * 1000:06d}', name) if subdirs else os.path.join(outdir, name)
 
 
+def is_complete_png(path):
+    """--skip-existing: whether `path` holds a PNG that decodes in full. A zero-byte, truncated or corrupt
+    file (e.g. from a disk that filled up or a copy cut short) is not an existing image: it is generated
+    again."""
+    try:
+        with PIL.Image.open(path) as image:
+            if image.format != 'PNG':
+                return False
+            image.load()  # decodes every row: a truncated stream raises here
+        return True
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
+        return False
+
+
 def to_pil(image):
     """uint8 [C, H, W] -> PIL image (C = 1 or 3)."""
     array = image.permute(1, 2, 0).cpu().numpy()
@@ -128,7 +143,7 @@ def make_grid(images):
 # ----------------------------------------------------------------------------------------------------
 # The command.
 
-@click.command(epilog=EXAMPLES, context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110))
+@click.command(cls=cli.Command, epilog=EXAMPLES, context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110))
 @guidance_setup.guidance_options
 @click.option('--outdir', metavar='DIR', help='Folder that receives one PNG per seed.')
 @click.option('--subdirs', is_flag=True, help='Group the PNGs in folders of 1000 seeds (000000/, 001000/, ...).')
@@ -144,7 +159,7 @@ def make_grid(images):
               help='Also write the class of every image, as {"labels": [[file, class], ...]}.')
 @click.option('--batch', 'batch_size', metavar='INT', type=cli.Int(1, 65536), default=32, show_default=True,
               help='Images sampled together by each process.')
-@click.option('--steps', 'num_steps', metavar='INT', type=cli.Int(1, 100000), default=32, show_default=True,
+@click.option('--steps', 'num_steps', metavar='INT', type=cli.Int(1, 100000, item_bytes=16, item='step'), default=32, show_default=True,
               help='Heun steps N (2N - 1 network evaluations per image).')
 @click.option('--sigma_min', metavar='FLOAT', type=cli.Float(0, 1e5, lo_open=True), default=0.002, show_default=True,
               help='Noise level of the last step before 0.')
@@ -196,7 +211,8 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
         run_lock.hold_for_command(outdir)  # one run per folder, until the command ends
 
     net_, encoder, guides = guidance_setup.load_networks(setup, device)
-    skip = (lambda seed: os.path.isfile(image_path(outdir, seed, subdirs))) if skip_existing else None
+    cli.check_memory('--batch', batch_size, generation.image_bytes(net_, encoder), 'image', device)
+    skip = (lambda seed: is_complete_png(image_path(outdir, seed, subdirs))) if skip_existing else None
     classes = class_idx if class_idx is not None else label_rule
     if labels_out is not None and not net_.label_dim:
         cli.fail('the network is unconditional (label_dim 0): there are no labels to write', '--labels-out')
@@ -243,6 +259,8 @@ def _check_flags(outdir, grid, npz, skip_existing, seeds, class_idx, label_rule,
         raise click.UsageError('--skip-existing needs --outdir')
     if len(seeds) == 0:
         raise click.BadParameter('no seeds', param_hint="'--seeds'")
+    if labels_out is not None:  # the class of every seed is held until the end
+        cli.check_memory('--seeds', len(seeds), LABEL_BYTES, 'labelled image')
     if grid is not None and len(seeds) > GRID_MAX:
         raise click.BadParameter(f'a contact sheet holds at most {GRID_MAX} images; --seeds gives {len(seeds)}',
                                  param_hint="'--grid'")

@@ -26,10 +26,10 @@ import click
 import torch
 
 from edm2 import checkpoint, distributed, fileio, phema, phema_reconstruct, run_lock
-from edm2.cli import Int, fail, fail_once, parse_number_list, path_problem
+from edm2.cli import Command, Int, check_memory, fail, fail_once, parse_number_list, path_problem
 from edm2.errors import EDM2Error
 
-STD_BOUNDS = dict(lo=0, hi=phema.SIGMA_REL_MAX, lo_open=True, hi_open=True)
+STD_BOUNDS = dict(lo=phema.SIGMA_REL_MIN, hi=phema.SIGMA_REL_MAX, hi_open=True)
 
 
 def output_name(outprefix, kimg, std):
@@ -99,7 +99,7 @@ def _print_plan(indir, outdir, outprefix, snapshots, inputs, kimg, nimg, X, out_
         distributed.print0(f'  {output_name(outprefix, kimg, std)}  std {std:.3f}  profile fit error {rho:.2e}{state}')
 
 
-@click.command(help=__doc__, context_settings=dict(max_content_width=110))
+@click.command(cls=Command, help=__doc__, context_settings=dict(max_content_width=110))
 @click.option('--indir', help='Folder holding the snapshots saved during training', metavar='DIR', type=str,
               required=True)
 @click.option('--inprefix', help='Use only snapshots whose file name begins with this', metavar='STR', type=str)
@@ -148,6 +148,8 @@ def run(dev, indir, inprefix, in_stds, outdir, outprefix, out_stds, outkimg, ski
     except phema.PhemaError as e:
         fail(e)
     todo = _output_paths(outdir, outprefix, kimg, out_stds, skip)
+    # Each output of a pass is a float32 network held until written: at least the size of an input file.
+    check_memory('--batch', min(batch, max(len(todo), 1)), _file_size(inputs[0].source), 'network', dev)
     _print_plan(indir, outdir, outprefix, snapshots, inputs, kimg, nimg, X, out_stds, todo, batch, dtype)
     if not todo:
         distributed.print0('Nothing to do.')
@@ -167,6 +169,13 @@ def run(dev, indir, inprefix, in_stds, outdir, outprefix, out_stds, outkimg, ski
             fail(e)
     distributed.barrier()
     distributed.print0(f'Done: {len(todo)} networks in {outdir}')
+
+
+def _file_size(source):
+    try:
+        return os.path.getsize(source)
+    except (OSError, TypeError):  # not a local file (a loader's own source)
+        return 1
 
 
 def _save(path, rec, dtype):

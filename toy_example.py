@@ -32,12 +32,13 @@ import time
 import click
 
 from edm2 import toy
-from edm2.cli import Float, Int, check_file_name, check_output, fail, parse_number_list
+from edm2.cli import Float, Group, Int, check_file_name, check_output, fail, parse_number_list
 from edm2.distributed import default_device
 from edm2.guidance_setup import RuleType
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write_text, remove_stale_temporaries
 from edm2.guidance_rules import Lerp
+from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 from edm2.toy.figure import draw_figure, draw_rules_figure, pyplot
 from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
 
@@ -47,6 +48,21 @@ PUBLISHED_WEIGHTS = dict(ag=3.0, cfg=4.0, trunc=1.5)
 # The rules compared by `rules` (docs/toy-rules.png): the paper's lerp, APG with its parallel part dropped
 # (eta = 0, no momentum or cap), and guidance rescale with phi = 0.7 (Lin et al.'s recommended value).
 RULES_FIGURE_RULES = ('lerp', 'apg:eta=0', 'rescale:phi=0.7')
+
+# Memory per sample of an evaluation or figure (all methods' samples and their statistics; lower estimate),
+# per step of the sampler (the noise levels), per dot-per-inch of a figure row (RGBA pixels: 15 x 3.35 inches).
+EVAL_SAMPLE_BYTES = 256
+STEP_BYTES = 16
+
+
+def _training_bytes(p):
+    return toy.training_bytes(p['width'], p['layers'], p['batch'])
+
+
+def _dpi_bytes(p):
+    return 4 * 15 * 3.35 * 3 * p['dpi']  # RGBA, up to three rows of 15 x 3.35 inches: per dpi, dpi x area
+
+
 METRIC_COLUMNS = [('outlier_rate', 'outliers', '{:.2%}'), ('leaf_coverage', 'leaf coverage', '{:.1%}'),
                   ('branch_tv', 'branch TV', '{:.3f}'), ('mean_loglik', 'mean log-lik', '{:.2f}'),
                   ('median_loglik', 'median log-lik', '{:.2f}')]
@@ -152,7 +168,7 @@ ROW_LABELS = ('ours, trained (published settings)', f'idealised (blur {toy.IDEAL
 
 # ---- command line --------------------------------------------------------------------------------------
 
-@click.group(help=__doc__)
+@click.group(cls=Group, help=__doc__)
 def cli():
     pass
 
@@ -174,7 +190,7 @@ def sampling_options(f):
                      help="How each guided method combines main and guide denoisers D = x + sigma^2 score: "
                           "'lerp', 'apg:eta=E,momentum=B,threshold=R' or 'rescale:phi=P' (edm2.guidance_rules).")(f)
     f = click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')(f)
-    f = click.option('--steps', default=32, show_default=True, type=Int(1),
+    f = click.option('--steps', default=32, show_default=True, type=Int(1, item_bytes=STEP_BYTES, item='step'),
                      help='Heun steps.')(f)
     f = click.option('--seed', default=0, show_default=True, type=Int(0), help='Seed of the initial noise.')(f)
     f = click.option('--trunc-weight', default=PUBLISHED_WEIGHTS['trunc'], show_default=True, type=Float(),
@@ -187,12 +203,16 @@ def sampling_options(f):
 
 @cli.command()
 @click.option('--classes', default='A', show_default=True, help='Training data: A, B, or AB (both trees).')
-@click.option('--layers', default=4, show_default=True, type=Int(1), help='Hidden layers.')
-@click.option('--width', default=64, show_default=True, type=Int(1), help='Hidden width.')
-@click.option('--iterations', default=4096, show_default=True, type=Int(1))
-@click.option('--batch', default=4096, show_default=True, type=Int(1))
+@click.option('--layers', default=4, show_default=True, help='Hidden layers.',
+              type=Int(1, item_bytes=lambda p: _training_bytes(p) / p['layers'], item='layer'))
+@click.option('--width', default=64, show_default=True, help='Hidden width.',
+              type=Int(1, item_bytes=lambda p: _training_bytes(p) / p['width'], item='unit of width'))
+@click.option('--iterations', default=4096, show_default=True,
+              type=Int(1, item_bytes=toy.ITERATION_BYTES, item='iteration'))
+@click.option('--batch', default=4096, show_default=True,
+              type=Int(1, item_bytes=lambda p: _training_bytes(p) / p['batch'], item='sample'))
 @click.option('--lr', default=0.01, show_default=True, type=Float(0, lo_open=True))
-@click.option('--ema', default=0.010, show_default=True, type=Float(0, 12 ** -0.5, lo_open=True, hi_open=True),
+@click.option('--ema', default=0.010, show_default=True, type=Float(SIGMA_REL_MIN, SIGMA_REL_MAX, hi_open=True),
               help='Power-function EMA length sigma_rel.')
 @click.option('--seed', default=0, show_default=True, type=Int(0))
 @click.option('--outdir', required=True, type=click.Path(file_okay=False), help='Output folder.')
@@ -223,7 +243,7 @@ def default_output(out, models, name):
 @cli.command('eval')
 @model_options
 @sampling_options
-@click.option('--num', default=20000, show_default=True, type=Int(1),
+@click.option('--num', default=20000, show_default=True, type=Int(1, item_bytes=EVAL_SAMPLE_BYTES, item='sample'),
               help='Samples per method.')
 @click.option('--out', default=None, type=click.Path(dir_okay=False), help='JSON output [default: DIR/eval.json].')
 def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, rule,
@@ -243,10 +263,10 @@ def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, tr
 @cli.command()
 @model_options
 @sampling_options
-@click.option('--num', default=6000, show_default=True, type=Int(1),
+@click.option('--num', default=6000, show_default=True, type=Int(1, item_bytes=EVAL_SAMPLE_BYTES, item='sample'),
               help='Samples per panel.')
 @click.option('--out', default=None, type=click.Path(dir_okay=False), help='PNG output [default: DIR/toy.png].')
-@click.option('--dpi', default=90, show_default=True, type=Int(1))
+@click.option('--dpi', default=90, show_default=True, type=Int(1, item_bytes=_dpi_bytes, item='dot per inch'))
 def plot(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, rule, num,
          out, dpi):
     """The panels of Figure 1: ground truth, unguided, CFG, autoguidance, naive truncation."""
@@ -366,12 +386,13 @@ def demo_rows(loaded, seed, num, weights, device):
 
 @cli.command()
 @click.option('--outdir', default='out/toy-demo', show_default=True, type=click.Path(file_okay=False))
-@click.option('--main-iterations', default=4096, show_default=True, type=Int(1),
-              help='Training iterations of the main model (published: 4096).')
-@click.option('--guide-iterations', default=512, show_default=True, type=Int(1),
-              help='Training iterations of both guides (published: 512).')
-@click.option('--batch', default=4096, show_default=True, type=Int(1))
-@click.option('--num', default=20000, show_default=True, type=Int(1),
+@click.option('--main-iterations', default=4096, show_default=True, help='Training iterations of the main model '
+              '(published: 4096).', type=Int(1, item_bytes=toy.ITERATION_BYTES, item='iteration'))
+@click.option('--guide-iterations', default=512, show_default=True, help='Training iterations of both guides '
+              '(published: 512).', type=Int(1, item_bytes=toy.ITERATION_BYTES, item='iteration'))
+@click.option('--batch', default=4096, show_default=True,
+              type=Int(1, item_bytes=toy.sample_bytes(64, 4), item='sample'))  # the main model is the largest
+@click.option('--num', default=20000, show_default=True, type=Int(1, item_bytes=EVAL_SAMPLE_BYTES, item='sample'),
               help='Samples per method for the evaluation (the figure shows the first 6000).')
 @click.option('--seed', default=0, show_default=True, type=Int(0),
               help='Training seed (main; the guides use seed+1, seed+2) and sampling seed.')
@@ -466,13 +487,14 @@ def format_rules(rows):
               show_default=True, help='A rule to compare; repeat the flag for several (one panel each).')
 @click.option('--ag-weight', default=PUBLISHED_WEIGHTS['ag'], show_default=True, type=Float(),
               help='Autoguidance weight w, the same for every rule.')
-@click.option('--num', default=20000, show_default=True, type=Int(1),
+@click.option('--num', default=20000, show_default=True, type=Int(1, item_bytes=EVAL_SAMPLE_BYTES, item='sample'),
               help='Samples per rule for the numbers (the figure shows the first 6000).')
 @click.option('--seed', default=0, show_default=True, type=Int(0), help='Seed of the initial noise.')
-@click.option('--steps', default=32, show_default=True, type=Int(1), help='Heun steps.')
+@click.option('--steps', default=32, show_default=True, type=Int(1, item_bytes=STEP_BYTES, item='step'),
+              help='Heun steps.')
 @click.option('--out', required=True, type=click.Path(dir_okay=False),
               help='PNG output; the numbers go to the same name with .json.')
-@click.option('--dpi', default=90, show_default=True, type=Int(1))
+@click.option('--dpi', default=90, show_default=True, type=Int(1, item_bytes=_dpi_bytes, item='dot per inch'))
 @click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')
 def rules(models, release, ideal, rules, ag_weight, num, seed, steps, out, dpi, device):
     """Autoguidance under several guidance rules at one weight: a row of panels per model set, each with its

@@ -12,6 +12,7 @@ from edm2 import distributed as dist
 from edm2 import presets
 from edm2.cli import Float, Int, fail, parse_number_list
 from edm2.errors import EDM2Error
+from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 from training.loop import training_loop
 from training.options import (FLOAT_RANGES, INT_RANGES, NIMG_RANGES, TrainingError, TrainingOptions,
                               parse_nimg)
@@ -58,7 +59,7 @@ def _integer_list(field, allow_empty):
 
 
 def _ema_lengths(ctx, param, value):
-    return parse_number_list(value, '--ema-stds', lo=0, lo_open=True)
+    return parse_number_list(value, '--ema-stds', lo=SIGMA_REL_MIN, hi=SIGMA_REL_MAX, hi_open=True)
 
 
 EPILOG = """\b

@@ -1,7 +1,9 @@
 """Shared pieces of the command lines: validated click parameter types, list parsing, one-line errors.
 
 Every numeric flag is checked finite and inside its meaningful range by click, before any work
-starts, so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag.
+starts, so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag. A count or
+size flag also declares the memory one unit of it takes (`Int(item_bytes=...)`): a value whose items
+cannot fit in the memory available now is refused the same way (`check_memory`), before work starts.
 """
 
 import functools
@@ -78,12 +80,56 @@ class Float(click.ParamType):
         return number
 
 
+def available_memory(device=None):
+    """Bytes that new allocations can take now: the host's available memory (psutil), and for a CUDA
+    `device` the smaller of that and the device's free memory."""
+    import psutil
+    free = psutil.virtual_memory().available
+    if device is not None and getattr(device, 'type', str(device).split(':')[0]) == 'cuda':
+        import torch
+        free = min(free, torch.cuda.mem_get_info(device)[0])
+    return int(free)
+
+
+def format_bytes(n):
+    for unit, size in (('TB', 10 ** 12), ('GB', 10 ** 9), ('MB', 10 ** 6), ('kB', 10 ** 3)):
+        if n >= size:
+            return f'{n / size:.1f} {unit}'
+    return f'{int(n)} bytes'
+
+
+def memory_error(count, item_bytes, item='item', device=None, linear=True):
+    """Why `count` items of `item_bytes` bytes each cannot fit in the memory available now, or None
+    (`linear`: item_bytes does not grow with the count, so the largest count that fits can be named)."""
+    item_bytes = max(int(item_bytes), 1)
+    free = available_memory(device)
+    if count * item_bytes <= free:
+        return None
+    most = f': at most {free // item_bytes}' if linear else ''
+    return (f'{count} needs about {format_bytes(count * item_bytes)} of memory ({format_bytes(item_bytes)} per '
+            f'{item}), but {format_bytes(free)} is available{most}')
+
+
+def check_memory(flag, count, item_bytes, item='item', device=None):
+    """Refuse, before any work, a count whose items do not fit in the available memory: a one-line usage
+    error naming `flag` (for sizes known only once an input is open, e.g. a network's resolution)."""
+    error = memory_error(count, item_bytes, item, device)
+    if error:
+        raise click.BadParameter(error, param_hint=f"'{flag}'")
+
+
 class Int(click.ParamType):
-    """An integer, optionally bounded (inclusive); refuses '1.5' and values beyond the bounds."""
+    """An integer, optionally bounded (inclusive); refuses '1.5' and values beyond the bounds.
+
+    `item_bytes`: for a count or size flag, the memory one unit of it takes (a lower estimate): a number,
+    or a function of the command's parameter values (a dict) when it depends on other flags. The value
+    is refused when count x item_bytes exceeds the available memory: a number while the flag is parsed,
+    a function once every flag is (commands built with `Command`, or the `command_class` of `Group`).
+    `item` names the unit in the message."""
     name = 'integer'
 
-    def __init__(self, lo=None, hi=None):
-        self.lo, self.hi = lo, hi
+    def __init__(self, lo=None, hi=None, item_bytes=None, item='item'):
+        self.lo, self.hi, self.item_bytes, self.item = lo, hi, item_bytes, item
 
     def convert(self, value, param, ctx):
         try:
@@ -93,7 +139,39 @@ class Int(click.ParamType):
         if (self.lo is not None and number < self.lo) or (self.hi is not None and number > self.hi):
             self.fail(f'must lie in [{"-inf" if self.lo is None else self.lo}, '
                       f'{"inf" if self.hi is None else self.hi}], got {number}', param, ctx)
+        if self.item_bytes is not None and not callable(self.item_bytes):
+            error = memory_error(number, self.item_bytes, self.item)
+            if error:
+                self.fail(error, param, ctx)
         return number
+
+
+class Command(click.Command):
+    """A click command that, once every flag is parsed and before the command runs, checks the `Int` flags
+    whose memory per unit depends on other flags (`item_bytes` a function of the parameter values). When
+    several flags share the blame (e.g. width, layers and batch of one network), the flag named is one given
+    on the command line rather than left at its default, and among those the one furthest above its default."""
+
+    def invoke(self, ctx):
+        failed = []
+        for param in self.params:
+            kind, value = param.type, ctx.params.get(param.name)
+            if isinstance(kind, Int) and callable(kind.item_bytes) and value is not None:
+                error = memory_error(value, kind.item_bytes(ctx.params), kind.item, linear=False)
+                if error:
+                    given = ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE
+                    default = param.get_default(ctx)
+                    growth = value / default if isinstance(default, int) and default > 0 else 1
+                    failed.append((not given, -growth, len(failed), param, error))
+        if failed:
+            *_, param, error = min(failed)
+            raise click.BadParameter(error, ctx, param)
+        return super().invoke(ctx)
+
+
+class Group(click.Group):
+    """A click group whose subcommands are `Command`s."""
+    command_class = Command
 
 
 def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False):

@@ -50,6 +50,16 @@ class SeedRanges(Sequence):
             yield from r
 
 
+def image_bytes(net, encoder=None) -> int:
+    """Memory one image of a sampling batch takes at least (bytes): the sampler's float32 copies of the
+    image (x, the denoised image, two slopes, the noise; x 8 for the guided evaluations), the network's
+    four widest live activations at full resolution, and the decoded uint8 output."""
+    res, channels = int(net.img_resolution), int(net.img_channels)
+    width = int(getattr(net, 'init_kwargs', {}).get('model_channels', channels))
+    out = 512 * 512 * 3 if channels == 4 else res * res * channels  # latents decode to 512x512 RGB
+    return 4 * res * res * (8 * channels + 4 * width) + out
+
+
 def batch_positions(count: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[range]:
     """The batches (as ranges of positions into the seed list) that `rank` generates, lazily.
 

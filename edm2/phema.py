@@ -20,6 +20,10 @@ import torch
 from edm2.errors import EDM2Error
 
 SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 limit: the uniform average over [0, t]
+# gamma ~ 1/sigma_rel for small lengths: below 1e-6 the profile covers less than a millionth of the training
+# time, under one optimiser step of the longest published runs (~1e6 steps). A floor also keeps sigma_rel^-2
+# (std_to_exp) finite.
+SIGMA_REL_MIN = 1e-6
 
 
 class PhemaError(EDM2Error):
@@ -36,8 +40,8 @@ def std_to_exp(std):
     """gamma = the largest real root of g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0, s = sigma_rel
     (the relation above, solved for gamma)."""
     std = float(std)
-    if not 0 < std < SIGMA_REL_MAX:
-        raise PhemaError(f'EMA length sigma_rel={std} outside (0, {SIGMA_REL_MAX:.4f})')
+    if not SIGMA_REL_MIN <= std < SIGMA_REL_MAX:
+        raise PhemaError(f'EMA length sigma_rel={std:g} outside [{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f})')
     inv = std ** -2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
     return float(roots[np.abs(roots.imag) < 1e-6 * np.maximum(1, np.abs(roots))].real.max())

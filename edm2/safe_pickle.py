@@ -20,7 +20,7 @@ import torch
 
 from edm2.errors import EDM2Error, one_line
 
-__all__ = ['UnsafePickleError', 'PersistentRecord', 'load']
+__all__ = ['UnsafePickleError', 'PersistentRecord', 'load', 'load_tensor_archive']
 
 
 class UnsafePickleError(EDM2Error):
@@ -66,15 +66,37 @@ def _persistent_record(meta):
     return PersistentRecord(meta['class_name'], meta['state'])
 
 
+def _torch_reason(error):
+    """Why torch.load(weights_only=True) failed, in a few words of ours: never torch's advice to retry with
+    weights_only=False (that would run code from the file)."""
+    text = str(error)
+    if 'WeightsUnpickler error:' in text:  # the detail sits on the first non-empty line after the marker
+        detail = [line.strip() for line in text.split('WeightsUnpickler error:', 1)[1].splitlines() if line.strip()]
+        detail = detail[0].split(' was not an allowed global')[0] if detail else ''
+        return f'not a plain tensor file (written by torch.save, tensors only) or damaged: {detail}'.rstrip(': ')
+    if 'weights_only' in text or isinstance(error, pickle.UnpicklingError):
+        return 'not a plain tensor file (written by torch.save, tensors only) or damaged'
+    first = one_line(text.split('\n', 1)[0]).split('. ')[0].rstrip('.')
+    return first or type(error).__name__
+
+
+def load_tensor_archive(source):
+    """torch.load(source, weights_only=True) on the CPU: tensors and plain containers only, never code.
+    Any failure is an `UnsafePickleError` whose message says why in our words (callers prefix the file)."""
+    try:
+        return torch.load(source, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for refused or corrupt archives
+        raise UnsafePickleError(_torch_reason(e)) from None
+
+
 def _storage_from_archive(data):
     # In place of torch.storage._load_from_bytes, which opens the archive with weights_only=False.
     if not isinstance(data, (bytes, bytearray)):
         raise UnsafePickleError('tensor storage is not a byte string')
     try:
-        storage = torch.load(io.BytesIO(data), weights_only=True, map_location='cpu')
-    except Exception as e:  # noqa: BLE001 -- torch raises many types for refused or corrupt archives
-        raise UnsafePickleError(f'nested tensor archive refused by torch.load(weights_only=True): '
-                                f'{one_line(e)}') from None
+        storage = load_tensor_archive(io.BytesIO(data))
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f'nested tensor archive: {e}') from None
     if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
         raise UnsafePickleError(f'nested tensor archive holds {type(storage).__name__}, not a storage')
     return storage

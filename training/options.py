@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from edm2 import presets
-from edm2.cli import check_range, path_problem
+from edm2.cli import check_range, memory_error, path_problem
 from edm2.errors import EDM2Error
 from edm2.network_config import NetworkConfigError, check_network_kwargs
 from edm2.phema import std_to_exp
@@ -235,10 +235,24 @@ def prepare(opts, world_size=1):
     try:
         net_kwargs = network_kwargs(opts, dataset)
         num_params = check_network_size(net_kwargs)
+        check_memory(opts, dataset, net_kwargs, num_params, batch_gpu)
     except BaseException:
         dataset.close()
         raise
     return Prepared(dataset, net_kwargs, batch_gpu, opts.batch // (world_size * batch_gpu), num_params)
+
+
+def check_memory(opts, dataset, net_kwargs, num_params, batch_gpu):
+    """Refuse, before training, a network or a per-process batch that cannot fit in the memory available
+    now (lower estimates): float32 weights, gradients, two Adam moments and each tracked EMA; per image of a
+    pass, the image and the noise/denoised/loss copies (x 4) plus the U-Net's first level (model_channels at
+    full resolution, four live activations), all float32."""
+    error = memory_error(num_params, 4 * (4 + len(opts.ema_stds)), 'parameter', linear=False)
+    _check(error is None, f'--channels/--channel-mult/--num-blocks: {error}')
+    pixels = dataset.resolution ** 2
+    image = 4 * pixels * (4 * dataset.num_channels + 4 * net_kwargs['model_channels'])
+    error = memory_error(batch_gpu, image, 'image')
+    _check(error is None, f'{"--batch-gpu" if opts.batch_gpu else "--batch"}: {error}')
 
 
 def check_outdir(outdir):

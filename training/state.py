@@ -15,6 +15,7 @@ import re
 import torch
 
 from edm2.fileio import atomic_write, atomic_write_text
+from edm2.safe_pickle import load_tensor_archive
 from training.options import TrainingError, compare_settings
 
 OPTIONS_FILE = 'training_options.json'
@@ -104,7 +105,7 @@ def list_checkpoints(outdir):
 
 def load_state(path):
     """The state dict of a training-state file (safe loading); raises on a damaged file."""
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = load_tensor_archive(path)
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise ValueError(f'missing {missing[0]!r}')

@@ -17,6 +17,7 @@ import torch
 
 from edm2.download import cache_root, fetch
 from edm2.errors import EDM2Error
+from edm2.safe_pickle import UnsafePickleError, load_tensor_archive
 
 from . import dinov2 as _dinov2
 from . import inception as _inception
@@ -106,10 +107,9 @@ def load_state_dict(path, title='detector'):
         raise DetectorError(f'{path}: pickled detectors (e.g. NVIDIA\'s inception-2015-12-05.pkl) embed code and '
                             f'are not loaded; use the plain state dict .pth file instead')
     try:
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DetectorError(f'cannot read {title} weights {path}: {reason}') from None
+        sd = load_tensor_archive(path)
+    except UnsafePickleError as e:
+        raise DetectorError(f'cannot read {title} weights {path}: {e}') from None
     if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict):
         sd = sd['state_dict']
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

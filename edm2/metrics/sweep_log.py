@@ -32,7 +32,8 @@ def record_key(record, defaults=None):
 
 
 class CellLog:
-    """The finished cells of an output folder. Reading drops a last line cut short by a killed process."""
+    """The finished cells of an output folder. Reading drops a last line cut short by a killed process, and
+    skips (saying so) a damaged line elsewhere: its cell is not finished and is computed again."""
 
     def __init__(self, path, defaults=None):
         self.path, self.defaults = path, defaults
@@ -43,14 +44,24 @@ class CellLog:
                 data = f.read()
             lines = data.split(b'\n')
             self.partial = lines[-1] != b''  # no final newline: that write was interrupted
-            for line in lines[:-1]:
+            good, damaged = [], []
+            for number, line in enumerate(lines[:-1], 1):
                 if line.strip():
-                    rec = json.loads(line)
-                    self.cells[record_key(rec, defaults)] = rec
-            self._good = data[:len(data) - len(lines[-1])]
+                    try:
+                        rec = json.loads(line)
+                        self.cells[record_key(rec, defaults)] = rec
+                    except (ValueError, TypeError, KeyError, AttributeError):  # not JSON, not an object, or a field missing
+                        damaged.append(number)
+                        continue
+                good.append(line + b'\n')
+            if damaged:
+                self.partial = True  # repair() rewrites the file without them
+                distributed.print0(f'{path}: skipped damaged line(s) {", ".join(map(str, damaged))}; '
+                                   f'{"that cell is" if len(damaged) == 1 else "those cells are"} computed again')
+            self._good = b''.join(good)
 
     def repair(self):
-        """Rank 0: rewrite the file without an interrupted last line."""
+        """Rank 0: rewrite the file without an interrupted last line or damaged lines."""
         if self.partial:
             with atomic_write(self.path, 'wb', fsync=True) as f:
                 f.write(self._good)

@@ -24,10 +24,12 @@ from edm2.toy.model import (SIGMA_DATA, ToyModel, ToyModelError, from_release_st
 from edm2.toy.reference import release_models, release_results, seed_checks
 from edm2.toy.sampling import (IDEAL_GUIDE_BLUR, IDEAL_MAIN_BLUR, METHODS, GuidedScore, SmoothedGT, guided_score,
                                heun_sample, ideal_models, sample_methods, sample_rules)
-from edm2.toy.training import ema_beta, learning_rate, make_optimizer, score_matching_loss, train, train_step
+from edm2.toy.training import (ITERATION_BYTES, ema_beta, learning_rate, make_optimizer, sample_bytes, score_matching_loss,
+                               train, train_step, training_bytes)
 
 __all__ = ['CLASSES', 'GaussianMixture', 'GuidedScore', 'IDEAL_GUIDE_BLUR', 'IDEAL_MAIN_BLUR', 'METHODS', 'SIGMA_DATA',
            'SmoothedGT', 'ToyError', 'ToyModel', 'ToyModelError', 'ema_beta', 'evaluate', 'from_release_state_dict',
            'gt', 'guided_score', 'heun_sample', 'ideal_models', 'learning_rate', 'load_model', 'make_optimizer',
-           'outlier_level', 'release_model', 'release_models', 'release_results', 'sample_methods', 'sample_rules', 'save_model',
-           'score_matching_loss', 'seed_checks', 'train', 'train_step']
+           'outlier_level', 'release_model', 'release_models', 'release_results', 'sample_methods', 'sample_rules',
+           'save_model', 'score_matching_loss', 'seed_checks', 'train', 'train_step', 'ITERATION_BYTES', 'training_bytes',
+           'sample_bytes']

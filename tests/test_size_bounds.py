@@ -1,0 +1,126 @@
+"""Bounds on every size flag: a count whose items cannot fit in the memory available now is refused before
+any work, in one line naming the flag (edm2.cli.Int's item_bytes, edm2.cli.check_memory); text that is not an
+integer is one line too."""
+
+import pytest
+from click.testing import CliRunner
+from test_generate import nets  # noqa: F401 (a fixture)
+from test_hostile_training import make_images
+from test_sweep import _write_run
+
+import calculate_metrics
+import dataset_tool
+import generate_images
+import reconstruct_phema
+import toy_example
+import train_edm2
+from edm2 import cli, generation, toy
+from edm2.metrics import dataset_features
+from edm2.networks import build_network
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+HUGE = str(10 ** 15)
+
+
+def _refused(result, flag, *fragments):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert 'Traceback' not in result.output and lines[-1].startswith('Error:'), result.output
+    for fragment in (flag, *fragments):
+        assert fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """The steps that would start work fail the test."""
+    def work(*args, **kwargs):
+        raise AssertionError('work started')
+    for module, name in [(toy, 'train'), (toy_example, 'run_eval'), (dataset_features, 'open_dataset'),
+                         (calculate_metrics, '_load_detectors'), (dataset_tool, '_Source'),
+                         (generation, 'generate'), (reconstruct_phema, 'write_batch')]:
+        monkeypatch.setattr(module, name, work)
+
+
+def _memory(monkeypatch, free):
+    monkeypatch.setattr(cli, 'available_memory', lambda device=None: free, raising=False)
+
+
+CASES = [  # (command, arguments, flag): HUGE items of that flag cannot fit anywhere
+    (toy_example.cli, ['train', '--outdir', 'o', '--batch', '200000000'], '--batch'),
+    (toy_example.cli, ['train', '--outdir', 'o', '--batch', HUGE], '--batch'),
+    (toy_example.cli, ['train', '--outdir', 'o', '--width', '1000000'], '--width'),
+    (toy_example.cli, ['train', '--outdir', 'o', '--layers', '10000000'], '--layers'),
+    (toy_example.cli, ['train', '--outdir', 'o', '--iterations', HUGE], '--iterations'),
+    (toy_example.cli, ['train', '--outdir', 'o', '--width', '32', '--batch', HUGE], '--batch'),
+    (toy_example.cli, ['eval', '--ideal', '--out', 'e.json', '--num', HUGE], '--num'),
+    (toy_example.cli, ['eval', '--ideal', '--out', 'e.json', '--steps', HUGE], '--steps'),
+    (toy_example.cli, ['plot', '--ideal', '--out', 'p.png', '--dpi', '10000000'], '--dpi'),
+    (toy_example.cli, ['demo', '--batch', HUGE], '--batch'),
+    (toy_example.cli, ['demo', '--num', HUGE], '--num'),
+    (toy_example.cli, ['demo', '--main-iterations', HUGE], '--main-iterations'),
+    (calculate_metrics.cli, ['ref', '--data', 'd', '--dest', 'r.pkl', '--keep-num', HUGE], '--keep-num'),
+    (calculate_metrics.cli, ['ref', '--data', 'd', '--dest', 'r.npz', '--ref-images', HUGE], '--ref-images'),
+    (calculate_metrics.cli, ['calc', '--images', 'd', '--ref', 'r.pkl', '--num', HUGE], '--num'),
+    (calculate_metrics.cli, ['calc', '--images', 'd', '--ref', 'r.pkl', '--batch', HUGE], '--batch'),
+    (calculate_metrics.cli, ['calc', '--images', 'd', '--ref', 'r.pkl', '--num', '1000000', '--repeats', HUGE],
+     '--repeats'),
+    (calculate_metrics.cli, ['gen', '--net', 'n', '--ref', 'r.pkl', '--num', HUGE], '--num'),
+    (calculate_metrics.cli, ['sweep', '--net', 'n', '--gnet', 'g', '--guidance', '2', '--ref', 'r', '--outdir', 'o',
+                             '--num', HUGE], '--num'),
+    (calculate_metrics.cli, ['sweep', '--net', 'n', '--gnet', 'g', '--guidance', '2', '--ref', 'r', '--outdir', 'o',
+                             '--steps', HUGE], '--steps'),
+    (dataset_tool.cli, ['convert', '--source', 's', '--dest', 'd.zip', '--max-images', HUGE], '--max-images'),
+    (dataset_tool.cli, ['encode', '--source', 's', '--dest', 'd.zip', '--max-images', HUGE], '--max-images'),
+    (dataset_tool.cli, ['encode', '--source', 's', '--dest', 'd.zip', '--batch', '60000'], '--batch'),
+]
+
+
+@pytest.mark.parametrize('command, args, flag', CASES, ids=[f'{c[1][0]}{c[2]}' for c in CASES])
+def test_counts_beyond_memory_are_refused_before_work(command, args, flag, no_work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused(CliRunner().invoke(command, args), flag)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('command, args, flag', CASES[:1] + CASES[6:7] + CASES[12:13] + CASES[20:21])
+def test_non_integer_text_is_one_line(command, args, flag, no_work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for text in ['1e11', '12.5', '9' * 5000, '0x10']:
+        _refused(CliRunner().invoke(command, args[:-1] + [text]), flag, 'integer')
+
+
+def test_the_bound_follows_the_available_memory(no_work, tmp_path, monkeypatch):
+    _memory(monkeypatch, 10 ** 8)
+    per_sample = toy.training_bytes(64, 4, 1) - toy.training_bytes(64, 4, 0)
+    fits = (10 ** 8 - toy.training_bytes(64, 4, 0)) // per_sample
+    args = ['train', '--outdir', str(tmp_path / 'o'), '--iterations', '1', '--batch']
+    _refused(CliRunner().invoke(toy_example.cli, args + [str(fits + 1)]), '--batch', '100.0 MB is available')
+    with pytest.raises(AssertionError, match='work started'):  # one sample fewer: training starts
+        CliRunner().invoke(toy_example.cli, args + [str(fits)], catch_exceptions=False)
+    assert generation.image_bytes(build_network(dict(img_resolution=8, img_channels=3, label_dim=0,
+                                                     model_channels=8, channel_mult=[1], num_blocks=1,
+                                                     attn_resolutions=[]))) == 4 * 64 * (8 * 3 + 4 * 8) + 192
+
+
+def test_sizes_known_once_inputs_are_open(nets, tmp_path, monkeypatch):  # noqa: F811
+    _memory(monkeypatch, 10 ** 6)
+    # generate_images.py --batch: the network's images (8x8, 8 channels: 14.5 kB each)
+    result = CliRunner().invoke(generate_images.main, ['--net', nets['main'], '--outdir', str(tmp_path / 'g'),
+                                                       '--batch', '100', '--seeds', '0-199', '--steps', '2'])
+    _refused(result, '--batch', 'per image')
+    assert not (tmp_path / 'g').exists()
+    # reconstruct_phema.py --batch: networks held at once (a snapshot file of the tiny run is 13 kB)
+    run = _write_run(tmp_path / 'run', 0, 4)
+    _memory(monkeypatch, 30_000)
+    result = CliRunner().invoke(reconstruct_phema.main, ['--indir', str(run), '--outdir', str(tmp_path / 'p'),
+                                                         '--outstd', '0.06,0.07,0.08', '--batch', '3'])
+    _refused(result, '--batch', 'per network')
+    assert not (tmp_path / 'p').exists()
+    # train_edm2.py --batch-gpu: images of one pass
+    data = make_images(tmp_path / 'data')
+    _memory(monkeypatch, 10 ** 7)
+    result = CliRunner().invoke(train_edm2.main, [
+        '--outdir', str(tmp_path / 't'), '--data', str(data), '--cond', '0', '--duration', '64', '--batch', '4096',
+        '--channels', '8', '--channel-mult', '1', '--num-blocks', '1', '--attn-res', '', '--device', 'cpu'])
+    assert result.exit_code != 0 and '--batch: 4096 needs about' in result.output.splitlines()[-1], result.output
+    assert not (tmp_path / 't').exists()
