@@ -3,7 +3,8 @@
 Writes M synthetic native snapshots (float16, like training snapshots) of a U-Net of a stated size,
 then runs `reconstruct_phema.py` in a fresh process for N outputs at several --batch values. Each run
 reports wall seconds, snapshot reads (counted by the library's `reads` counter), and the peak RSS
-above the process's own baseline (RSS after imports, torch's meta kernels included), measured by psutil sampling every 5 ms and cross-checked with the kernel's ru_maxrss.
+above the process's own baseline (RSS after imports, torch's meta kernels included), measured by psutil
+sampling every 5 ms and cross-checked with the kernel's ru_maxrss.
 The bound to check: peak - baseline <= (batch + 2) networks (float32 size), i.e. `batch` outputs, the
 input being read and one transient (a loading or serialising buffer).
 

@@ -14,7 +14,7 @@ EMA at sigma_rel 0.05 and 0.10, several times), a main U-Net and a half-width gu
      read and one transient (as in bench/phema.py), plus the held guides.
 
     python bench/sweep.py                          # 2 x 2 x 2 cells, 8 images, 8 steps
-    python bench/sweep.py --figure docs            # instead: the README figure (4 x 3 x 4 cells, tiny detector)
+    python bench/sweep.py --figure docs            # instead: the figure of docs/sweep.md (4 x 3 x 4 cells, tiny detector)
 """
 
 import json
@@ -152,7 +152,7 @@ def _list(text):
               help='model_channels of the main U-Net of the memory runs (32x32; large enough that allocator noise '
               'is small beside a network)')
 @click.option('--part', type=click.Choice(['time', 'memory', 'both']), default='both', show_default=True)
-@click.option('--figure', metavar='DIR', default=None, help='Only write the README figure (a 4 x 3 x 4 sweep) to DIR')
+@click.option('--figure', metavar='DIR', default=None, help='Only write the figure of docs/sweep.md (a 4 x 3 x 4 sweep) to DIR')
 @click.option('--child-args', type=str, hidden=True)
 def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, phema_batches, memory_channels, part,
          figure, child_args):
@@ -201,7 +201,7 @@ def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, p
 
 
 def write_figure(tmp, main_dir, guide_dir, folder):
-    """The README figure: a 4 x 3 x 4 sweep, 8 images per cell, 4 steps, Inception at 1/16 width."""
+    """The figure of docs/sweep.md: a 4 x 3 x 4 sweep, 8 images per cell, 4 steps, Inception at 1/16 width."""
     from edm2.metrics import sweep, sweep_report
     detectors, reference = stand_ins(tmp, width_divisor=16)
     config = sweep_config(main_dir, guide_dir, [0.05, 0.07, 0.09, 0.11], [0.05, 0.08, 0.11], [1.0, 1.5, 2.0, 2.5],

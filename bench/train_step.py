@@ -64,7 +64,8 @@ def sync(device):
 @click.option('--classes', type=int, default=10, show_default=True)
 @click.option('--steps', type=int, default=40, show_default=True, help='Loop steps (the first 5 are warm-up)')
 @click.option('--workers', type=int, default=2, show_default=True)
-@click.option('--threads', type=int, default=1, show_default=True, help='torch CPU threads (0 = torch default); 1 is stable on a shared machine')
+@click.option('--threads', type=int, default=1, show_default=True,
+              help='torch CPU threads (0 = torch default); 1 is stable on a shared machine')
 def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, batch, classes, steps, workers, threads):
     import psutil
 

@@ -1,33 +1,29 @@
-"""Shared test helpers: where the parity fixtures live, and whether their absence skips or fails."""
+"""Shared test helpers: where the parity fixtures live (tests/fixtures, see its README.md)."""
 
-import os
 import pathlib
 import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SHARED = pathlib.Path(os.environ.get('EDM2_SHARED_DIR', REPO.parent / 'shared'))
-OFFICIAL = SHARED / 'fixtures' / 'official'
-DETECTORS = SHARED / 'fixtures' / 'detectors'
+FIXTURES = REPO / 'tests' / 'fixtures'
 
 if str(REPO) not in sys.path:  # the command-line modules live at the top level
     sys.path.insert(0, str(REPO))
 
 
 def fixture_path(*parts) -> pathlib.Path:
-    """Path of a shared parity fixture; skip the test when it is absent, unless CI requires fixtures."""
-    path = SHARED.joinpath('fixtures', *parts)
+    """Path of a parity fixture in tests/fixtures; the test fails when it is missing (they are part of the
+    repository)."""
+    path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        if os.environ.get('EDM2_REQUIRE_FIXTURES') == '1':
-            pytest.fail(f'required parity fixture missing: {path}')
-        pytest.skip(f'parity fixture not found: {path}')
+        pytest.fail(f'parity fixture missing: {path} (tests/fixtures is part of the repository)')
     return path
 
 
 @pytest.fixture
 def official():
-    """Callable: official('main-rgb16.pkl') -> path (skips/fails when missing)."""
+    """Callable: official('main-rgb16.pkl') -> path (fails when missing)."""
     return lambda name: fixture_path('official', name)
 
 

@@ -1,5 +1,5 @@
-"""The tree's shape as README describes it: every module is named in "Where things are", and imports flow
-from the command lines to training/ to edm2/, never back."""
+"""The tree's shape as docs/layout.md describes it: every module is named in "Where things are", and imports
+flow from the command lines to training/ to edm2/, never back."""
 
 import ast
 import fnmatch
@@ -15,10 +15,9 @@ def _modules(folder):
 
 
 def _layout_section():
-    text = (ROOT / 'README.md').read_text(encoding='utf-8')
-    match = re.search(r'<!-- section: layout -->(.*?)<!-- end section: layout -->', text, re.S)
-    assert match, 'README.md has no "Where things are" (layout) section'
-    return match.group(1)
+    text = (ROOT / 'docs' / 'layout.md').read_text(encoding='utf-8')
+    assert text.startswith('# Where things are'), 'docs/layout.md is not the "Where things are" page'
+    return text
 
 
 def _imported_roots(path):
@@ -37,10 +36,10 @@ def test_readme_layout_names_every_module():
     for path in _modules('edm2') + _modules('training') + sorted(ROOT.glob('*.py')) + sorted(ROOT.glob('configs/*.toml')):
         if not any(fnmatch.fnmatch(path.name, pattern) for pattern in names):
             missing.append(str(path.relative_to(ROOT)))
-    assert not missing, f'README "Where things are" does not mention: {", ".join(missing)}'
+    assert not missing, f'docs/layout.md ("Where things are") does not mention: {", ".join(missing)}'
     listed = {n for n in names if '*' not in n}
     present = {p.name for p in ROOT.rglob('*.py') if '.venv' not in p.parts} | {p.name for p in ROOT.glob('configs/*')}
-    assert listed <= present, f'README names files that do not exist: {sorted(listed - present)}'
+    assert listed <= present, f'docs/layout.md names files that do not exist: {sorted(listed - present)}'
 
 
 def test_imports_flow_from_commands_to_training_to_edm2():

@@ -270,7 +270,7 @@ def test_attention_resolutions_select_blocks():
 
 
 # ------------------------------------------------------------------------------------------------
-# Parity with the published release (fixtures from ../shared/fixtures/official).
+# Parity with the published release (fixtures from tests/fixtures/official).
 
 def test_published_parity_main(official):
     ref = torch.load(official('main-rgb16-denoise.pt'), weights_only=True)

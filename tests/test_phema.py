@@ -305,7 +305,8 @@ def test_cli_parity_with_official(official, tmp_path, dtype):
                     X.tolist(), inputs, dtype == 'float16')
     meta = load_snapshot(tmp_path / 'phema-0000040-0.120.safetensors')[2]
     assert meta['kimg'] == 40 and meta['ema_std'] == 0.120 and meta['nimg'] == 40960
-    assert len(meta['phema']['inputs']) == 10 and meta['dataset_kwargs'] == load_snapshot(folder / expected['in_files'][0])[2]['dataset_kwargs']
+    first_input = load_snapshot(folder / expected['in_files'][0])[2]
+    assert len(meta['phema']['inputs']) == 10 and meta['dataset_kwargs'] == first_input['dataset_kwargs']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['phema-0000040-0.120.safetensors',
                                                           'phema-0000049-0.070.safetensors',
                                                           'phema-0000049-0.150.safetensors']

@@ -4,8 +4,8 @@ holds on every one of its seeds, for comparison with our trained models.
 The numbers are data, not code: the release's toy_example.py (NVlabs/edm2) trained with its published
 settings and torch seeds 0, 1, 2 (all three models of a seed with that seed), evaluated with this project's
 metrics (`edm2.toy.evaluate`) on 20,000 samples from sample seed 0. Source: the toy parity fixture's
-README.json, key 'release-procedure-results' (`<shared>/fixtures/toy/`); `release_results()` reads them
-from there when present and falls back to the copy below.
+README.json, key 'release-procedure-results' (tests/fixtures/toy/ of a source checkout); the copy below is
+what the demo prints, and a test checks that it equals the fixture's.
 """
 
 import json
@@ -33,16 +33,19 @@ PROVENANCE = ("the release's toy_example.py (NVlabs/edm2), published settings, t
 
 
 def fixture_dir():
-    """The toy parity fixtures: $EDM2_SHARED_DIR/fixtures/toy, by default ../shared/fixtures/toy beside the
-    repository (they are not part of it)."""
+    """The toy parity fixtures of a source checkout (tests/fixtures/toy beside this package). An installed
+    package has none; only the demo's optional row of the release's models reads from there."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    shared = os.environ.get('EDM2_SHARED_DIR', os.path.join(repo, '..', 'shared'))
-    return os.path.normpath(os.path.join(shared, 'fixtures', 'toy'))
+    return os.path.join(repo, 'tests', 'fixtures', 'toy')
 
 
 def release_results(folder=None):
-    """({seed: {method: (outliers %, leaf coverage %, branch TV)}}, where they were read from)."""
-    path = os.path.join(folder or fixture_dir(), 'README.json')
+    """({seed: {method: (outliers %, leaf coverage %, branch TV)}}, where they were read from): the copy
+    above, or the 'release-procedure-results' of FOLDER/README.json when a fixture folder is given and
+    holds them."""
+    if folder is None:
+        return RELEASE_RESULTS, 'the copy in edm2/toy/reference.py'
+    path = os.path.join(folder, 'README.json')
     try:
         with open(path) as f:
             data = json.load(f)['release-procedure-results']
@@ -57,7 +60,7 @@ def release_results(folder=None):
 
 def release_models(folder=None):
     """{'net', 'autoguide', 'cfg_guide'}: the release procedure's trained models of seed 0 from the fixture
-    release-models-seed0.pt, or None when it is absent."""
+    release-models-seed0.pt (in a source checkout), or None when it is absent (an installed package)."""
     path = os.path.join(folder or fixture_dir(), 'release-models-seed0.pt')
     if not os.path.isfile(path):
         return None
