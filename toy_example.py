@@ -451,7 +451,7 @@ def rules_rows(trained, release, ideal, rules, weight, num, seed, steps, device)
         models = toy.release_models()
         if models is None:
             raise click.UsageError(f'--release: no release-models-seed0.pt in {toy.reference.fixture_dir()} '
-                                   f'(set EDM2_SHARED_DIR to the folder holding fixtures/toy)')
+                                   f'(it is in tests/fixtures/toy of a source checkout)')
         sets.append((ROW_LABELS[2], {k: v.to(device) for k, v in models.items()}))
     if ideal:
         sets.append((ROW_LABELS[1], toy.ideal_models()))
