@@ -168,7 +168,9 @@ def parse_rule(spec) -> Rule:
             raise RuleError(f'guidance rule {text!r}: {key}={raw.strip()!r} is not a number') from None
         if not math.isfinite(values[key]):
             raise RuleError(f'guidance rule {text!r}: {key} must be finite, got {raw.strip()}')
-    missing = [key for key in keys if key not in values and cls is Rescale]
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in values]
     if missing:
         raise RuleError(f'guidance rule {text!r}: {name} needs {", ".join(k + "=NUMBER" for k in missing)}')
     try:
