@@ -143,7 +143,7 @@ RULES = {'lerp': (Lerp, ()), 'apg': (APG, ('eta', 'momentum', 'threshold')), 're
 def parse_rule(spec) -> Rule:
     """'lerp', 'apg[:eta=E,momentum=B,threshold=R]' (any subset; defaults 0) or 'rescale:phi=P' -> a rule.
     A rule object is returned as it is. Raises RuleError naming the spec."""
-    if isinstance(spec, (Lerp, APG, Rescale)):
+    if isinstance(spec, tuple(cls for cls, _ in RULES.values())):
         return spec
     text = str(spec).strip()
     name, _, args = text.partition(':')
