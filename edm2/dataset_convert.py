@@ -1,0 +1,67 @@
+"""The per-image work of `dataset_tool.py` spread over worker processes, in order: source files -> PNGs.
+
+`converted(files, names, transform, size, workers)` yields, for each name, the dataset image it becomes:
+PNG bytes (stored uncompressed, as the EDM2 release writes them) and the image size, or None when the
+transform skips the image, or the `DatasetError` that names why it cannot be read. This process reads
+the files (a few per worker ahead, see `edm2.worker_pool`); the workers decode, crop, scale and encode.
+Each image is converted by the same function whatever the number of workers, so the output is the
+same bytes in the same order.
+
+`dataset_images(ds, count, workers, batch)` yields the first `count` images of a dataset (`encode`'s
+input), decoded by workers a batch or more ahead of the consumer, so decoding overlaps the VAE.
+"""
+
+import io
+
+from .data import DatasetError, decode_image
+from .dataset_transforms import TRANSFORMS, scale_only
+from .worker_pool import IN_FLIGHT, ordered_map
+
+
+def convert_image(data: bytes, where: str, transform=None, size=None):
+    """(PNG bytes, (width, height)) of the dataset image made from the image file `data`, or None when
+    `transform` skips it; `DatasetError` naming `where` when the file cannot be decoded."""
+    img = decode_image(data, where).convert('RGB')
+    img = TRANSFORMS[transform](img, *size) if transform else scale_only(img, *(size or (None, None)))
+    if img is None:
+        return None
+    buf = io.BytesIO()
+    img.save(buf, format='png', compress_level=0, optimize=False)
+    return buf.getvalue(), img.size
+
+
+def _convert(options, item):
+    data, where = item
+    if isinstance(data, DatasetError):  # the file could not be read
+        return data
+    try:
+        return convert_image(data, where, *options)
+    except DatasetError as e:  # per image, not fatal here: the caller decides (--skip-bad)
+        return e
+
+
+def _read(files, names):
+    for name in names:
+        where = files.describe(name)
+        try:
+            yield files.read(name), where
+        except DatasetError as e:
+            yield e, where
+
+
+def converted(files, names, transform, size, workers):
+    """Context manager yielding an iterator of `convert_image` results (or the `DatasetError` of an image
+    that cannot be read or decoded) for `names` of `files` (an `edm2.data.FileTree`), in order.
+    Leaving it early stops the workers."""
+    return ordered_map(_convert, _read(files, names), workers, context=(transform, size))
+
+
+def _image(ds, i):
+    return ds[i][0]
+
+
+def dataset_images(ds, count, workers, batch):
+    """Context manager yielding an iterator of the uint8 [C, H, W] images ds[0], ..., ds[count - 1] of an
+    `edm2.data.ImageFolderDataset`, read `batch` or more ahead; its `DatasetError` arrives in order."""
+    in_flight = max(IN_FLIGHT, -(-batch // max(workers, 1)))
+    return ordered_map(_image, range(count), workers, context=ds, in_flight=in_flight)
