@@ -58,7 +58,7 @@ def _checked(mu, sigma, names):
     for name, a in zip(names, (mu, sigma)):
         if not np.all(np.isfinite(a)):
             raise FrechetError(f'{name} contains non-finite values')
-    return mu, (sigma + sigma.T) / 2  # the symmetric part (accumulated statistics are symmetric up to rounding)
+    return mu, sigma  # symmetric up to rounding: the factorisations read its lower triangle
 
 
 def _warn_negative(value, scale, level, what):
@@ -71,16 +71,17 @@ def _cholesky_factor(sigma, name):
     d = sigma.shape[0]
     scale = float(max(np.max(np.diag(sigma)), 0.0))
     level = _rounding_level(d, scale)
-    c, info = lapack.dpotrf(sigma, lower=1, clean=1)
-    if info == 0 and np.min(np.diag(c)) ** 2 > level:
-        return c
+    # LAPACK works in place on a copy in Fortran order: the transpose of a C-ordered copy (the same matrix).
+    u, info = lapack.dpotrf(np.array(sigma, order='C').T, lower=0, clean=0, overwrite_a=1)
+    if info == 0 and np.min(np.diag(u)) ** 2 > level:
+        return np.triu(u).T  # sigma = U^T U
     if info < 0:
         raise FrechetError(f'{name}: Cholesky factorisation failed (LAPACK info {info})')
-    c, piv, rank, info = lapack.dpstrf(sigma, lower=1, tol=level)
+    u, piv, rank, info = lapack.dpstrf(np.array(sigma, order='C').T, lower=0, tol=level, overwrite_a=1)
     if info < 0:
         raise FrechetError(f'{name}: pivoted Cholesky factorisation failed (LAPACK info {info})')
     g = np.empty((d, rank))
-    g[piv - 1] = np.tril(c[:, :rank])
+    g[piv - 1] = np.triu(u[:rank]).T  # P^T sigma P = U^T U over the first `rank` rows of U
     # For a positive semi-definite sigma what the factor leaves out is a remainder of trace in
     # [0, (d - rank) * level]; a clearly negative one means negative eigenvalues.
     remainder = float(np.trace(sigma) - np.sum(g * g))
@@ -88,6 +89,15 @@ def _cholesky_factor(sigma, name):
         _warn_negative(remainder, scale, level, f'{name} is not positive semi-definite: the part beyond its '
                        f'rank-{rank} Cholesky factor has trace')
     return g
+
+
+def _eigh(sigma):
+    """Eigenvalues and eigenvectors of a symmetric matrix (its lower triangle). A diagonal one (a stand-in
+    reference) is its own decomposition: LAPACK's reduction of it runs into subnormal numbers and is slow."""
+    off_diagonal = np.tril(sigma, -1)
+    if not off_diagonal.any():
+        return np.diag(sigma).copy(), np.eye(sigma.shape[0])
+    return scipy.linalg.eigh(sigma, lower=True, driver='evr')
 
 
 class FrechetReference:
@@ -99,7 +109,7 @@ class FrechetReference:
     def __init__(self, mu, sigma, names=('mu2', 'sigma2')):
         self.mu, sigma = _checked(mu, sigma, names)
         self.trace = float(np.trace(sigma))
-        w, v = scipy.linalg.eigh(sigma, driver='evr')
+        w, v = _eigh(sigma)
         scale = float(np.abs(w).max()) if w.size else 0.0
         level = _rounding_level(self.mu.shape[0], scale)
         if w.size and w.min() < -level:
@@ -119,7 +129,7 @@ class FrechetReference:
         gram = k.T @ k if k.shape[1] <= k.shape[0] else k @ k.T  # the smaller one (numpy uses syrk for these)
         if gram.size == 0:
             return 0.0
-        lam = scipy.linalg.eigh(gram, eigvals_only=True, driver='evr')
+        lam = scipy.linalg.eigh(gram, lower=True, eigvals_only=True, driver='evr')
         return float(np.sqrt(np.clip(lam, 0, None)).sum())  # a Gram matrix: negative values are rounding
 
     def distance(self, mu, sigma, names=('mu1', 'sigma1')) -> float:
