@@ -40,15 +40,18 @@ class FrechetError(EDM2Error):
     """The distance cannot be computed; one-line message."""
 
 
-# Eigenvalues (and Cholesky pivots) within ROUNDING * dimension * float64 epsilon of the matrix's scale
-# are rounding noise (the backward error of the factorisations grows with the dimension): dropped from
-# the factors, and negative ones up to that size are set to zero silently.
+# Eigenvalues (and Cholesky pivots) within ROUNDING * dimension * float64 epsilon of the statistics'
+# scale are rounding noise: dropped from the factors, and negative ones up to that size are set to zero
+# silently. The scale is the largest second moment sigma_ii + mu_i^2, not the largest variance: a
+# covariance accumulated as E[x x^T] - mu mu^T (`FeatureStats`) carries rounding of that size.
 ROUNDING = 8
 CACHED_REFERENCES = 4  # FID + FD_DINOv2, or adm_fid + sFID, with room to spare
 
 
-def _rounding_level(dim, scale):
-    return ROUNDING * dim * np.finfo(np.float64).eps * scale
+def _rounding_level(mu, sigma):
+    """(scale, level): the largest second moment and the rounding level below which values are noise."""
+    scale = float(np.max(np.diag(sigma) + mu * mu)) if mu.size else 0.0
+    return scale, ROUNDING * mu.shape[0] * np.finfo(np.float64).eps * max(scale, 0.0)
 
 
 def _checked(mu, sigma, names):
@@ -66,11 +69,10 @@ def _warn_negative(value, scale, level, what):
                   f'not a covariance matrix; treated as zero', RuntimeWarning)
 
 
-def _cholesky_factor(sigma, name):
+def _cholesky_factor(mu, sigma, name):
     """G [d, r] with sigma = G G^T up to rounding, r the numerical rank (pivoted Cholesky when singular)."""
     d = sigma.shape[0]
-    scale = float(max(np.max(np.diag(sigma)), 0.0))
-    level = _rounding_level(d, scale)
+    scale, level = _rounding_level(mu, sigma)
     # LAPACK works in place on a copy in Fortran order: the transpose of a C-ordered copy (the same matrix).
     u, info = lapack.dpotrf(np.array(sigma, order='C').T, lower=0, clean=0, overwrite_a=1)
     if info == 0 and np.min(np.diag(u)) ** 2 > level:
@@ -110,8 +112,7 @@ class FrechetReference:
         self.mu, sigma = _checked(mu, sigma, names)
         self.trace = float(np.trace(sigma))
         w, v = _eigh(sigma)
-        scale = float(np.abs(w).max()) if w.size else 0.0
-        level = _rounding_level(self.mu.shape[0], scale)
+        scale, level = _rounding_level(self.mu, sigma)
         if w.size and w.min() < -level:
             _warn_negative(float(w.min()), scale, level, f'{names[1]} has a negative eigenvalue')
         keep = w > level
@@ -122,9 +123,10 @@ class FrechetReference:
     def rank(self) -> int:
         return self.factor.shape[1]
 
-    def trace_sqrt_product(self, sigma, name='sigma1') -> float:
-        """tr((sigma Sigma_ref)^(1/2)) for a symmetric `sigma`: the sum of the singular values of F^T G."""
-        g = _cholesky_factor(sigma, name)
+    def trace_sqrt_product(self, mu, sigma, name='sigma1') -> float:
+        """tr((sigma Sigma_ref)^(1/2)) for the statistics (mu, sigma): the sum of the singular values of F^T G
+        (mu sets the rounding level only)."""
+        g = _cholesky_factor(mu, sigma, name)
         k = self.factor.T @ g
         gram = k.T @ k if k.shape[1] <= k.shape[0] else k @ k.T  # the smaller one (numpy uses syrk for these)
         if gram.size == 0:
@@ -138,7 +140,7 @@ class FrechetReference:
             raise FrechetError(f'statistics do not match: {names[0]} {mu.shape} vs {self._names[0]} '
                                f'{self.mu.shape}')
         diff = mu - self.mu
-        return float(diff @ diff + np.trace(sigma) + self.trace - 2 * self.trace_sqrt_product(sigma, names[1]))
+        return float(diff @ diff + np.trace(sigma) + self.trace - 2 * self.trace_sqrt_product(mu, sigma, names[1]))
 
 
 _recent = collections.OrderedDict()  # content digest of (mu, sigma) -> FrechetReference, most recent last
