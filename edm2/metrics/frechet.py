@@ -31,7 +31,7 @@ import warnings
 
 import numpy as np
 import scipy.linalg
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
 
 from edm2.errors import EDM2Error
 
@@ -70,13 +70,15 @@ def _warn_negative(value, scale, level, what):
 
 
 def _cholesky_factor(mu, sigma, name):
-    """G [d, r] with sigma = G G^T up to rounding, r the numerical rank (pivoted Cholesky when singular)."""
+    """(G^T, triangular): sigma = G G^T up to rounding with G [d, r], r the numerical rank. When sigma is
+    positive definite, G^T is the Cholesky factor U (upper triangular; only that triangle is valid) and
+    `triangular` is True; otherwise G [d, rank] comes from the pivoted Cholesky factorisation."""
     d = sigma.shape[0]
     scale, level = _rounding_level(mu, sigma)
     # LAPACK works in place on a copy in Fortran order: the transpose of a C-ordered copy (the same matrix).
     u, info = lapack.dpotrf(np.array(sigma, order='C').T, lower=0, clean=0, overwrite_a=1)
     if info == 0 and np.min(np.diag(u)) ** 2 > level:
-        return np.triu(u).T  # sigma = U^T U
+        return u, True  # sigma = U^T U
     if info < 0:
         raise FrechetError(f'{name}: Cholesky factorisation failed (LAPACK info {info})')
     u, piv, rank, info = lapack.dpstrf(np.array(sigma, order='C').T, lower=0, tol=level, overwrite_a=1)
@@ -90,7 +92,7 @@ def _cholesky_factor(mu, sigma, name):
     if remainder < -(d - rank + 1) * level:
         _warn_negative(remainder, scale, level, f'{name} is not positive semi-definite: the part beyond its '
                        f'rank-{rank} Cholesky factor has trace')
-    return g
+    return g.T, False
 
 
 def _eigh(sigma):
@@ -126,9 +128,10 @@ class FrechetReference:
     def trace_sqrt_product(self, mu, sigma, name='sigma1') -> float:
         """tr((sigma Sigma_ref)^(1/2)) for the statistics (mu, sigma): the sum of the singular values of F^T G
         (mu sets the rounding level only)."""
-        g = _cholesky_factor(mu, sigma, name)
-        k = self.factor.T @ g
-        gram = k.T @ k if k.shape[1] <= k.shape[0] else k @ k.T  # the smaller one (numpy uses syrk for these)
+        gt, triangular = _cholesky_factor(mu, sigma, name)
+        # K^T = G^T F [r1, r2]; its Gram matrices K^T K and K K^T share their non-zero eigenvalues.
+        kt = blas.dtrmm(1.0, gt, self.factor) if triangular else gt @ self.factor
+        gram = kt.T @ kt if kt.shape[1] <= kt.shape[0] else kt @ kt.T  # the smaller (numpy uses syrk for these)
         if gram.size == 0:
             return 0.0
         lam = scipy.linalg.eigh(gram, lower=True, eigvals_only=True, driver='evr')
