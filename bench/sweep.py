@@ -185,7 +185,8 @@ def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, p
             print('Seconds per cell: ' + ', '.join(f'{k} {per[k]:.3f}' for k in
                                                    ('reconstruction', 'sampling', 'features', 'metrics', 'total')) +
                   f'  (reconstruction: {result["counter"]["reconstructions"]} networks in '
-                  f'{result["seconds"]["reconstruction"]:.3f} s, shared by the cells)')
+                  f'{result["seconds"]["reconstruction"]:.3f} s, shared by the cells); metrics '
+                  f'{100 * per["metrics"] / (per["total"] + per["reconstruction"]):.1f}% of a cell')
         if part in ('memory', 'both'):
             main_dir, guide_dir = os.path.join(tmp, 'main-mem'), os.path.join(tmp, 'guide-mem')
             main_bytes = make_run(main_dir, memory_channels, 32, 2)
