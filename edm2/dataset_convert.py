@@ -3,7 +3,7 @@
 `converted(files, names, transform, size, workers)` yields, for each name, the dataset image it becomes:
 PNG bytes (stored uncompressed, as the EDM2 release writes them) and the image size, or None when the
 transform skips the image, or the `DatasetError` that names why it cannot be read. This process reads
-the files (a few per worker ahead, see `edm2.worker_pool`); the workers decode, crop, scale and encode.
+the files (a dozen per worker ahead, see `edm2.worker_pool`); the workers decode, crop, scale and encode.
 Each image is converted by the same function whatever the number of workers, so the output is the
 same bytes in the same order.
 
@@ -15,7 +15,7 @@ import io
 
 from .data import DatasetError, decode_image
 from .dataset_transforms import TRANSFORMS, scale_only
-from .worker_pool import IN_FLIGHT, ordered_map
+from .worker_pool import CHUNK, IN_FLIGHT, ordered_map
 
 
 def convert_image(data: bytes, where: str, transform=None, size=None):
@@ -63,5 +63,5 @@ def _image(ds, i):
 def dataset_images(ds, count, workers, batch):
     """Context manager yielding an iterator of the uint8 [C, H, W] images ds[0], ..., ds[count - 1] of an
     `edm2.data.ImageFolderDataset`, read `batch` or more ahead; its `DatasetError` arrives in order."""
-    in_flight = max(IN_FLIGHT, -(-batch // max(workers, 1)))
+    in_flight = max(IN_FLIGHT, -(-batch // (max(workers, 1) * CHUNK)))  # a batch ahead at least
     return ordered_map(_image, range(count), workers, context=ds, in_flight=in_flight)

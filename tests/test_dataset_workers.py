@@ -109,11 +109,12 @@ def test_ordered_map_keeps_order_bounds_reading_and_raises():
             read.append(i)
             yield i
 
-    with ordered_map(_square_or_fail, items(), workers=2, context=-1, in_flight=3) as results:
+    with ordered_map(_square_or_fail, items(), workers=2, context=-1, in_flight=3, chunk=2) as results:
         got = []
         for r in results:
             got.append(r)
-            assert len(read) <= len(got) + 2 * 3  # never more than the window ahead of the consumer
+            # Never more than the window (2 workers x 3 chunks of 2) beyond the chunks being consumed.
+            assert len(read) <= (-(-len(got) // 2) + 2 * 3) * 2
             if len(got) == 50:
                 break  # leaving early stops the workers (the block returns)
     assert got == [i * i for i in range(50)]
