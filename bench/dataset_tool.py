@@ -46,13 +46,13 @@ def make_sources(folder, count, seed=0):
 
 
 def run_convert(source, dest, workers):
-    """Seconds of the command and peak RSS (bytes) of its process and of each worker."""
+    """Seconds of the command, peak RSS (bytes) of its process and of each worker, and their CPU seconds."""
     cmd = [sys.executable, os.path.join(REPO, 'dataset_tool.py'), 'convert', '--source', source, '--dest', dest,
            '--resolution', '64x64', '--transform', 'center-crop-dhariwal', '--workers', str(workers)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     main = psutil.Process(proc.pid)
-    peaks = {}  # pid -> (role, peak rss)
+    peaks, cpu = {}, {}  # pid -> (role, peak rss); pid -> CPU seconds (user + system) last seen
     while proc.poll() is None:
         try:
             procs = [main] + main.children(recursive=True)
@@ -63,6 +63,8 @@ def run_convert(source, dest, workers):
                 role = 'command' if p.pid == proc.pid else 'worker'
                 rss = p.memory_info().rss
                 peaks[p.pid] = (role, max(rss, peaks.get(p.pid, (role, 0))[1]))
+                times = p.cpu_times()
+                cpu[p.pid] = times.user + times.system
         except psutil.Error:  # a process ended between listing and reading
             pass
         time.sleep(0.01)
@@ -70,7 +72,7 @@ def run_convert(source, dest, workers):
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise click.ClickException(f'convert --workers {workers} failed: {out.strip()}')
-    return seconds, peaks
+    return seconds, peaks, cpu
 
 
 def members(path):
@@ -93,7 +95,7 @@ def main(images, worker_list):
         rates, archives = {}, []
         for workers in counts:
             dest = os.path.join(tmp, f'out-{workers}.zip')
-            seconds, peaks = run_convert(source, dest, workers)
+            seconds, peaks, cpu = run_convert(source, dest, workers)
             rates[workers] = images / seconds
             archives.append(members(dest))
             command = [rss for role, rss in peaks.values() if role == 'command']
@@ -101,7 +103,10 @@ def main(images, worker_list):
             print(f'--workers {workers}: {rates[workers]:7.1f} images/s ({seconds:.2f} s, start-up included; '
                   f'{rates[workers] / rates[counts[0]]:.2f}x --workers {counts[0]}); peak RSS: command '
                   f'{max(command) / 2**20:.0f} MiB' + (', workers ' + ', '.join(f'{r / 2**20:.0f}' for r in worker_rss)
-                                                        + ' MiB' if worker_rss else ''))
+                                                        + ' MiB' if worker_rss else '') +
+                  f'; CPU seconds: command {cpu[min(peaks, key=lambda p: peaks[p][0] != "command")]:.2f}' +
+                  (', workers ' + ', '.join(f'{cpu[p]:.2f}' for p in peaks if peaks[p][0] == 'worker')
+                   if worker_rss else ''))
         same = all(a == archives[0] for a in archives[1:])
         print(f'Archives identical (members, order, bytes): {"yes" if same else "NO"}; '
               f'load average after: {os.getloadavg()[0]:.2f}')

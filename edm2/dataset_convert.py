@@ -2,8 +2,9 @@
 
 `converted(files, names, transform, size, workers)` yields, for each name, the dataset image it becomes:
 PNG bytes (stored uncompressed, as the EDM2 release writes them) and the image size, or None when the
-transform skips the image, or the `DatasetError` that names why it cannot be read. This process reads
-the files (a dozen per worker ahead, see `edm2.worker_pool`); the workers decode, crop, scale and encode.
+transform skips the image, or the `DatasetError` that names why it cannot be read. The workers read a
+folder's files, decode, crop, scale and encode (a dozen images per worker ahead, see `edm2.worker_pool`);
+a ZIP's members are read here, so that only one process holds the archive's directory.
 Each image is converted by the same function whatever the number of workers, so the output is the
 same bytes in the same order.
 
@@ -11,6 +12,7 @@ same bytes in the same order.
 input), decoded by workers a batch or more ahead of the consumer, so decoding overlaps the VAE.
 """
 
+import copy
 import io
 
 from .data import DatasetError, decode_image
@@ -30,30 +32,35 @@ def convert_image(data: bytes, where: str, transform=None, size=None):
     return buf.getvalue(), img.size
 
 
-def _convert(options, item):
-    data, where = item
-    if isinstance(data, DatasetError):  # the file could not be read
+def _convert(context, item):
+    transform, size, reader = context
+    name, data = item
+    if isinstance(data, DatasetError):  # a ZIP member that could not be read
         return data
     try:
-        return convert_image(data, where, *options)
+        if data is None:  # a folder's file, read here in the worker
+            data = reader.read(name)
+        return convert_image(data, reader.describe(name), transform, size)
     except DatasetError as e:  # per image, not fatal here: the caller decides (--skip-bad)
         return e
 
 
 def _read(files, names):
+    """(name, bytes) from a ZIP (read here: one process parses its directory), (name, None) from a folder."""
     for name in names:
-        where = files.describe(name)
         try:
-            yield files.read(name), where
+            yield name, files.read(name) if files.is_zip else None
         except DatasetError as e:
-            yield e, where
+            yield name, e
 
 
 def converted(files, names, transform, size, workers):
     """Context manager yielding an iterator of `convert_image` results (or the `DatasetError` of an image
     that cannot be read or decoded) for `names` of `files` (an `edm2.data.FileTree`), in order.
     Leaving it early stops the workers."""
-    return ordered_map(_convert, _read(files, names), workers, context=(transform, size))
+    reader = copy.copy(files)  # what a worker needs to read and name files: not the list of names
+    reader.names = []
+    return ordered_map(_convert, _read(files, names), workers, context=(transform, size, reader))
 
 
 def _image(ds, i):

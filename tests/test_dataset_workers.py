@@ -93,6 +93,13 @@ def test_bad_image_in_a_worker_is_the_same_one_line_error(tmp_path):
                     '--skip-bad') for w in (1, 2)]
     assert 'Wrote 38 images' in out[1] and 'skipped 2 unreadable files' in out[1]
     assert _members(tmp_path / 'skip1.zip') == _members(tmp_path / 'skip2.zip')
+    # A ZIP source (members read by this process, converted by the workers): the same archive again.
+    with zipfile.ZipFile(tmp_path / 'src.zip', 'w') as z:
+        for path in sorted(src.rglob('*')):
+            z.write(path, path.relative_to(src).as_posix())
+    out = _convert(tmp_path / 'src.zip', tmp_path / 'skipz.zip', 2, '--resolution', '8x8', '--transform',
+                   'center-crop', '--skip-bad')
+    assert 'skipped 2 unreadable files' in out and _members(tmp_path / 'skipz.zip') == _members(tmp_path / 'skip1.zip')
 
 
 def _square_or_fail(context, x):
