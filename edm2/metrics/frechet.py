@@ -118,7 +118,8 @@ class FrechetReference:
         if w.size and w.min() < -level:
             _warn_negative(float(w.min()), scale, level, f'{names[1]} has a negative eigenvalue')
         keep = w > level
-        self.factor = v[:, keep] * np.sqrt(w[keep])  # F = V_r diag(sqrt(w_r)): S = F V_r^T
+        # F = V_r diag(sqrt(w_r)) (S = F V_r^T), in Fortran order for BLAS.
+        self.factor = np.asfortranarray(v[:, keep] * np.sqrt(w[keep]))
         self._names = names
 
     @property
@@ -134,7 +135,7 @@ class FrechetReference:
         gram = kt.T @ kt if kt.shape[1] <= kt.shape[0] else kt @ kt.T  # the smaller (numpy uses syrk for these)
         if gram.size == 0:
             return 0.0
-        lam = scipy.linalg.eigh(gram, lower=True, eigvals_only=True, driver='evr')
+        lam = scipy.linalg.eigh(gram, lower=True, eigvals_only=True, driver='ev', overwrite_a=True, check_finite=False)
         return float(np.sqrt(np.clip(lam, 0, None)).sum())  # a Gram matrix: negative values are rounding
 
     def distance(self, mu, sigma, names=('mu1', 'sigma1')) -> float:
