@@ -8,8 +8,8 @@ Images/s counts the whole command (start-up included). Resident memory of the pr
 with psutil every 10 ms. The outputs of all runs are checked to be the same archive (members, order,
 bytes). Takes well under two minutes on two cores.
 
-    python bench/dataset_tool.py                    # 2000 images, 1 and 2 workers
-    python bench/dataset_tool.py --images 4000 --workers 1,2,4
+    python bench/dataset_tool.py                    # 4000 images, 1 and 2 workers (about a minute)
+    python bench/dataset_tool.py --images 8000 --workers 1,2,4
 """
 
 import os
@@ -81,7 +81,7 @@ def members(path):
 
 
 @click.command()
-@click.option('--images', type=click.IntRange(10), default=2000, show_default=True, help='source images')
+@click.option('--images', type=click.IntRange(10), default=4000, show_default=True, help='source images')
 @click.option('--workers', 'worker_list', default='1,2', show_default=True, help='worker counts to time')
 def main(images, worker_list):
     counts = [int(v) for v in worker_list.split(',')]
