@@ -9,8 +9,8 @@ only). With one worker everything runs in this process.
 
 Workers are started with 'spawn' (nothing inherited from a parent that may hold threads or open
 archives; as always with spawn, a script that runs a command at import must guard it with
-`if __name__ == '__main__':`, since each worker imports the main script) and ignore Ctrl-C: the parent receives it, cancels what is queued and waits for the items
-being computed. An exception raised by `fn` is raised again by the iterator, as it would be in one
+`if __name__ == '__main__':`, since each worker imports the main script) and ignore Ctrl-C: the
+parent receives it, cancels what is queued and waits for the items being computed. An exception raised by `fn` is raised again by the iterator, as it would be in one
 process (when its chunk is reached); a worker that dies (killed, out of memory) ends the map with a
 one-line `WorkerError`.
 """

@@ -66,7 +66,8 @@ def _rank_deficient(d, n):
         a = FrechetReference(mu2, s2).distance(mu1, s1)
         b = FrechetReference(mu1, s1).distance(mu2, s2)
     # Neither side's null space (rounding noise) enters: both factors have the rank n - 1.
-    assert FrechetReference(mu2, s2).rank == n - 1 and frechet._cholesky_factor(mu1, s1, 'sigma1')[0].shape == (n - 1, d)
+    assert FrechetReference(mu2, s2).rank == n - 1
+    assert frechet._cholesky_factor(mu1, s1, 'sigma1')[0].shape == (n - 1, d)
     assert a == pytest.approx(b, rel=1e-8)
     old = _sqrtm_route(mu1, s1, mu2, s2)
     return a, abs(old - a) / a
