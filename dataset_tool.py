@@ -20,14 +20,15 @@ import zipfile
 
 import click
 import numpy as np
-import PIL.Image
 from tqdm import tqdm
 
 from edm2 import fileio
 from edm2.cli import Group, Int, fail, memory_error, path_problem
-from edm2.data import IMAGE_EXTENSIONS, DatasetError, FileTree, ImageFolderDataset, decode_image, read_labels
-from edm2.dataset_transforms import TRANSFORMS, scale_only
+from edm2.data import IMAGE_EXTENSIONS, DatasetError, FileTree, ImageFolderDataset, read_labels
+from edm2.dataset_convert import converted, dataset_images
+from edm2.dataset_transforms import TRANSFORMS
 from edm2.errors import EDM2Error, one_line
+from edm2.worker_pool import usable_cores
 
 MAX_RESOLUTION = 8192  # output side; a typo such as 51200x51200 would otherwise try to allocate gigabytes
 
@@ -53,10 +54,6 @@ class _Source:
             if all(t is not None for t in tops) and len(set(tops)) > 1:
                 classes = {t: i for i, t in enumerate(sorted(set(tops)))}
                 self.labels = {n: classes[t] for n, t in zip(self.names, tops)}
-
-    def image(self, name) -> PIL.Image.Image:
-        """The RGB image `name` (see `edm2.data.decode_image` for 16-bit, alpha and other modes)."""
-        return decode_image(self.files.read(name), self.files.describe(name)).convert('RGB')
 
     def label(self, name):
         if self.labels is None:
@@ -223,38 +220,40 @@ def _output_size(transform, resolution):
     return resolution
 
 
-def _convert_images(src, out, transform, size, max_images, skip_bad):
+def _convert_images(src, out, transform, size, max_images, skip_bad, workers):
     """Write the converted images of `src` to `out`; return (count, (w, h), labels, skipped)."""
     labels, skipped, count, shape = [], 0, 0, None
     total = min(len(src.names), max_images or len(src.names))
-    with tqdm(total=total, desc='convert', unit='img') as bar:
-        for name in src.names:
+    with tqdm(total=total, desc='convert', unit='img') as bar, \
+            converted(src.files, src.names, transform, size, workers) as results:
+        for name, result in zip(src.names, results):
             if count == total:
                 break
-            try:
-                img = src.image(name)
-            except DatasetError as e:
+            if isinstance(result, DatasetError):
                 if not skip_bad:
-                    fail(f'{one_line(e)} (--skip-bad skips such files)')
+                    fail(f'{one_line(result)} (--skip-bad skips such files)')
                 skipped += 1
                 continue
-            img = TRANSFORMS[transform](img, *size) if transform else scale_only(img, *(size or (None, None)))
-            if img is None:
+            if result is None:
                 continue
+            png, img_size = result
             if shape is None:
-                _check_output_size(*img.size, src.files.describe(name))
-                shape = img.size
-            elif img.size != shape:
-                fail(f'{src.files.describe(name)}: is {img.size[0]}x{img.size[1]}, the first image '
+                _check_output_size(*img_size, src.files.describe(name))
+                shape = img_size
+            elif img_size != shape:
+                fail(f'{src.files.describe(name)}: is {img_size[0]}x{img_size[1]}, the first image '
                      f'{shape[0]}x{shape[1]}; use --resolution and --transform to make them equal')
-            buf = io.BytesIO()
-            img.save(buf, format='png', compress_level=0, optimize=False)
-            out.write(_archive_name(count), buf.getvalue())
+            out.write(_archive_name(count), png)
             if src.labels is not None:
                 labels.append([_archive_name(count), src.label(name)])
             count += 1
             bar.update(1)
     return count, shape, labels, skipped
+
+
+def _workers_option(what):
+    return click.option('--workers', help=f'Processes that {what} (default: the usable CPU cores; 1: this '
+                        f'process only)', metavar='INT', type=Int(1, 1024), default=usable_cores)
 
 
 @cli.command()
@@ -267,7 +266,8 @@ def _convert_images(src, out, transform, size, max_images, skip_bad):
               type=click.Choice(sorted(TRANSFORMS)))
 @click.option('--resolution', help='Output size, width x height (e.g. 64x64)', metavar='WxH', type=Resolution())
 @click.option('--skip-bad', help='Count and skip images that cannot be decoded instead of stopping', is_flag=True)
-def convert(source, dest, max_images, transform, resolution, skip_bad):
+@_workers_option('decode, crop, scale and encode the images; the output is the same for any number')
+def convert(source, dest, max_images, transform, resolution, skip_bad, workers):
     """Make a dataset of square, power-of-two PNGs and dataset.json from a folder or ZIP of images.
 
     Classes come from the source's dataset.json when it has one; otherwise, when every image sits
@@ -284,7 +284,7 @@ def convert(source, dest, max_images, transform, resolution, skip_bad):
     out = _Destination(dest)  # checks --dest before the source is listed
     try:
         src = _Source(source)
-        count, shape, labels, skipped = _convert_images(src, out, transform, size, max_images, skip_bad)
+        count, shape, labels, skipped = _convert_images(src, out, transform, size, max_images, skip_bad, workers)
         if count == 0:
             fail(f'--source {source}: no image could be converted')
         _write_labels(out, labels if src.labels is not None else None)
@@ -313,15 +313,16 @@ def _open_pixel_dataset(source):
     return ds, labels
 
 
-def _encode_images(vae, ds, labels_all, out, count, batch, device):
-    """Encode the first `count` images of `ds` to `out`; return (labels, latent shape)."""
+def _encode_images(vae, ds, labels_all, out, count, batch, device, workers):
+    """Encode the first `count` images of `ds` to `out`; return (labels, latent shape). The images are
+    decoded by `workers` processes while the VAE encodes the batch before."""
     import torch  # only encode needs torch; convert starts without it
     labels, shape = [], None
-    with tqdm(total=count, desc='encode', unit='img') as bar:
+    with tqdm(total=count, desc='encode', unit='img') as bar, dataset_images(ds, count, workers, batch) as images:
         for start in range(0, count, batch):
             idxs = range(start, min(start + batch, count))
             try:
-                pixels = np.stack([ds[i][0] for i in idxs])
+                pixels = np.stack([next(images) for _ in idxs])
             except DatasetError as e:
                 fail(e)
             with torch.no_grad():
@@ -349,7 +350,8 @@ def _encode_images(vae, ds, labels_all, out, count, batch, device):
 @click.option('--batch', help='Images the VAE encodes at once', metavar='INT', default=8, show_default=True,
               type=Int(1, 65536, item_bytes=VAE_IMAGE_BYTES, item='image'))
 @click.option('--device', help='Where the VAE runs (default: CUDA when present, else the CPU)', metavar='STR')
-def encode(model_url, source, dest, max_images, batch, device):
+@_workers_option('decode the PNGs while the VAE encodes')
+def encode(model_url, source, dest, max_images, batch, device, workers):
     """Encode a PNG dataset into raw Stability VAE latents: 8 channels, posterior mean then std.
 
     \b
@@ -374,7 +376,7 @@ def encode(model_url, source, dest, max_images, batch, device):
             vae.init(dev)
         except Exception as e:  # diffusers/huggingface_hub raise many types for a missing or broken model
             fail(f'--model-url {model_url}: cannot load the VAE: {one_line(e)}')
-        labels, shape = _encode_images(vae, ds, labels_all, out, count, batch, dev)
+        labels, shape = _encode_images(vae, ds, labels_all, out, count, batch, dev, workers)
         _write_labels(out, labels if labels_all is not None else None)
         out.commit()
     except BaseException:

@@ -3,13 +3,16 @@
 Measures, with full-size architectures and random weights (speed does not depend on the values):
   - images/s of the FID Inception-v3 and of DINOv2 ViT-L/14 (with its preprocessing) at a given batch,
   - the share of that time spent accumulating float64 statistics (mu, Sigma),
-  - the time of the Fréchet distance between two 2048-d (and 1024-d) statistics,
+  - the time of the Fréchet distance between two 2048-d (FID) and 2023-d (sFID) statistics: scipy's
+    sqrtm of Sigma1 Sigma2 (the usual route, kept here as the baseline) against this project's
+    eigenvalue route, with the reference's factor computed in the call and cached (`--part frechet`),
   - the extra cost of the ADM evaluator's metrics over FID alone: the Inception pass returning pool
     features, logits and the sFID tap vs pool features only, the extra statistics updates, and the
     one-off sFID Fréchet distance, Inception Score and float16 precision/recall,
 and prints them with the machine and settings, plus ratios measured in the same run.
 
     python bench/metrics.py                     # batch 64, CPU
+    python bench/metrics.py --part frechet      # the Fréchet distance only (about a minute)
     python bench/metrics.py --device cuda --iters 5 --pr-num 50000,10000
 """
 
@@ -17,13 +20,16 @@ import argparse
 import os
 import time
 
+import warnings
+
 import numpy as np
+import scipy.linalg
 import torch
 
 from edm2.metrics.detectors import Detector
 from edm2.metrics.dinov2 import DINOv2ViT
 from edm2.metrics.adm_precision_recall import adm_precision_recall
-from edm2.metrics.frechet import frechet_distance
+from edm2.metrics.frechet import FrechetReference
 from edm2.metrics.inception import NUM_CLASSES, SFID_DIM, InceptionV3FID, sfid_features
 from edm2.metrics.inception_score import inception_score
 from edm2.metrics.stats import FeatureStats
@@ -59,19 +65,48 @@ def time_stats(dim, batch, iters, device):
     return (time.perf_counter() - t0) / iters
 
 
-def time_frechet(dim, n, iters):
-    rng = np.random.RandomState(0)
-    mus, sigmas = [], []
-    for _ in range(2):
-        f = rng.randn(n, dim) @ (rng.randn(dim, dim) / np.sqrt(dim))
-        mus.append(f.mean(0))
-        sigmas.append(np.cov(f, rowvar=False))
-    times = []
+def random_statistics(dim, n, seed):
+    rng = np.random.RandomState(seed)
+    f = rng.randn(n, dim) @ (rng.randn(dim, dim) / np.sqrt(dim))
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def sqrtm_route(mu1, sigma1, mu2, sigma2):
+    """The Fréchet distance as usually computed (baseline): the real part of scipy's sqrtm(Sigma1 Sigma2)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean).real)
+
+
+def best_of(fn, iters):
+    times, value = [], None
     for _ in range(iters):
         t0 = time.perf_counter()
-        frechet_distance(mus[0], sigmas[0], mus[1], sigmas[1])
+        value = fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(times), value
+
+
+def time_frechet(dim, n, iters):
+    """Best-of-`iters` seconds of: the sqrtm route, the eigenvalue route factoring the reference in the
+    call, and with the reference's factor already made (the sweep, --repeats); plus the relative difference."""
+    (mu1, sigma1), (mu2, sigma2) = random_statistics(dim, n, 0), random_statistics(dim, n, 1)
+    t_old, old = best_of(lambda: sqrtm_route(mu1, sigma1, mu2, sigma2), iters)
+    t_new, new = best_of(lambda: FrechetReference(mu2, sigma2).distance(mu1, sigma1), iters)
+    ref = FrechetReference(mu2, sigma2)
+    t_cached, cached = best_of(lambda: ref.distance(mu1, sigma1), iters)
+    return dict(old=t_old, new=t_new, cached=t_cached, difference=abs(new - old) / abs(old))
+
+
+def report_frechet(iters):
+    for dim, what in ((2048, 'FID, FD_DINOv2-size'), (SFID_DIM, 'sFID')):
+        r = time_frechet(dim, n=3 * dim, iters=iters)
+        print(f'Fréchet distance, {dim}-d statistics ({what}), best of {iters}: scipy sqrtm route {r["old"]:.2f} s; '
+              f'eigenvalue route {r["new"]:.2f} s factoring the reference ({r["old"] / r["new"]:.1f}x), '
+              f'{r["cached"]:.2f} s with its factor cached ({r["old"] / r["cached"]:.1f}x); '
+              f'values differ by {r["difference"]:.1e} relative')
 
 
 def time_adm_extra(det, images, iters, device, num, pr_num):
@@ -102,7 +137,8 @@ def time_adm_extra(det, images, iters, device, num, pr_num):
     t_extra_ops = min(extra_ops)
     batch = images.shape[0]
     t_stats_extra = time_stats(SFID_DIM, batch, 3, device) + time_stats(NUM_CLASSES, batch, 3, device)
-    t_sfid = time_frechet(SFID_DIM, n=2 * SFID_DIM, iters=1)
+    (mu1, sigma1), (mu2, sigma2) = (random_statistics(SFID_DIM, 2 * SFID_DIM, seed) for seed in (0, 1))
+    t_sfid = best_of(lambda: FrechetReference(mu2, sigma2).distance(mu1, sigma1), 1)[0]  # one-off: factor included
     logits = torch.randn(num, NUM_CLASSES, device=device) * 3
     t0 = time.perf_counter()
     inception_score(logits.cpu().numpy())
@@ -146,6 +182,9 @@ def main():
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch default)')
     parser.add_argument('--detectors', default='inception,dinov2')
     parser.add_argument('--num', type=int, default=50000, help='images of one evaluation (ADM extra-cost summary)')
+    parser.add_argument('--part', choices=('all', 'detectors', 'frechet'), default='all',
+                        help='the detectors (with the ADM extra cost), the Fréchet distance, or both')
+    parser.add_argument('--frechet-iters', type=int, default=2, help='timed Fréchet distances per route (best)')
     parser.add_argument('--pr-num', default='5000,2000',
                         help='samples,reference features of the timed ADM precision/recall (evaluator: 50000,10000)')
     args = parser.parse_args()
@@ -159,6 +198,13 @@ def main():
           + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''))
     print(f'settings: batch {args.batch}, input {args.resolution}x{args.resolution} uint8, best of {args.iters}, '
           f'random full-size weights')
+    if args.part in ('all', 'detectors'):
+        report_detectors(args, device, pr_num)
+    if args.part in ('all', 'frechet'):
+        report_frechet(args.frechet_iters)
+
+
+def report_detectors(args, device, pr_num):
     images = torch.randint(0, 256, (args.batch, 3, args.resolution, args.resolution), dtype=torch.uint8,
                            device=device)
 
@@ -178,10 +224,6 @@ def main():
                 report_adm(time_adm_extra(det, images, args.iters, device, args.num, pr_num), args.num, pr_num)
     if len(rates) == 2:
         print(f'ratio inception / dinov2 images/s: {rates["inception"] / rates["dinov2"]:.2f}')
-
-    for dim in (2048, 1024):
-        t = time_frechet(dim, n=3 * dim, iters=3)
-        print(f'Fréchet distance, {dim}-d statistics: {t:.2f} s (scipy.linalg.sqrtm, best of 3)')
 
 
 if __name__ == '__main__':

@@ -419,7 +419,8 @@ def write_then_wait(self, name, data):  # a long conversion, frozen after its fi
     print('written', flush=True)
     time.sleep(600)
 dataset_tool._Destination.write = write_then_wait
-dataset_tool.cli()
+if __name__ == '__main__':  # convert's worker processes start by importing this script (spawn)
+    dataset_tool.cli()
 '''
 
 

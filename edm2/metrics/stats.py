@@ -66,7 +66,7 @@ class FeatureStats:
         if n < 2:
             raise ValueError(f'feature statistics need at least 2 items, got {int(n)}')
         mu = self.sum / n
-        sigma = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
+        sigma = torch.addr(self.sum_outer, mu, mu, beta=1 / (n - 1), alpha=-n / (n - 1))  # one pass, no temporaries
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
     def get_features(self) -> np.ndarray:
