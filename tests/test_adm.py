@@ -24,8 +24,7 @@ from edm2.metrics.inception_score import inception_score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 12
-pytestmark = [pytest.mark.usefixtures('one_thread'),
-              pytest.mark.filterwarnings('ignore:Fréchet distance.*singular:RuntimeWarning')]
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ----------------------------------------------------------------------------------------------------

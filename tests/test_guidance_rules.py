@@ -15,9 +15,7 @@ import edm2
 from edm2 import generation, sampling
 from edm2.guidance_rules import APG, Lerp, Rescale, RuleError, parse_rule
 
-# FID of 3 images from 128-d features: the singular-covariance warning is expected.
-pytestmark = [pytest.mark.usefixtures('one_thread'),
-              pytest.mark.filterwarnings('ignore:Fréchet distance.*singular:RuntimeWarning')]
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,8 +21,6 @@ from edm2.metrics import detectors as det_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 12
-# 12 images give singular 128x128 covariances; the warning about it is expected here.
-pytestmark = pytest.mark.filterwarnings('ignore:Fréchet distance.*singular:RuntimeWarning')
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')

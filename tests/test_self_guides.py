@@ -251,7 +251,6 @@ def test_bad_self_guides_in_both_commands(official, cli_files, tmp_path, net, sp
     assert not out.exists() and not (tmp_path / 'r.json').exists()
 
 
-@pytest.mark.filterwarnings('ignore:Fréchet distance.*singular:RuntimeWarning')
 def test_a_real_guide_and_a_self_guide_together(official, cli_files, tmp_path):
     net_path, gnet_path = official('main-rgb16.pkl'), official('guide-rgb16.pkl')
     flags = ['--net', net_path, '--gnet', gnet_path, '--gnet', 'self:pag', '--guide-weights', '0.5,0.5',

@@ -27,8 +27,7 @@ from edm2.networks import build_network
 from edm2.phema import PowerFunctionEMA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = [pytest.mark.usefixtures('one_thread'),
-              pytest.mark.filterwarnings('ignore:Fréchet distance.*singular:RuntimeWarning')]
+pytestmark = pytest.mark.usefixtures('one_thread')
 STDS = (0.05, 0.10)
 STEP_IMAGES = 256
 

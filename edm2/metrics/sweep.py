@@ -305,7 +305,7 @@ class _Cells:
         values = {}
         if distributed.is_main():
             values = metric_values(stats, self.reference, c.metrics, c.pr_features, c.seed, self.device)
-        times['metrics'] = time.perf_counter() - t1  # Fréchet distances: a matrix square root per metric
+        times['metrics'] = time.perf_counter() - t1  # Fréchet distances (the reference's factor reused)
         return values, times
 
 
