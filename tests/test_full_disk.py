@@ -14,7 +14,6 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from click.testing import CliRunner
 
 import calculate_metrics
@@ -22,14 +21,12 @@ import dataset_tool
 import generate_images
 import reconstruct_phema
 import train_edm2
-from edm2.checkpoint import load_network, save_network
-from edm2.networks import build_network
+from edm2.checkpoint import load_network
+from test_run_lock import _snapshots
 from test_sweep import _sweep_args, assets  # noqa: F401  (assets is a fixture)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-NET = dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=8, channel_mult=[1, 2],
-           attn_resolutions=[], num_blocks=1, channels_per_head=8)
 
 
 class _Limited:
@@ -95,16 +92,6 @@ def _no_temporaries(folder):
 
 def _invoke(command, *args):
     return CliRunner().invoke(command, [str(a) for a in args])
-
-
-def _snapshots(folder):
-    torch.manual_seed(0)
-    net = build_network(dict(NET)).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    for kimg in (8, 16):
-        for std in (0.05, 0.10):
-            save_network(folder / f'network-snapshot-{kimg:07d}-{std:.3f}.safetensors', net, kimg=kimg, ema_std=std)
-    return folder
 
 
 @pytest.mark.slow

@@ -22,37 +22,33 @@ def pyplot():
 
 def draw_figure(path, rows, level, weights, max_points=6000, dpi=90):
     """rows: [(label or None, samples, results)], one row of the five panels each."""
-    plt = pyplot()
-    mixture = gt('A')
-    grid = density_grid(mixture)
     titles = {'ground truth': '(a) ground truth, class A', 'unguided': '(b) unguided',
               'CFG': f'(c) CFG, w={weights["cfg"]:g}', 'autoguidance': f'(d) autoguidance, w={weights["ag"]:g}',
               'naive truncation': f'(e) naive truncation, w={weights["trunc"]:g}'}
+    _draw_rows(path, rows, level, max_points, dpi, lambda name, r: (titles[name], None))
+
+
+def draw_rules_figure(path, rows, level, weight, max_points=6000, dpi=90):
+    """rows: [(label or None, {rule spec: samples}, {rule spec: results})], autoguidance at weight `weight`
+    under each rule; each panel's title gives its outlier rate and branch TV."""
+    _draw_rows(path, rows, level, max_points, dpi, lambda spec, r: (
+        spec, f'w={weight:g}: outliers {r["outlier_rate"]:.2%}, branch TV {r["branch_tv"]:.3f}'))
+
+
+def _draw_rows(path, rows, level, max_points, dpi, title_of):
+    """One row of panels per (label, {name: samples}, {name: results}); title_of(name, results) gives a
+    panel's (title, caption or None)."""
+    plt = pyplot()
+    mixture = gt('A')
+    grid = density_grid(mixture)
     ncols = len(rows[0][1])
     fig, axes = plt.subplots(len(rows), ncols, figsize=(3.0 * ncols, 3.35 * len(rows)), squeeze=False)
     for (label, samples, results), row in zip(rows, axes):
         if label:
             row[0].set_ylabel(label, fontsize=8.5)
         for ax, (name, x) in zip(row, samples.items()):
-            draw_panel(ax, x, results[name], titles[name], mixture, grid, level, max_points)
-    save(plt, fig, path, dpi)
-
-
-def draw_rules_figure(path, rows, level, weight, max_points=6000, dpi=90):
-    """rows: [(label or None, {rule spec: samples}, {rule spec: results})], autoguidance at weight `weight`
-    under each rule; each panel's title gives its outlier rate and branch TV."""
-    plt = pyplot()
-    mixture = gt('A')
-    grid = density_grid(mixture)
-    ncols = len(rows[0][1])
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.0 * ncols, 3.35 * len(rows)), squeeze=False)
-    for (label, samples, results), row in zip(rows, axes):
-        if label:
-            row[0].set_ylabel(label, fontsize=8.5)
-        for ax, (spec, x) in zip(row, samples.items()):
-            r = results[spec]
-            caption = f'w={weight:g}: outliers {r["outlier_rate"]:.2%}, branch TV {r["branch_tv"]:.3f}'
-            draw_panel(ax, x, r, spec, mixture, grid, level, max_points, caption)
+            title, caption = title_of(name, results[name])
+            draw_panel(ax, x, results[name], title, mixture, grid, level, max_points, caption)
     save(plt, fig, path, dpi)
 
 
