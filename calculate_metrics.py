@@ -61,6 +61,7 @@ def _accumulate(dataset, positions, detectors, opts, device, desc, **kwargs):
 DETECTOR_IMAGE_BYTES = 2 * 3 * 299 * 299 * 4
 FEATURE_BYTES = (2048 + 1024) * 4
 ADM_IMAGE_BYTES = 64 * 64 * 3
+WORKER_BYTES = 64 << 20  # a data loader worker: a process of its own (lower estimate of its private memory)
 
 
 def _image_bytes(p):
@@ -76,7 +77,7 @@ def common_options(fn):
     opts = [
         click.option('--batch', help='Batch size per process', metavar='INT', type=_count(1, DETECTOR_IMAGE_BYTES),
                      default=64, show_default=True),
-        click.option('--workers', help='Data loader worker processes', metavar='INT', type=click.IntRange(min=0),
+        click.option('--workers', help='Data loader worker processes', metavar='INT', type=_count(0, WORKER_BYTES, 'worker process'),
                      default=2, show_default=True),
         click.option('--device', help='Device (default: cuda if available, else cpu)', metavar='STR', default=None),
         click.option('--inception-weights', help='Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth); '

@@ -2,11 +2,13 @@
 any work, in one line naming the flag (edm2.cli.Int's item_bytes, edm2.cli.check_memory); text that is not an
 integer is one line too."""
 
+import pathlib
+
 import pytest
 from click.testing import CliRunner
 from test_generate import nets  # noqa: F401 (a fixture)
 from test_hostile_training import make_images
-from test_sweep import _write_run
+from test_sweep import _sweep_args, _write_run, assets  # noqa: F401 (assets is a fixture)
 
 import calculate_metrics
 import dataset_tool
@@ -15,7 +17,9 @@ import reconstruct_phema
 import toy_example
 import train_edm2
 from edm2 import cli, generation, toy
+from edm2.checkpoint import load_network
 from edm2.metrics import dataset_features
+from edm2.metrics import sweep as sweep_lib
 from edm2.networks import build_network
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -65,6 +69,7 @@ CASES = [  # (command, arguments, flag): HUGE items of that flag cannot fit anyw
     (calculate_metrics.cli, ['calc', '--images', 'd', '--ref', 'r.pkl', '--num', '1000000', '--repeats', HUGE],
      '--repeats'),
     (calculate_metrics.cli, ['gen', '--net', 'n', '--ref', 'r.pkl', '--num', HUGE], '--num'),
+    (calculate_metrics.cli, ['calc', '--images', 'd', '--ref', 'r.pkl', '--workers', HUGE], '--workers'),
     (calculate_metrics.cli, ['sweep', '--net', 'n', '--gnet', 'g', '--guidance', '2', '--ref', 'r', '--outdir', 'o',
                              '--num', HUGE], '--num'),
     (calculate_metrics.cli, ['sweep', '--net', 'n', '--gnet', 'g', '--guidance', '2', '--ref', 'r', '--outdir', 'o',
@@ -124,3 +129,34 @@ def test_sizes_known_once_inputs_are_open(nets, tmp_path, monkeypatch):  # noqa:
         '--channels', '8', '--channel-mult', '1', '--num-blocks', '1', '--attn-res', '', '--device', 'cpu'])
     assert result.exit_code != 0 and '--batch: 4096 needs about' in result.output.splitlines()[-1], result.output
     assert not (tmp_path / 't').exists()
+
+
+def test_sweep_networks_held_at_once_are_checked_before_any_cell(assets, tmp_path, monkeypatch):  # noqa: F811
+    """--phema-batch / --gnet-batch: the main and guide networks held at once (plus one input snapshot of
+    each axis) must fit; the sweep's grid has 2 main and 2 guide EMA lengths."""
+    def params(folder):
+        return 4 * sum(p.numel() for p in load_network(sorted(folder.iterdir())[0]).parameters())
+    main, guide = params(pathlib.Path(assets['main'])), params(pathlib.Path(assets['guide']))
+
+    def work(*args, **kwargs):
+        raise AssertionError('work started')
+    monkeypatch.setattr(sweep_lib, 'run_sweep', work)
+    preflight, real_memory = sweep_lib.preflight, cli.available_memory
+    monkeypatch.setattr(cli, 'available_memory', lambda device=None: limit.get('free') or real_memory(device))
+
+    def preflight_with_little_memory(*args):  # the flags' own checks, before it, see the real memory
+        limit['free'] = 3 * main + 3 * guide - 1  # both main networks, both guides, one input of each
+        try:
+            preflight(*args)
+        finally:
+            limit.clear()
+    limit = {}
+    monkeypatch.setattr(sweep_lib, 'preflight', preflight_with_little_memory)
+    result = CliRunner().invoke(calculate_metrics.cli, _sweep_args(assets, tmp_path / 'o'))
+    assert result.exit_code != 0 and 'Traceback' not in result.output, result.output
+    last = result.output.splitlines()[-1]
+    assert last.startswith('Error:') and '--phema-batch 8' in last and 'is available' in last, last
+    assert not (tmp_path / 'o' / 'cells.jsonl').exists()
+    with pytest.raises(AssertionError, match='work started'):  # one main network at a time fits
+        CliRunner().invoke(calculate_metrics.cli, _sweep_args(assets, tmp_path / 'o', ['--phema-batch', '1']),
+                           catch_exceptions=False)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from edm2 import distributed, generation, phema_reconstruct, sampling
+from edm2 import cli, distributed, generation, phema_reconstruct, sampling
 from edm2.checkpoint import load_snapshot
 from edm2.errors import one_line
 from edm2.guidance_rules import RuleError, parse_rule
@@ -190,6 +190,25 @@ class NetworkPool:
         self.held.clear()
 
 
+def _float32_bytes(net):
+    return 4 * sum(p.numel() for p in net.parameters())
+
+
+def check_memory(config, net, gnet, device):
+    """Refuse, before any cell, a sweep whose networks held at once (`memory_bound`, plus one input
+    snapshot while reconstructing; float32, a lower estimate) do not fit in the available memory, naming
+    --phema-batch or --gnet-batch, whichever holds more."""
+    main_cap, guide_cap = config.memory_bound()
+    main = (main_cap + (0 if config.net.fixed else 1)) * _float32_bytes(net)
+    guides = 0 if gnet is None else (guide_cap + (0 if config.gnet.fixed else 1)) * _float32_bytes(gnet)
+    free = cli.available_memory(device)
+    if main + guides > free:
+        flag, value = ('--phema-batch', config.phema_batch) if main >= guides else ('--gnet-batch', config.guide_batch)
+        raise SweepError(f'{flag} {value}: {main_cap} main and {guide_cap} guide networks held at once need about '
+                         f'{cli.format_bytes(main + guides)} of memory, but {cli.format_bytes(free)} is available; '
+                         f'lower {flag}')
+
+
 def preflight(config, device):
     """Checks made before any cell: the guidance intervals, and that the guide fits the main network
     (reads one snapshot of each axis; a self guide's blocks are looked up in the main network)."""
@@ -210,6 +229,7 @@ def preflight(config, device):
         gnet = None if config.gnet.is_self else first(config.gnet)
     except ValueError as e:  # CheckpointError, PhemaError: one line naming the file
         raise SweepError(one_line(e)) from None
+    check_memory(config, net, gnet, device)
     if gnet is None:
         try:
             config.gnet.self_guide.bind(net)
