@@ -14,6 +14,7 @@ from decimal import Decimal, InvalidOperation
 import click
 
 from .errors import EDM2Error, one_line
+from .fileio import NAME_MAX
 
 
 def fail(error, prefix=None):
@@ -210,8 +211,7 @@ def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False
     return result
 
 
-NAME_MAX = 255    # bytes in one file or folder name (ext4, xfs, btrfs, tmpfs, NFS)
-PATH_MAX = 4095   # bytes in a whole path given to the kernel
+PATH_MAX = 4095  # bytes in a whole path given to the kernel (NAME_MAX, from edm2.fileio: bytes in one name)
 
 
 def path_problem(path):
@@ -266,4 +266,3 @@ def check_output(path, flag, folder=False):
         fail(f'cannot create {path}: {parent} is not a folder', flag)
     if not os.access(parent, os.W_OK | os.X_OK):
         fail(f'cannot create {path}: {parent} is not writable', flag)
-

@@ -68,7 +68,7 @@ def _acquire(folder, flag):
 def hold_run_folder(folder, flag='--outdir'):
     """Hold the run lock of `folder` for the block (see the module docstring); raises FolderInUseError on
     every rank when rank 0 could not take it. Yields the stale temporaries removed (rank 0; [] elsewhere).
-A folder created here and still empty at the end is removed."""
+    A folder created here and still empty at the end is removed."""
     folder = os.path.abspath(os.fspath(folder))
     fd, created, error, removed = None, False, [None], []
     if distributed.is_main():
@@ -104,7 +104,7 @@ A folder created here and still empty at the end is removed."""
 def hold_for_command(folder, flag='--outdir'):
     """Inside a click command: hold the lock of `folder` until the command ends (click closes it with
     its context, also on errors); a refusal is the command's one-line error, printed by rank 0 only.
-    Yields the stale temporaries removed, as `hold_run_folder`."""
+    Returns the stale temporaries removed, as `hold_run_folder` yields them."""
     import click
 
     from .cli import fail_once

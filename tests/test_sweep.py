@@ -471,6 +471,22 @@ def _values(cells):
     return {k: (c['fid'], c['fd_dinov2']) for k, c in _by_key(cells).items()}
 
 
+def _killed_after_three_cells(command, outdir, env):
+    """Run the sweep `command`, SIGKILL it once cells.jsonl holds 3 lines; the complete lines it left
+    (the kill must land mid-sweep: fewer than the 8 cells of the grid)."""
+    p = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (outdir / 'cells.jsonl').exists() and len((outdir / 'cells.jsonl').read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = [line for line in (outdir / 'cells.jsonl').read_text().splitlines(keepends=True) if line.endswith('\n')]
+    assert 3 <= len(done) < 8, 'the kill must land during the sweep'
+    return done
+
+
 @pytest.mark.slow
 def test_kill9_then_rerun_equals_uninterrupted(assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -480,18 +496,7 @@ def test_kill9_then_rerun_equals_uninterrupted(assets, tmp_path):
     proc = subprocess.run(cmd + _sweep_args(assets, whole, slower), env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    p = subprocess.Popen(cmd + _sweep_args(assets, cut, slower), env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if (cut / 'cells.jsonl').exists() and len((cut / 'cells.jsonl').read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    before = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
-    done = [line for line in before if line.endswith('\n')]
-    assert 3 <= len(done) < 8, 'the kill must land during the sweep'
+    done = _killed_after_three_cells(cmd + _sweep_args(assets, cut, slower), cut, env)
     proc = subprocess.run(cmd + _sweep_args(assets, cut, slower), env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -557,17 +562,7 @@ def test_kill9_two_rules_and_a_self_guide(assets, tmp_path):
     cells = _cells(whole)
     assert len(cells) == 8 and {c['rule'] for c in cells} == {'lerp', 'apg:eta=0,momentum=0,threshold=0'}
     assert all(c['gnet'] == {'self': 'self:pag'} for c in cells)
-    p = subprocess.Popen(cmd + _self_args(assets, cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         cwd=REPO)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if (cut / 'cells.jsonl').exists() and len((cut / 'cells.jsonl').read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    done = [line for line in (cut / 'cells.jsonl').read_text().splitlines(keepends=True) if line.endswith('\n')]
-    assert 3 <= len(done) < 8, 'the kill must land during the sweep'
+    done = _killed_after_three_cells(cmd + _self_args(assets, cut), cut, env)
     proc = subprocess.run(cmd + _self_args(assets, cut), env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
