@@ -50,7 +50,7 @@ def child(args):
     import torch
 
     import edm2.checkpoint  # noqa: F401  (part of the baseline, like the command's own imports)
-    import generate_images
+    from edm2.commands import generate_images
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
     with torch.device('meta'):  # torch's meta kernels (used to check shapes while loading) load on first use
         torch.randn(1) * 2

@@ -57,7 +57,7 @@ def child(args):
     import torch
 
     import edm2.checkpoint  # noqa: F401  (part of the baseline, like the command's own imports)
-    import reconstruct_phema
+    from edm2.commands import reconstruct_phema
     from edm2 import phema_reconstruct
     reads = collections.Counter()
     streaming = phema_reconstruct.reconstruct_batches

@@ -71,11 +71,11 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
 
     from edm2.networks import build_network
     from edm2.phema import PowerFunctionEMA
-    from training import loop, stream
-    from training.optimizer import adam
+    from edm2.training import loop, stream
+    from edm2.training.optimizer import adam
     from edm2.data import ImageFolderDataset
-    from training.loss import EDM2Loss
-    from training.options import TrainingOptions
+    from edm2.training.loss import EDM2Loss
+    from edm2.training.options import TrainingOptions
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """The project's error base class and the one-line message rule every command follows.
 
 Library code raises an `EDM2Error` subclass whose message names the file or flag at fault; command
-lines turn it into a one-line click error (`edm2.cli.fail`). Nothing here imports torch.
+lines turn it into a one-line click error (`edm2.commands.cli.fail`). Nothing here imports torch.
 """
 
 

@@ -99,16 +99,3 @@ def hold_run_folder(folder, flag='--outdir'):
             if created:
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)  # only succeeds when nothing was written
-
-
-def hold_for_command(folder, flag='--outdir'):
-    """Inside a click command: hold the lock of `folder` until the command ends (click closes it with
-    its context, also on errors); a refusal is the command's one-line error, printed by rank 0 only.
-    Returns the stale temporaries removed, as `hold_run_folder` yields them."""
-    import click
-
-    from .cli import fail_once
-    try:
-        return click.get_current_context().with_resource(hold_run_folder(folder, flag))
-    except FolderInUseError as e:
-        fail_once(e)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import calculate_metrics
+from edm2.commands import calculate_metrics
 from edm2.metrics import adm
 from edm2.metrics import detectors as det_lib
 from edm2.metrics.adm_npz import AdmBatch, AdmFileError, NpzImageWriter, SampleBatchSink
@@ -430,7 +430,7 @@ def test_gen_save_npz_and_is_of_saved_images(assets, tmp_path, official):
 
 
 def test_generate_images_npz_round_trip(tmp_path, official):
-    import generate_images
+    from edm2.commands import generate_images
     net = official('main-rgb16.pkl')
     outdir, npz = tmp_path / 'png', tmp_path / 'batch.npz'
     result = CliRunner().invoke(generate_images.main, [

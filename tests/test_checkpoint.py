@@ -17,7 +17,8 @@ import torch
 from click.testing import CliRunner
 
 import edm2
-from edm2 import checkpoint, checkpoint_cli
+from edm2 import checkpoint
+from edm2.commands import checkpoint_cli
 from edm2.checkpoint import CheckpointError, load_network, load_snapshot, save_network
 from edm2.download import DownloadError, fetch
 from edm2.encoders import StabilityVAEEncoder, StandardRGBEncoder

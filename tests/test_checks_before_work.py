@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 from test_sweep import _write_run
 
-import calculate_metrics
-import reconstruct_phema
-import toy_example
-import train_edm2
+from edm2.commands import calculate_metrics
+from edm2.commands import reconstruct_phema
+from edm2.commands import toy_example
+from edm2.commands import train_edm2
 from edm2 import phema, safe_pickle
 from edm2.metrics import dataset_features, inputs
 from edm2.metrics import detectors as det_lib

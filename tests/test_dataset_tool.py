@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
-import dataset_tool
+from edm2.commands import dataset_tool
 from edm2.data import ImageFolderDataset
 
 

@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
-import dataset_tool
+from edm2.commands import dataset_tool
 from edm2.worker_pool import ordered_map
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,11 +16,11 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
-import calculate_metrics
-import dataset_tool
-import generate_images
-import reconstruct_phema
-import train_edm2
+from edm2.commands import calculate_metrics
+from edm2.commands import dataset_tool
+from edm2.commands import generate_images
+from edm2.commands import reconstruct_phema
+from edm2.commands import train_edm2
 from edm2.checkpoint import load_network
 from test_run_lock import _snapshots
 from test_sweep import _sweep_args, assets  # noqa: F401  (assets is a fixture)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import generate_images
+from edm2.commands import generate_images
 from edm2 import generation, presets, sampling
 from edm2.checkpoint import save_network
 from edm2.encoders import StandardRGBEncoder

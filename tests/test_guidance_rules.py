@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import calculate_metrics
-import generate_images
+from edm2.commands import calculate_metrics
+from edm2.commands import generate_images
 import edm2
 from edm2 import generation, sampling
 from edm2.guidance_rules import APG, Lerp, Rescale, RuleError, parse_rule

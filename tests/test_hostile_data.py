@@ -26,7 +26,7 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
-import dataset_tool
+from edm2.commands import dataset_tool
 from edm2 import data
 from edm2.data import DatasetError, ImageFolderDataset
 
@@ -412,7 +412,7 @@ def test_outputs_get_umask_permissions(tmp_path, umask):
 _SLOW_TOOL = '''
 import sys, time
 sys.path.insert(0, {repo!r})
-import dataset_tool
+from edm2.commands import dataset_tool
 write = dataset_tool._Destination.write
 def write_then_wait(self, name, data):  # a long conversion, frozen after its first image
     write(self, name, data)

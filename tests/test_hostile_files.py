@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from edm2 import checkpoint_cli
+from edm2.commands import checkpoint_cli
 from edm2.checkpoint import CheckpointError, load_network, save_network
 from edm2.metrics.reference import ReferenceFileError, load_reference
 from edm2.networks import build_network
@@ -209,7 +209,7 @@ def test_native_outputs_follow_the_umask(tmp_path, umask):
 # reconstruct_phema.py: bad paths and values are refused in one line before any work.
 
 def _reconstruct_main():
-    import reconstruct_phema
+    from edm2.commands import reconstruct_phema
     return reconstruct_phema.main
 
 

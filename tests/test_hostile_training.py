@@ -19,9 +19,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import train_edm2
+from edm2.commands import train_edm2
 from edm2 import fileio
-from training.loss import EDM2Loss
+from edm2.training.loss import EDM2Loss
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = ['--channels', '8', '--channel-mult', '1,2', '--num-blocks', '1', '--attn-res', '', '--device', 'cpu',

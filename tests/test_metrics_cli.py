@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import calculate_metrics
+from edm2.commands import calculate_metrics
 from edm2.metrics import detectors as det_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

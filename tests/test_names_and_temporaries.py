@@ -11,10 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import dataset_tool
-import generate_images
-import toy_example
-from edm2 import checkpoint_cli, fileio
+from edm2.commands import dataset_tool
+from edm2.commands import generate_images
+from edm2.commands import toy_example
+from edm2 import fileio
+from edm2.commands import checkpoint_cli
 from edm2.checkpoint import load_network, save_network
 from edm2.networks import build_network
 

@@ -11,7 +11,7 @@ from edm2 import presets
 from edm2.checkpoint import load_network, load_snapshot
 from edm2.mp import MPConv, mp_sum, normalize
 from edm2.networks import Block, Precond, build_network, network_kwargs, precond_coefficients
-from training.loss import edm_weight
+from edm2.training.loss import edm_weight
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -226,7 +226,7 @@ def test_streaming_holds_at_most_batch_outputs_plus_one_input():
 # reconstruct_phema.py
 
 def parse_float_list(text):
-    from edm2.cli import parse_number_list
+    from edm2.commands.cli import parse_number_list
     return parse_number_list(text, '--outstd')
 
 
@@ -245,7 +245,7 @@ def test_parse_float_list():
 def _run(args):
     from click.testing import CliRunner
 
-    import reconstruct_phema
+    from edm2.commands import reconstruct_phema
     return CliRunner().invoke(reconstruct_phema.main, [str(a) for a in args])
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import calculate_metrics
-import generate_images
-import reconstruct_phema
-import train_edm2
+from edm2.commands import calculate_metrics
+from edm2.commands import generate_images
+from edm2.commands import reconstruct_phema
+from edm2.commands import train_edm2
 from edm2.checkpoint import save_network
 from edm2.networks import build_network
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import calculate_metrics
+from edm2.commands import calculate_metrics
 import edm2
-import generate_images
+from edm2.commands import generate_images
 from edm2 import generation, sampling
 from edm2.checkpoint import save_network
 from edm2.metrics import detectors

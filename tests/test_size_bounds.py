@@ -1,5 +1,5 @@
 """Bounds on every size flag: a count whose items cannot fit in the memory available now is refused before
-any work, in one line naming the flag (edm2.cli.Int's item_bytes, edm2.cli.check_memory); text that is not an
+any work, in one line naming the flag (edm2.commands.cli.Int's item_bytes, edm2.commands.cli.check_memory); text that is not an
 integer is one line too."""
 
 import pathlib
@@ -10,13 +10,13 @@ from test_generate import nets  # noqa: F401 (a fixture)
 from test_hostile_training import make_images
 from test_sweep import _sweep_args, _write_run, assets  # noqa: F401 (assets is a fixture)
 
-import calculate_metrics
-import dataset_tool
-import generate_images
-import reconstruct_phema
-import toy_example
-import train_edm2
-from edm2 import cli, generation, toy
+from edm2.commands import calculate_metrics
+from edm2.commands import dataset_tool
+from edm2.commands import generate_images
+from edm2.commands import reconstruct_phema
+from edm2.commands import toy_example
+from edm2.commands import train_edm2
+from edm2 import generation, limits, toy
 from edm2.checkpoint import load_network
 from edm2.metrics import dataset_features
 from edm2.metrics import sweep as sweep_lib
@@ -46,7 +46,7 @@ def no_work(monkeypatch):
 
 
 def _memory(monkeypatch, free):
-    monkeypatch.setattr(cli, 'available_memory', lambda device=None: free, raising=False)
+    monkeypatch.setattr(limits, "available_memory", lambda device=None: free, raising=False)
 
 
 CASES = [  # (command, arguments, flag): HUGE items of that flag cannot fit anywhere
@@ -141,8 +141,8 @@ def test_sweep_networks_held_at_once_are_checked_before_any_cell(assets, tmp_pat
     def work(*args, **kwargs):
         raise AssertionError('work started')
     monkeypatch.setattr(sweep_lib, 'run_sweep', work)
-    preflight, real_memory = sweep_lib.preflight, cli.available_memory
-    monkeypatch.setattr(cli, 'available_memory', lambda device=None: limit.get('free') or real_memory(device))
+    preflight, real_memory = sweep_lib.preflight, limits.available_memory
+    monkeypatch.setattr(limits, "available_memory", lambda device=None: limit.get('free') or real_memory(device))
 
     def preflight_with_little_memory(*args):  # the flags' own checks, before it, see the real memory
         limit['free'] = 3 * main + 3 * guide - 1  # both main networks, both guides, one input of each

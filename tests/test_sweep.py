@@ -15,8 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import calculate_metrics
-import reconstruct_phema
+from edm2.commands import calculate_metrics
+from edm2.commands import reconstruct_phema
 from edm2.checkpoint import load_snapshot, save_network
 from edm2.encoders import StandardRGBEncoder
 from edm2.metrics import detectors as det_lib

@@ -389,7 +389,7 @@ def test_guided_score_with_rules():
 # ---- command line ------------------------------------------------------------------------------------------
 
 def cli():
-    import toy_example
+    from edm2.commands import toy_example
     return toy_example.cli
 
 

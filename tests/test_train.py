@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import train_edm2
+from edm2.commands import train_edm2
 from edm2 import presets
-from training import optimizer, options, stream
-from training.loss import EDM2Loss
+from edm2.training import optimizer, options, stream
+from edm2.training.loss import EDM2Loss
 
 
 def test_parse_nimg_units():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import train_edm2
+from edm2.commands import train_edm2
 
 pytestmark = pytest.mark.slow
 REPO = pathlib.Path(__file__).resolve().parent.parent

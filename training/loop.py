@@ -35,12 +35,12 @@ from edm2.fileio import NoSpaceError, reporting_full_disk
 from edm2.networks import build_network
 from edm2.run_lock import FolderInUseError, hold_run_folder
 from edm2.phema import PowerFunctionEMA
-from training import state as run_state
-from training.loss import EDM2Loss
-from training.optimizer import adam, learning_rate
-from training.options import TrainingError, check_snapshot_names, format_nimg, prepare, settings
-from training.processes import StopFlag, ignore_stop_signals, peer_failed, shut_down_workers, worker_error_text
-from training.stream import InfiniteSampler, step_seed
+from . import state as run_state
+from .loss import EDM2Loss
+from .optimizer import adam, learning_rate
+from .options import TrainingError, check_snapshot_names, format_nimg, prepare, settings
+from .processes import StopFlag, ignore_stop_signals, peer_failed, shut_down_workers, worker_error_text
+from .stream import InfiniteSampler, step_seed
 
 
 class _Logger:

@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from edm2 import presets
-from edm2.cli import check_range, memory_error, path_problem
+from edm2.limits import check_range, memory_error, path_problem
 from edm2.errors import EDM2Error
 from edm2.network_config import NetworkConfigError, check_network_kwargs
 from edm2.phema import std_to_exp

@@ -16,7 +16,7 @@ import torch
 
 from edm2.fileio import atomic_write, atomic_write_text
 from edm2.safe_pickle import load_tensor_archive
-from training.options import TrainingError, compare_settings
+from .options import TrainingError, compare_settings
 
 OPTIONS_FILE = 'training_options.json'
 STATE_PATTERN = re.compile(r'^training-state-(\d+)\.pt$')

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from edm2 import cli, distributed, generation, phema_reconstruct, sampling
+from edm2 import distributed, generation, limits, phema_reconstruct, sampling
 from edm2.checkpoint import load_snapshot
 from edm2.errors import one_line
 from edm2.guidance_rules import RuleError, parse_rule
@@ -201,11 +201,11 @@ def check_memory(config, net, gnet, device):
     main_cap, guide_cap = config.memory_bound()
     main = (main_cap + (0 if config.net.fixed else 1)) * _float32_bytes(net)
     guides = 0 if gnet is None else (guide_cap + (0 if config.gnet.fixed else 1)) * _float32_bytes(gnet)
-    free = cli.available_memory(device)
+    free = limits.available_memory(device)
     if main + guides > free:
         flag, value = ('--phema-batch', config.phema_batch) if main >= guides else ('--gnet-batch', config.guide_batch)
         raise SweepError(f'{flag} {value}: {main_cap} main and {guide_cap} guide networks held at once need about '
-                         f'{cli.format_bytes(main + guides)} of memory, but {cli.format_bytes(free)} is available; '
+                         f'{limits.format_bytes(main + guides)} of memory, but {limits.format_bytes(free)} is available; '
                          f'lower {flag}')
 
 

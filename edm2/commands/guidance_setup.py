@@ -14,9 +14,10 @@ from typing import Optional
 
 import click
 
-from . import cli, distributed, presets, sampling
-from .guidance_rules import Lerp, Rule, RuleError, parse_rule
-from .self_guides import SelfGuideError, is_self_guide, parse_self_guide
+from edm2 import distributed, presets, sampling
+from edm2.commands import cli
+from edm2.guidance_rules import Lerp, Rule, RuleError, parse_rule
+from edm2.self_guides import SelfGuideError, is_self_guide, parse_self_guide
 
 
 class IntervalType(click.ParamType):
@@ -208,7 +209,7 @@ def check_schedule(setup: GuidanceSetup, sigmas) -> None:
 
 
 def _load(path, device, flag):
-    from .checkpoint import load_snapshot  # the checkpoint module is heavy; load it when networks are needed
+    from edm2.checkpoint import load_snapshot  # the checkpoint module is heavy; load it when networks are needed
     try:
         net, encoder, _ = load_snapshot(path, device=device)
     except ValueError as e:  # CheckpointError, EncoderError: bad or unreachable file

@@ -1,4 +1,5 @@
-"""Shared pieces of the command lines: validated click parameter types, list parsing, one-line errors.
+"""Shared pieces of the command lines: validated click parameter types, list parsing, one-line errors,
+the run lock held for the length of a command.
 
 Every numeric flag is checked finite and inside its meaningful range by click, before any work
 starts, so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag. A count or
@@ -7,14 +8,15 @@ cannot fit in the memory available now is refused the same way (`check_memory`),
 """
 
 import functools
-import math
 import os
 from decimal import Decimal, InvalidOperation
 
 import click
 
-from .errors import EDM2Error, one_line
-from .fileio import NAME_MAX
+from edm2.errors import EDM2Error, one_line
+from edm2.fileio import NAME_MAX
+from edm2.limits import available_memory, check_range, format_bytes, memory_error, path_problem  # noqa: F401
+from edm2.run_lock import FolderInUseError, hold_run_folder
 
 
 def fail(error, prefix=None):
@@ -44,22 +46,6 @@ def one_line_errors(command):
     return wrapper
 
 
-def _bounds_text(lo, hi, lo_open, hi_open):
-    left = '(' if lo_open else '['
-    right = ')' if hi_open else ']'
-    return f'{left}{"-inf" if lo is None else f"{lo:g}"}, {"inf" if hi is None else f"{hi:g}"}{right}'
-
-
-def check_range(value, lo=None, hi=None, lo_open=False, hi_open=False):
-    """Return an error text when `value` is not finite or outside the given bounds, else None."""
-    if not math.isfinite(value):
-        return f'must be a finite number, got {value}'
-    if (lo is not None and (value < lo or (lo_open and value == lo))) or \
-       (hi is not None and (value > hi or (hi_open and value == hi))):
-        return f'must lie in {_bounds_text(lo, hi, lo_open, hi_open)}, got {value:g}'
-    return None
-
-
 class Float(click.ParamType):
     """A finite float, optionally bounded: Float(0, lo_open=True) is a positive number."""
     name = 'float'
@@ -79,36 +65,6 @@ class Float(click.ParamType):
         if error:
             self.fail(error, param, ctx)
         return number
-
-
-def available_memory(device=None):
-    """Bytes that new allocations can take now: the host's available memory (psutil), and for a CUDA
-    `device` the smaller of that and the device's free memory."""
-    import psutil
-    free = psutil.virtual_memory().available
-    if device is not None and getattr(device, 'type', str(device).split(':')[0]) == 'cuda':
-        import torch
-        free = min(free, torch.cuda.mem_get_info(device)[0])
-    return int(free)
-
-
-def format_bytes(n):
-    for unit, size in (('TB', 10 ** 12), ('GB', 10 ** 9), ('MB', 10 ** 6), ('kB', 10 ** 3)):
-        if n >= size:
-            return f'{n / size:.1f} {unit}'
-    return f'{int(n)} bytes'
-
-
-def memory_error(count, item_bytes, item='item', device=None, linear=True):
-    """Why `count` items of `item_bytes` bytes each cannot fit in the memory available now, or None
-    (`linear`: item_bytes does not grow with the count, so the largest count that fits can be named)."""
-    item_bytes = max(int(item_bytes), 1)
-    free = available_memory(device)
-    if count * item_bytes <= free:
-        return None
-    most = f': at most {free // item_bytes}' if linear else ''
-    return (f'{count} needs about {format_bytes(count * item_bytes)} of memory ({format_bytes(item_bytes)} per '
-            f'{item}), but {format_bytes(free)} is available{most}')
 
 
 def check_memory(flag, count, item_bytes, item='item', device=None):
@@ -211,27 +167,6 @@ def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False
     return result
 
 
-PATH_MAX = 4095  # bytes in a whole path given to the kernel (NAME_MAX, from edm2.fileio: bytes in one name)
-
-
-def path_problem(path):
-    """Why the file system cannot hold `path` as an output, or None: a name longer than NAME_MAX bytes, a
-    whole path longer than PATH_MAX, or a symbolic link to nothing (itself or a folder above it)."""
-    path = os.path.abspath(os.fspath(path))
-    for name in path.split(os.sep):
-        if len(os.fsencode(name)) > NAME_MAX:
-            return (f'the name {name[:24]}... is {len(os.fsencode(name))} bytes long; a file or folder name '
-                    f'holds at most {NAME_MAX}')
-    if len(os.fsencode(path)) > PATH_MAX:
-        return f'the path is {len(os.fsencode(path))} bytes long; at most {PATH_MAX} are possible'
-    part = path
-    while part != os.path.dirname(part):
-        if os.path.islink(part) and not os.path.exists(part):
-            return f'{part} is a symbolic link to {os.readlink(part)}, which does not exist'
-        part = os.path.dirname(part)
-    return None
-
-
 def check_file_name(name, flag, suffix=''):
     """Refuse a value that must be a plain file name (written inside an output folder) but is a path,
     hidden, empty, or too long once `suffix` is appended. Raises a one-line click error naming `flag`."""
@@ -266,3 +201,13 @@ def check_output(path, flag, folder=False):
         fail(f'cannot create {path}: {parent} is not a folder', flag)
     if not os.access(parent, os.W_OK | os.X_OK):
         fail(f'cannot create {path}: {parent} is not writable', flag)
+
+
+def hold_for_command(folder, flag='--outdir'):
+    """Inside a click command: hold the lock of `folder` until the command ends (click closes it with
+    its context, also on errors); a refusal is the command's one-line error, printed by rank 0 only.
+    Returns the stale temporaries removed, as `hold_run_folder` yields them."""
+    try:
+        return click.get_current_context().with_resource(hold_run_folder(folder, flag))
+    except FolderInUseError as e:
+        fail_once(e)

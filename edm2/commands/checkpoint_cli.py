@@ -13,7 +13,7 @@ import click
 import torch
 
 from edm2.checkpoint import CheckpointError, load_snapshot, save_network
-from edm2.cli import fail
+from edm2.commands.cli import fail
 from edm2.fileio import NoSpaceError, remove_stale_temporaries
 
 

@@ -1,0 +1,183 @@
+"""Train EDM2 diffusion models (EDM2 paper, Sec. 2-3): the command line over `training.loop`.
+
+Runs on CPU, one GPU, or several processes under torchrun (nccl on GPU, gloo on CPU). The run
+directory --outdir receives log.txt, stats.jsonl, training_options.json, EMA snapshots
+network-snapshot-{kimg:07d}-{std:.3f}.safetensors and checkpoints training-state-{kimg:07d}.pt;
+running the same command again resumes from the newest checkpoint.
+"""
+
+import click
+
+from edm2 import distributed as dist
+from edm2 import presets
+from edm2.commands.cli import Float, Int, fail, parse_number_list
+from edm2.errors import EDM2Error
+from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
+from edm2.training.loop import training_loop
+from edm2.training.options import (FLOAT_RANGES, INT_RANGES, NIMG_RANGES, TrainingError, TrainingOptions,
+                              parse_nimg)
+
+
+class ImageCount(click.ParamType):
+    """An image count such as 2048Mi, 128Ki, 10M or 8192, within the range of `NIMG_RANGES[name]`."""
+    name = 'nimg'
+
+    def __init__(self, field):
+        self.lo, self.hi = NIMG_RANGES[field]
+
+    def convert(self, value, param, ctx):
+        try:
+            n = parse_nimg(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        if not self.lo <= n <= self.hi:
+            self.fail(f'must lie in [{self.lo}, {self.hi}] images, got {n}', param, ctx)
+        return n
+
+
+def _float(field):
+    return Float(*FLOAT_RANGES[field])
+
+
+def _int(field):
+    return Int(*INT_RANGES[field])
+
+
+def _integer_list(field, allow_empty):
+    """click callback: comma-separated integers in the range of INT_RANGES[field] (None stays None)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        if allow_empty and not value.strip():
+            return []
+        hint = param.opts[0]
+        numbers = parse_number_list(value, hint, *INT_RANGES[field])
+        if any(v != int(v) for v in numbers):
+            raise click.BadParameter(f'expected whole numbers, got {value!r}', param_hint=hint)
+        return [int(v) for v in numbers]
+    return parse
+
+
+def _ema_lengths(ctx, param, value):
+    return parse_number_list(value, '--ema-stds', lo=SIGMA_REL_MIN, hi=SIGMA_REL_MAX, hi_open=True)
+
+
+EPILOG = """\b
+Examples:
+  # EDM2-S on ImageNet-512 latents with 8 GPUs; each process handles 32 images per
+  # accumulation round:
+  torchrun --standalone --nproc_per_node=8 train_edm2.py \\
+      --outdir=training-runs/00000-edm2-img512-s --data=datasets/img512-sd.zip \\
+      --preset=edm2-img512-s --batch-gpu=32
+  # A small model on the CPU; repeating the command continues where it stopped:
+  python train_edm2.py --outdir=runs/tiny --data=datasets/shapes16.zip --cond=1 \\
+      --duration=256Ki --batch=64 --channels=32 --channel-mult=1,2 --lr=0.01 --rampup=0 \\
+      --status=16Ki --snapshot=64Ki --checkpoint=64Ki --device=cpu
+  # The same on two CPU processes (gloo backend):
+  torchrun --standalone --nproc_per_node=2 train_edm2.py --outdir=runs/tiny2 ...
+
+\b
+Image counts take the suffixes Ki/Mi/Gi (powers of 1024) or k/M/G (powers of 1000).
+Every number is checked before anything is written; an error is one line naming the flag.
+"""
+
+
+@click.command(epilog=EPILOG)
+# Main options (published names).
+@click.option('--outdir', help='Run folder; created if missing, continued if it holds a run', metavar='DIR',
+              required=True)
+@click.option('--data', help='Training images: a folder or ZIP of PNG files or of VAE latents (.npy)',
+              metavar='PATH', required=True)
+@click.option('--cond', help='Use the class labels of dataset.json', metavar='BOOL', type=bool, default=True,
+              show_default=True)
+@click.option('--preset', help='Named hyper-parameter set from configs/train.toml', metavar='STR')
+# Hyper-parameters (published names; default: the preset's value).
+@click.option('--duration', help='Images to train on in total, e.g. 2048Mi', metavar='NIMG',
+              type=ImageCount('duration'))
+@click.option('--batch', help='Images per optimiser step, over all processes', metavar='NIMG',
+              type=ImageCount('batch'))
+@click.option('--channels', help='Width of the first U-Net level (model_channels)', metavar='INT',
+              type=_int('channels'))
+@click.option('--dropout', help='Dropout rate inside the U-Net blocks', metavar='FLOAT', type=_float('dropout'))
+@click.option('--P_mean', 'P_mean', help='Mean of ln(sigma) for training noise levels', metavar='FLOAT',
+              type=_float('P_mean'))
+@click.option('--P_std', 'P_std', help='Spread of ln(sigma) for training noise levels', metavar='FLOAT',
+              type=_float('P_std'))
+@click.option('--lr', help='Peak learning rate (alpha_ref)', metavar='FLOAT', type=_float('lr'))
+@click.option('--decay', help='Batches after which the learning rate starts to fall as 1/sqrt (t_ref; 0 = never)',
+              metavar='BATCHES', type=_float('decay'))
+# Performance (published names).
+@click.option('--batch-gpu', help='Cap on images per process per pass; the rest is gradient accumulation',
+              metavar='NIMG', type=ImageCount('batch_gpu'))
+@click.option('--fp16', help='Half-precision U-Net on CUDA (shorthand for --precision fp16 or fp32)',
+              metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--ls', help='Factor applied to the loss before backpropagation', metavar='FLOAT', type=_float('ls'),
+              default=1, show_default=True)
+@click.option('--bench', help='Let cuDNN pick the fastest kernels', metavar='BOOL', type=bool, default=True,
+              show_default=True)
+# Outputs (published names).
+@click.option('--status', help='Images between progress lines in log.txt / stats.jsonl', metavar='NIMG',
+              type=ImageCount('status'), default='128Ki', show_default=True)
+@click.option('--snapshot', help='Images between EMA snapshots (0 = only the last one)', metavar='NIMG',
+              type=ImageCount('snapshot'), default='8Mi', show_default=True)
+@click.option('--checkpoint', help='Images between resumable training states (0 = only at the end)',
+              metavar='NIMG', type=ImageCount('checkpoint'), default='128Mi', show_default=True)
+@click.option('--seed', help='Seeds weights, data order and noise', metavar='INT', type=_int('seed'), default=0,
+              show_default=True)
+@click.option('-n', '--dry-run', help='Show the resolved settings and parameter count, write nothing', is_flag=True)
+# Additions of this project.
+@click.option('--precision', help='Arithmetic of the U-Net on CUDA, overriding --fp16 (the CPU uses fp32)',
+              type=click.Choice(['fp32', 'fp16', 'bf16']))
+@click.option('--device', help='Where to train, e.g. cpu or cuda:1 (default: CUDA if present)', metavar='STR')
+@click.option('--ema-stds', help='Relative lengths sigma_rel of the tracked EMAs', metavar='LIST',
+              callback=_ema_lengths, default='0.050,0.100', show_default=True)
+@click.option('--rampup', help='Images over which the learning rate grows linearly from zero', metavar='NIMG',
+              type=ImageCount('rampup'), default='10M', show_default=True)
+@click.option('--workers', help='Image-reading processes per rank (0 = read in the training process)',
+              metavar='INT', type=_int('workers'), default=2, show_default=True)
+@click.option('--snapshot-dtype', help='Float type of EMA weights written to snapshots',
+              type=click.Choice(['fp16', 'fp32']), default='fp16', show_default=True)
+@click.option('--channel-mult', help='Width factor of each U-Net level [default: 1,2,3,4]', metavar='LIST',
+              callback=_integer_list('channel_mult', allow_empty=False))
+@click.option('--num-blocks', help='Residual blocks per U-Net level [default: 3]', metavar='INT',
+              type=_int('num_blocks'))
+@click.option('--attn-res', help='Resolutions that get self-attention ("" for none) [default: 16,8]',
+              metavar='LIST', callback=_integer_list('attn_res', allow_empty=True))
+def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean, P_std, lr, decay, batch_gpu,
+         fp16, ls, bench, status, snapshot, checkpoint, seed, dry_run, precision, device, ema_stds, rampup,
+         workers, snapshot_dtype, channel_mult, num_blocks, attn_res):
+    """Train an EDM2 model, writing power-function EMA snapshots and resumable checkpoints.
+
+    Hyper-parameters come from --preset when given, else from the EDM2-S ImageNet-512 recipe
+    (then --duration is required); any of them given on the command line wins.
+    """
+    values = {}
+    if preset is not None:
+        try:
+            values.update(presets.get('train', preset))
+        except presets.PresetError as e:
+            raise click.BadParameter(str(e), param_hint='--preset') from None
+    given = dict(duration=duration, batch=batch, channels=channels, dropout=dropout, P_mean=P_mean, P_std=P_std,
+                 lr=lr, decay=decay)
+    values.update({k: v for k, v in given.items() if v is not None})
+    if values.get('duration') is None:
+        raise click.UsageError('--duration is required without --preset')
+    network = dict(channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_res)
+    try:
+        opts = TrainingOptions(
+            outdir=outdir, data=data, cond=cond, batch_gpu=batch_gpu, ls=ls, bench=bench, status=status,
+            snapshot=snapshot, checkpoint=checkpoint, seed=seed, device=device, ema_stds=ema_stds, rampup=rampup,
+            workers=workers, snapshot_dtype=snapshot_dtype, precision=precision or ('fp16' if fp16 else 'fp32'),
+            network={k: v for k, v in network.items() if v is not None}, **values)
+        training_loop(opts, dry_run=dry_run)
+    except EDM2Error as e:
+        report = e.report if isinstance(e, TrainingError) else 'rank0'
+        if report == 'self' or (report == 'rank0' and dist.is_main()):
+            fail(e)
+        raise SystemExit(1) from None
+    finally:
+        dist.shutdown()
+
+
+if __name__ == '__main__':
+    main()
