@@ -64,7 +64,8 @@ def make_run(folder, channels, resolution, seed, times=4, steps_per_time=4, step
 
 
 def sweep_config(main, guide, net_stds, gnet_stds, guidances, num, steps, batch, phema_batch, metrics=('fid',)):
-    from edm2.metrics import sweep, sweep_source
+    from edm2.sweep import run as sweep
+    from edm2.sweep import source as sweep_source
     return sweep.SweepConfig(sweep_source.snapshot_source(main, None, net_stds, '--net'),
                              sweep_source.snapshot_source(guide, None, gnet_stds, '--gnet'), guidances, list(metrics),
                              num, steps=steps, batch=batch, phema_batch=phema_batch, ref_name='random')
@@ -85,7 +86,7 @@ def stand_ins(tmp, width_divisor=1):
 
 
 def time_split(tmp, main, guide, args):
-    from edm2.metrics import sweep
+    from edm2.sweep import run as sweep
     detectors, reference = stand_ins(tmp)
     config = sweep_config(main, guide, args['net_std'], args['gnet_std'], args['guidance'], args['num'],
                           args['steps'], args['batch'], args['phema_batch'])
@@ -101,7 +102,7 @@ def child(args):
     """A fresh process: baseline RSS after imports and planning, then the sweep with a constant metric."""
     import torch
 
-    from edm2.metrics import sweep
+    from edm2.sweep import run as sweep
     torch.set_num_threads(int(os.environ.get('BENCH_THREADS', torch.get_num_threads())))
     import tqdm  # noqa: F401  (the sweep's own imports belong to the baseline)
 
@@ -199,7 +200,8 @@ def main(channels, resolution, net_std, gnet_std, guidance, num, steps, batch, p
 
 def write_figure(tmp, main_dir, guide_dir, folder):
     """The figure of docs/sweep.md: a 4 x 3 x 4 sweep, 8 images per cell, 4 steps, Inception at 1/16 width."""
-    from edm2.metrics import sweep, sweep_report
+    from edm2.sweep import report as sweep_report
+    from edm2.sweep import run as sweep
     detectors, reference = stand_ins(tmp, width_divisor=16)
     config = sweep_config(main_dir, guide_dir, [0.05, 0.07, 0.09, 0.11], [0.05, 0.08, 0.11], [1.0, 1.5, 2.0, 2.5],
                           8, 4, 8, 8)

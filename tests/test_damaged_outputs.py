@@ -7,7 +7,7 @@ import pytest
 from test_generate import nets, pngs, run_cli  # noqa: F401 (nets is a fixture)
 from test_sweep import _by_key, _cells, _config, _surface, assets  # noqa: F401 (assets is a fixture)
 
-from edm2.metrics import sweep as sweep_lib
+from edm2.sweep import run as sweep_lib
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

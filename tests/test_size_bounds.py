@@ -19,7 +19,7 @@ from edm2.commands import train_edm2
 from edm2 import generation, limits, toy
 from edm2.checkpoint import load_network
 from edm2.metrics import dataset_features
-from edm2.metrics import sweep as sweep_lib
+from edm2.sweep import run as sweep_lib
 from edm2.networks import build_network
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -20,8 +20,9 @@ from edm2.commands import reconstruct_phema
 from edm2.checkpoint import load_snapshot, save_network
 from edm2.encoders import StandardRGBEncoder
 from edm2.metrics import detectors as det_lib
-from edm2.metrics import sweep as sweep_lib
-from edm2.metrics import sweep_plan, sweep_source
+from edm2.sweep import run as sweep_lib
+from edm2.sweep import plan as sweep_plan
+from edm2.sweep import source as sweep_source
 from edm2.metrics.reference import save_reference
 from edm2.networks import build_network
 from edm2.phema import PowerFunctionEMA
@@ -576,7 +577,7 @@ def test_kill9_two_rules_and_a_self_guide(assets, tmp_path):
 
 
 def test_figures_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch, capsys):
-    from edm2.metrics import sweep_report
+    from edm2.sweep import report as sweep_report
     records = [dict(net_std=0.05, gnet_std=0.05, guidance=w, fid=3 - w) for w in (1.0, 2.0)]
     best = sweep_report.best_cells(records, ['fid'])
     assert best['fid']['guidance'] == 2.0

@@ -22,10 +22,11 @@ from edm2.commands import cli as edm2_cli
 from edm2.commands import guidance_setup
 from edm2.commands.cli import one_line_errors, parse_number_list
 from edm2.metrics import adm, dataset_features, dataset_reference, evaluate, inputs, network_features, report
-from edm2.metrics import sweep as sweep_lib
-from edm2.metrics import sweep_report, sweep_source
 from edm2.metrics.report import DEFAULT_METRICS, PROTOCOLS
 from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
+from edm2.sweep import report as sweep_report
+from edm2.sweep import run as sweep_lib
+from edm2.sweep import source as sweep_source
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers: library calls with the settings every command shares

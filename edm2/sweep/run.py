@@ -25,8 +25,11 @@ from edm2.errors import one_line
 from edm2.guidance_rules import RuleError, parse_rule
 from edm2.self_guides import SelfGuideError
 
-from . import evaluate, sweep_axes, sweep_plan
-from .sweep_log import CellLog, SweepError, cell_key, check_resume, write_settings
+from edm2.metrics import evaluate
+
+from . import axes as sweep_axes
+from . import plan as sweep_plan
+from .log import CellLog, SweepError, cell_key, check_resume, write_settings
 
 # ----------------------------------------------------------------------------------------------------
 # Adapters: the only calls into post-hoc EMA reconstruction (planning it: sweep_source), the sampler

@@ -17,9 +17,10 @@ import numpy as np
 from edm2 import distributed
 from edm2.checkpoint import save_network
 
-from . import sweep_axes, sweep_plan
-from .sweep import best_networks
-from .sweep_log import write_settings
+from . import axes as sweep_axes
+from . import plan as sweep_plan
+from .log import write_settings
+from .run import best_networks
 
 FIGURE_NAMES = ('sweep-{metric}-heatmap.png', 'sweep-{metric}-guidance.png')
 

@@ -9,7 +9,7 @@ from edm2 import distributed
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write, atomic_write_text, reporting_full_disk
 
-from .sweep_axes import LEGACY_FIXED, interval_spec
+from .axes import LEGACY_FIXED, interval_spec
 
 
 class SweepError(EDM2Error):

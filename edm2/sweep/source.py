@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from edm2 import phema, phema_reconstruct, self_guides
 
-from .sweep_log import SweepError
+from .log import SweepError
 
 
 class Source:
