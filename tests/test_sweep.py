@@ -184,8 +184,8 @@ def _surface(cell, net, gnet):
 
 def test_each_snapshot_read_once_per_batch_and_each_std_reconstructed_once(assets, tmp_path, monkeypatch):
     built = []
-    real = sweep_lib.reconstruct_phema
-    monkeypatch.setattr(sweep_lib, 'reconstruct_phema',
+    real = sweep_source.reconstruct_phema
+    monkeypatch.setattr(sweep_source, 'reconstruct_phema',
                         lambda snaps, stds, *a, **k: built.append(list(stds)) or real(snaps, stds, *a, **k))
     loader = _CountingLoader()
     config = _config(assets, phema_batch=2)

@@ -18,14 +18,14 @@ class SweepError(EDM2Error):
 
 def cell_key(net_std, gnet_std, guidance, rule='lerp', interval=None):
     """What identifies a cell: the axis values, EMA lengths and w rounded; rule and interval as spec strings
-    (edm2.metrics.sweep_axes)."""
+    (edm2.sweep.axes)."""
     r = (lambda v: None if v is None else round(float(v), 6))
     return r(net_std), r(gnet_std), r(guidance), str(rule), interval
 
 
 def record_key(record, defaults=None):
     """The cell_key of a cells.jsonl record; `defaults` give the rule and interval of a record written before
-    they were recorded (sweep_axes.cell_defaults)."""
+    they were recorded (edm2.sweep.axes.cell_defaults)."""
     defaults = defaults or {}
     return cell_key(record['net_std'], record['gnet_std'], record['guidance'],
                     record.get('rule', defaults.get('rule', 'lerp')), record.get('interval', defaults.get('interval')))
@@ -87,7 +87,7 @@ def check_resume(outdir, config):
     except (OSError, ValueError, AttributeError) as e:
         raise SweepError(f'{path}: unreadable ({type(e).__name__}); use another --outdir') from None
     new = json.loads(json.dumps(config.fixed_settings()))
-    for flag in LEGACY_FIXED:  # now an axis: the old value is the cells' interval (sweep_axes.cell_defaults)
+    for flag in LEGACY_FIXED:  # now an axis: the old value is the cells' interval (edm2.sweep.axes.cell_defaults)
         old.pop(flag, None)
     for flag in sorted(set(old) | set(new)):
         if old.get(flag) != new.get(flag):

@@ -85,10 +85,7 @@ def plan_lines(config):
              f'{v} intervals = {sweep_plan.num_cells(config.shape)} cells ({config.search}), {config.num} images '
              f'each, {config.steps} steps']
     for source in (config.net, config.gnet):
-        what = f'{source.self_guide}, a perturbation of each main network' if source.is_self else \
-            source.path if source.fixed else \
-            f'{len(source.inputs)} snapshots at kimg {source.kimg}, EMA lengths {source.stds}'
-        lines.append(f'  {source.flag}: {what}')
+        lines.append(f'  {source.flag}: {source.summary()}')
     lines.append(f'  rules: {", ".join(str(rule) for rule in config.rules)}')
     lines.append(f'  intervals: {", ".join(str(sweep_axes.interval_spec(i) or "every step") for i in config.intervals)}')
     lines.append(f'Memory bound: {main_cap} main + {guide_cap} guide networks held, plus one input snapshot '
@@ -99,7 +96,7 @@ def plan_lines(config):
 
 
 def finish(config, outdir, result, device, save_best=False):
-    """After `sweep.run_sweep`: sweep.json with the best cells and a summary of the run; on rank 0 the
+    """After `edm2.sweep.run.run_sweep`: sweep.json with the best cells and a summary of the run; on rank 0 the
     printed results and the figures, and with `save_best` the best networks and their command lines."""
     records, descent = result['cells'], result['descent']
     best = best_cells(records, config.metrics)
@@ -112,7 +109,7 @@ def finish(config, outdir, result, device, save_best=False):
     if save_best and best:
         r = best[config.metrics[0]]
         net_path, gnet_path = save_network_pair(outdir, *best_networks(config, r, device), r, config)
-        gnet_path = gnet_path or str(config.gnet.self_guide)
+        net_path, gnet_path = config.net.flag_value(net_path), config.gnet.flag_value(gnet_path)
         print(f'Best networks for {config.metrics[0]}: {net_path}, {gnet_path}', flush=True)
         for line in command_lines(net_path, gnet_path, r, config):
             print(f'  {line}', flush=True)
@@ -247,7 +244,7 @@ def save_network_pair(outdir, net_pair, gnet_pair, record, config):
         label = 'file' if std is None else f'{std:.3f}'
         path = os.path.join(outdir, f'best-{name}-{label}.safetensors')
         prov = record[name]
-        save_network(path, net, encoder, kimg=source.kimg, ema_std=std, nimg=source.nimg, phema=prov)
+        save_network(path, net, encoder, ema_std=std, phema=prov, **source.metadata())
         paths.append(path)
     return paths
 

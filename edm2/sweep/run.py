@@ -1,12 +1,12 @@
 """Autoguidance sweep: evaluate metrics over (main EMA length, guide EMA length, guidance weight w, guidance
-rule, guidance interval); the last two axes are edm2.metrics.sweep_axes.
+rule, guidance interval); the last two axes are edm2.sweep.axes.
 
 The networks are post-hoc EMA reconstructions (EDM2 paper sec. 3.3) built in memory from a folder of
 snapshots, a batch of EMA lengths per pass over the snapshots, and kept while the cells that need them
-are evaluated (order: edm2.metrics.sweep_plan). Every cell samples the same seeds, so differences
+are evaluated (order: edm2.sweep.plan). Every cell samples the same seeds, so differences
 between cells are not seed noise (autoguidance paper sec. 5 tunes these knobs the same way).
 
-    SweepConfig(net, gnet, ...)     the axes (edm2.metrics.sweep_source) and fixed settings of a sweep
+    SweepConfig(net, gnet, ...)     the axes (edm2.sweep.source) and fixed settings of a sweep
     run_sweep(config, ...)          evaluate the cells, append each to cells.jsonl, resume from it
 
 Memory bound: at most `phema_batch` main networks and `guide_batch` guides are held, plus one input
@@ -19,11 +19,9 @@ import time
 
 import torch
 
-from edm2 import distributed, generation, limits, phema_reconstruct, sampling
-from edm2.checkpoint import load_snapshot
+from edm2 import distributed, generation, limits, sampling
 from edm2.errors import one_line
 from edm2.guidance_rules import RuleError, parse_rule
-from edm2.self_guides import SelfGuideError
 
 from edm2.metrics import evaluate
 
@@ -32,29 +30,7 @@ from . import plan as sweep_plan
 from .log import CellLog, SweepError, cell_key, check_resume, write_settings
 
 # ----------------------------------------------------------------------------------------------------
-# Adapters: the only calls into post-hoc EMA reconstruction (planning it: sweep_source), the sampler
-# and the detectors.
-
-
-def reconstruct_phema(snapshots, stds, kimg, device, loader=None):
-    """Reconstruct the EMA lengths `stds` at `kimg` in one pass over the snapshots (each read once):
-    [(net, encoder, metadata, [(snapshot, weight), ...]), ...] in the order of `stds`."""
-    recs = []
-    for batch in phema_reconstruct.reconstruct_batches(snapshots, stds, kimg, batch=len(stds), device=device,
-                                                       loader=loader):
-        recs += [(r.net, r.encoder, r.metadata, r.coefficients) for r in batch]
-    return recs
-
-
-def load_network_file(path, device):
-    """(net, encoder) of a fixed network file, in eval mode."""
-    net, encoder, _ = load_snapshot(path, device=device)
-    return net.eval().requires_grad_(False), encoder
-
-
-def check_pair(net, gnet):
-    """Raise if `gnet` cannot guide `net` (resolution, channels, labels)."""
-    sampling.check_guide(net, gnet)
+# Adapters: the only calls into the sampler and the detectors (building the networks: source.py).
 
 
 def guidance_intervals(guidance_interval=None, guidance_interval_steps=None):
@@ -120,7 +96,7 @@ class SweepConfig:
 
     def fixed_settings(self):
         """Settings that change the value of a cell, keyed by the flag that sets them (checked on resume).
-        The rule and the interval are not among them: every cell records its own (sweep_axes)."""
+        The rule and the interval are not among them: every cell records its own (edm2.sweep.axes)."""
         return dict({'--net-dir/--net': self.net.describe(), '--gnet-dir/--gnet': self.gnet.describe(),
                      '--ref': self.ref_name, '--metrics': self.metrics, '--num': self.num, '--seed': self.seed,
                      '--steps': self.steps}, **self.extra_fixed)
@@ -128,15 +104,13 @@ class SweepConfig:
     def memory_bound(self):
         """(main networks, guide networks) held at most; plus one input snapshot while reconstructing. A
         self guide holds nothing of its own (it is the main network, perturbed while it runs)."""
-        main = 1 if self.net.fixed else min(self.phema_batch, len(self.net.stds))
-        guide = 0 if self.gnet.is_self else 1 if self.gnet.fixed else min(self.guide_batch, len(self.gnet.stds))
-        return main, guide
+        return self.net.held(self.phema_batch), self.gnet.held(self.guide_batch)
 
     def planned_reconstructions(self):
-        """(main, guide) reconstructions of a full grid in the grid order (0 for a fixed network)."""
+        """(main, guide) reconstructions of a full grid in the grid order (0 for a fixed network or a self guide)."""
         main_cap, guide_cap = self.memory_bound()
         m, g = sweep_plan.count_reconstructions(len(self.net.stds), len(self.gnet.stds), main_cap, max(guide_cap, 1))
-        return (0 if self.net.fixed else m), (0 if self.gnet.fixed or self.gnet.is_self else g)
+        return self.net.planned(m), self.gnet.planned(g)
 
     def key(self, cell):
         """The cell_key of the cell at index tuple `cell`."""
@@ -149,8 +123,8 @@ class SweepConfig:
 # Networks held in memory.
 
 class NetworkPool:
-    """The networks of one axis that are held, at most `capacity`; missing ones are reconstructed
-    together in one pass over the snapshots, evicting the least recently used first."""
+    """The networks of one axis that are held, at most `capacity`; missing ones are built together (for
+    snapshots: one pass over them), evicting the least recently used first."""
 
     def __init__(self, source, capacity, device, loader=None, counter=None):
         self.source, self.capacity, self.device, self.loader = source, max(int(capacity), 1), device, loader
@@ -159,8 +133,6 @@ class NetworkPool:
         self.seconds = 0.0
 
     def ensure(self, indices):
-        if self.source.is_self:
-            return  # made from the main network by each cell
         indices = list(dict.fromkeys(indices))
         for i in indices:
             if i in self.held:
@@ -174,27 +146,14 @@ class NetworkPool:
             if i not in indices:
                 del self.held[i]
         t0 = time.perf_counter()
-        if self.source.fixed:
-            self.held[0] = load_network_file(self.source.path, self.device)
-            self.counter['loads'] = self.counter.get('loads', 0) + 1
-        else:
-            stds = [self.source.stds[i] for i in missing]
-            recs = reconstruct_phema(self.source.snapshots, stds, self.source.kimg, self.device, self.loader)
-            for i, (net, encoder, _, _) in zip(missing, recs):
-                self.held[i] = (net, encoder)
-            self.counter['reconstructions'] = self.counter.get('reconstructions', 0) + len(missing)
-            self.counter['batches'] = self.counter.get('batches', 0) + 1
+        self.held.update(zip(missing, self.source.build(missing, self.device, self.loader, self.counter)))
         self.seconds += time.perf_counter() - t0
 
     def get(self, index):
-        return (None, None) if self.source.is_self else self.held[index]
+        return self.held[index]
 
     def clear(self):
         self.held.clear()
-
-
-def _float32_bytes(net):
-    return 4 * sum(p.numel() for p in net.parameters())
 
 
 def check_memory(config, net, gnet, device):
@@ -202,8 +161,7 @@ def check_memory(config, net, gnet, device):
     snapshot while reconstructing; float32, a lower estimate) do not fit in the available memory, naming
     --phema-batch or --gnet-batch, whichever holds more."""
     main_cap, guide_cap = config.memory_bound()
-    main = (main_cap + (0 if config.net.fixed else 1)) * _float32_bytes(net)
-    guides = 0 if gnet is None else (guide_cap + (0 if config.gnet.fixed else 1)) * _float32_bytes(gnet)
+    main, guides = config.net.memory(main_cap, net), config.gnet.memory(guide_cap, gnet)
     free = limits.available_memory(device)
     if main + guides > free:
         flag, value = ('--phema-batch', config.phema_batch) if main >= guides else ('--gnet-batch', config.guide_batch)
@@ -223,26 +181,12 @@ def preflight(config, device):
             flag = '--guidance-interval' if isinstance(interval, sampling.SigmaInterval) else \
                 '--guidance-interval-steps'
             raise SweepError(f'{flag}: {one_line(e)}') from None
-    def first(source):
-        if source.fixed:
-            return load_network_file(source.path, device)[0]
-        return load_network_file(source.inputs[0].source, device)[0]
     try:
-        net = first(config.net)
-        gnet = None if config.gnet.is_self else first(config.gnet)
+        net, gnet = config.net.first_network(device), config.gnet.first_network(device)
     except ValueError as e:  # CheckpointError, PhemaError: one line naming the file
         raise SweepError(one_line(e)) from None
     check_memory(config, net, gnet, device)
-    if gnet is None:
-        try:
-            config.gnet.self_guide.bind(net)
-        except SelfGuideError as e:
-            raise SweepError(f'{config.gnet.flag} {config.gnet.self_guide}: {e}') from None
-        return
-    try:
-        check_pair(net, gnet)
-    except ValueError as e:  # SamplingError
-        raise SweepError(f'{config.gnet.flag}: {str(e).strip()}') from None
+    config.gnet.check_guide(net, gnet)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,8 +237,7 @@ class _Cells:
         self.pools[0].ensure([i])
         self.pools[1].ensure([j])
         (net, encoder), (gnet, _) = self.pools[0].get(i), self.pools[1].get(j)
-        if c.gnet.is_self:
-            gnet = c.gnet.self_guide.bind(net)  # shares the main network's parameters
+        gnet = c.gnet.for_cell(gnet, net)  # a self guide: the main network, perturbed
         t0 = time.perf_counter()
         info = dict(net_std=c.net.stds[i], gnet_std=c.gnet.stds[j], guidance=c.guidances[k], rule=str(c.rules[r]),
                     interval=sweep_axes.interval_spec(c.intervals[v]))
@@ -411,13 +354,5 @@ def _all_cells(shape):
 def best_networks(config, record, device, loader=None):
     """((net, encoder), (gnet, encoder)) of a cell's EMA lengths, reconstructed afresh (for --save-best);
     (gnet, encoder) is None for a self guide (it is the main network)."""
-    out = []
-    for source, std in ((config.net, record['net_std']), (config.gnet, record['gnet_std'])):
-        if source.is_self:
-            out.append(None)
-            continue
-        index = 0 if source.fixed else min(range(len(source.stds)), key=lambda n: abs(source.stds[n] - std))
-        pool = NetworkPool(source, 1, device, loader)
-        pool.ensure([index])
-        out.append(pool.get(index))
-    return out
+    return [source.rebuild(record[key], device, loader) for source, key in ((config.net, 'net_std'),
+                                                                             (config.gnet, 'gnet_std'))]
