@@ -1,4 +1,6 @@
-"""Shared test helpers: where the parity fixtures live (tests/fixtures, see its README.md)."""
+"""Shared fixtures: where the parity fixtures live (tests/fixtures, see its README.md), the tiny networks of
+the generating commands, the sweep's inputs, an isolated download cache, one thread for tiny tensors. Plain
+helper functions are in helpers.py."""
 
 import pathlib
 import sys
@@ -30,6 +32,38 @@ def official():
 @pytest.fixture
 def detectors():
     return lambda name: fixture_path('detectors', name)
+
+
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory):
+    """Tiny native checkpoints: a conditional main net, guides of matching and mismatching shapes."""
+    import math
+
+    import torch
+
+    from edm2.checkpoint import save_network
+    from edm2.encoders import StandardRGBEncoder
+    from helpers import tiny_conditional_net
+    folder = tmp_path_factory.mktemp('nets')
+    specs = {'main': (0, {}), 'guide': (1, dict(model_channels=4)), 'uncond': (2, dict(label_dim=0)),
+             'res16': (3, dict(img_resolution=16)), 'labels3': (4, dict(label_dim=3)),
+             'rgba': (5, dict(img_channels=4)), 'nan': (6, {})}
+    paths = {}
+    for name, (seed, overrides) in specs.items():
+        paths[name] = str(folder / f'{name}.safetensors')
+        net = tiny_conditional_net(seed, **overrides)
+        if name == 'nan':  # a network whose output is NaN: nothing may be written from it
+            with torch.no_grad():
+                net.unet.out_gain.fill_(math.nan)
+        save_network(paths[name], net, StandardRGBEncoder())
+    return paths
+
+
+@pytest.fixture(scope='module')
+def sweep_assets(tmp_path_factory):
+    """The sweep's inputs (helpers.make_sweep_assets): random-weight detectors, references, snapshot runs."""
+    from helpers import make_sweep_assets
+    return make_sweep_assets(tmp_path_factory.mktemp('sweep-assets'))
 
 
 @pytest.fixture(autouse=True)

@@ -1,20 +1,18 @@
 """Checkpoints: native format, safe import of published pickles, URL cache, errors, security."""
 
-import contextlib
 import functools
 import hashlib
 import http.server
 import io
 import os
 import pickle
-import sys
 import threading
-import types
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import write_published
 
 import edm2
 from edm2 import checkpoint
@@ -47,87 +45,6 @@ def _outputs(net):
     labels = torch.eye(4)[:2] if net.label_dim else None
     with torch.no_grad():
         return net(x, torch.tensor([0.4, 3.0]), labels, return_logvar=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# Writing published-format pickles without the release: stand-in globals are
-# registered under the release's module names only while pickling.
-
-@contextlib.contextmanager
-def _release_modules():
-    def reconstruct(meta):  # never called: loading goes through edm2's restricted unpickler
-        raise AssertionError('the stand-in reconstructor must not run')
-    reconstruct.__module__, reconstruct.__qualname__ = 'torch_utils.persistence', '_reconstruct_persistent_obj'
-
-    class EasyDict(dict):
-        pass
-    EasyDict.__module__, EasyDict.__qualname__ = 'dnnlib.util', 'EasyDict'
-    mods = {name: types.ModuleType(name) for name in ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')}
-    mods['torch_utils.persistence']._reconstruct_persistent_obj = reconstruct
-    mods['dnnlib.util'].EasyDict = EasyDict
-    saved = {k: sys.modules.get(k) for k in mods}
-    sys.modules.update(mods)
-    try:
-        yield reconstruct, EasyDict
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
-class _Persistent:
-    def __init__(self, reconstruct, class_name, state, module_src):
-        self.args = (reconstruct, ({'type': 'class', 'version': 6, 'module_src': module_src,
-                                    'class_name': class_name, 'state': state},))
-
-    def __reduce__(self):
-        return self.args
-
-
-class _ModuleDictPickle:
-    def __init__(self, state):
-        self.state = state
-
-    def __reduce__(self):  # the class global + its __dict__ (BUILD), like a pickled ModuleDict
-        return torch.nn.ModuleDict, (), self.state
-
-
-def _module_state(module, reconstruct, module_src, init_kwargs=None):
-    state = {'training': False, '_parameters': {}, '_buffers': {}, '_modules': {}}
-    for name, p in module._parameters.items():
-        state['_parameters'][name] = None if p is None else torch.nn.Parameter(p.detach().half(), requires_grad=False)
-    for name, b in module._buffers.items():
-        state['_buffers'][name] = None if b is None else b.detach().half()
-    for name, child in module._modules.items():
-        if child is None:
-            state['_modules'][name] = None
-        elif isinstance(child, torch.nn.ModuleDict):
-            state['_modules'][name] = _ModuleDictPickle(_module_state(child, reconstruct, module_src))
-        else:
-            state['_modules'][name] = _Persistent(reconstruct, type(child).__name__,
-                                                  _module_state(child, reconstruct, module_src), module_src)
-    state['_init_args'] = ()
-    state['_init_kwargs'] = dict(init_kwargs or {})
-    return state
-
-
-def write_published(path, net, module_src='# placeholder\n', encoder_state=None, protocol=4):
-    """A published-format snapshot of `net` (float16 storage, like the release)."""
-    with _release_modules() as (reconstruct, EasyDict):
-        kwargs = {k: v for k, v in net.init_kwargs.items() if k in TINY}
-        ema = _Persistent(reconstruct, 'Precond', dict(_module_state(net, reconstruct, module_src, kwargs),
-                                                         img_resolution=net.img_resolution, sigma_data=0.5), module_src)
-        enc = _Persistent(reconstruct, encoder_state[0] if encoder_state else 'StandardRGBEncoder',
-                          encoder_state[1] if encoder_state else {'_init_args': (), '_init_kwargs': {}}, module_src)
-        data = EasyDict(encoder=enc, dataset_kwargs=EasyDict(class_name='training.dataset.ImageFolderDataset', path='x.zip'),
-                        loss_fn=_Persistent(reconstruct, 'EDM2Loss', {'P_mean': -0.4, 'P_std': 1.0, 'sigma_data': 0.5,
-                                                                      '_init_args': (), '_init_kwargs': {}}, module_src),
-                        ema=ema)
-        with open(path, 'wb') as f:
-            pickle.dump(data, f, protocol=protocol)  # numpy arrays: protocol 5 uses _frombuffer
-    return path
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-from test_sweep import _write_run
+from helpers import write_run
 
 from edm2.commands import calculate_metrics
 from edm2.commands import reconstruct_phema
@@ -61,7 +61,7 @@ def test_tiny_ema_lengths_are_one_line(tmp_path):
     with pytest.raises(phema.PhemaError, match='outside'):
         phema.std_to_exp(1e-300)
     assert phema.std_to_exp(phema.SIGMA_REL_MIN) > 0.9 / phema.SIGMA_REL_MIN  # the floor itself works
-    run = _write_run(tmp_path / 'run', 0, 4)
+    run = write_run(tmp_path / 'run', 0, 4)
     for value in ['1e-300', '0.05,1e-300', '1e-7']:
         result = CliRunner().invoke(reconstruct_phema.main, ['--indir', str(run), '--outdir', str(tmp_path / 'o'),
                                                              '--outstd', value, '--device', 'cpu'])

@@ -4,15 +4,14 @@ decode in full, and the sweep skips a damaged line of cells.jsonl (saying so) an
 import json
 
 import pytest
-from test_generate import nets, pngs, run_cli  # noqa: F401 (nets is a fixture)
-from test_sweep import _by_key, _cells, _config, _surface, assets  # noqa: F401 (assets is a fixture)
+from helpers import cells_by_key, pngs, run_cli, sweep_cells, sweep_config, synthetic_surface
 
 from edm2.sweep import run as sweep_lib
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def test_skip_existing_regenerates_empty_truncated_and_corrupt_pngs(nets, tmp_path):  # noqa: F811
+def test_skip_existing_regenerates_empty_truncated_and_corrupt_pngs(nets, tmp_path):
     out = tmp_path / 'out'
     args = ['--net', nets['main'], '--seeds', '0-5', '--batch', 2, '--steps', 2, '--outdir', out]
     assert run_cli(*args).exit_code == 0
@@ -26,19 +25,19 @@ def test_skip_existing_regenerates_empty_truncated_and_corrupt_pngs(nets, tmp_pa
     assert {p: (out / p).read_bytes() for p in pngs(out)} == first
 
 
-def test_sweep_skips_a_damaged_middle_line_and_recomputes_its_cell(assets, tmp_path, capsys):  # noqa: F811
+def test_sweep_skips_a_damaged_middle_line_and_recomputes_its_cell(sweep_assets, tmp_path, capsys):
     out = tmp_path / 'out'
-    whole = sweep_lib.run_sweep(_config(assets), out, cell_metrics=_surface, progress=False)
+    whole = sweep_lib.run_sweep(sweep_config(sweep_assets), out, cell_metrics=synthetic_surface, progress=False)
     lines = (out / 'cells.jsonl').read_bytes().split(b'\n')
     assert len(lines) == 19 and lines[-1] == b''
     lines[4] = lines[4][:30] + b'\x00garbage' + lines[4][30:]      # not JSON any more
     lines[9] = json.dumps({'net_std': 0.05}).encode()               # JSON, but not a cell
     (out / 'cells.jsonl').write_bytes(b'\n'.join(lines))
     capsys.readouterr()
-    res = sweep_lib.run_sweep(_config(assets), out, cell_metrics=_surface, progress=False)
+    res = sweep_lib.run_sweep(sweep_config(sweep_assets), out, cell_metrics=synthetic_surface, progress=False)
     said = [line for line in capsys.readouterr().out.splitlines() if 'damaged' in line]
     assert len(said) == 1 and 'line(s) 5, 10' in said[0] and 'cells.jsonl' in said[0]
     assert res['evaluated'] == 2
-    cells = _cells(out)  # every line parses again
+    cells = sweep_cells(out)  # every line parses again
     assert len(cells) == 18
-    assert {k: c['fid'] for k, c in _by_key(cells).items()} == {k: c['fid'] for k, c in _by_key(whole['cells']).items()}
+    assert {k: c['fid'] for k, c in cells_by_key(cells).items()} == {k: c['fid'] for k, c in cells_by_key(whole['cells']).items()}

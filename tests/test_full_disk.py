@@ -22,8 +22,7 @@ from edm2.commands import generate_images
 from edm2.commands import reconstruct_phema
 from edm2.commands import train_edm2
 from edm2.checkpoint import load_network
-from test_run_lock import _snapshots
-from test_sweep import _sweep_args, assets  # noqa: F401  (assets is a fixture)
+from helpers import sweep_args, write_snapshots
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -96,7 +95,7 @@ def _invoke(command, *args):
 
 @pytest.mark.slow
 def test_generate(tmp_path, monkeypatch):
-    net = _snapshots(tmp_path / 'run') / 'network-snapshot-0000016-0.100.safetensors'
+    net = write_snapshots(tmp_path / 'run') / 'network-snapshot-0000016-0.100.safetensors'
     out = tmp_path / 'out'
     args = ['--net', net, '--seeds', '0-3', '--batch', 1, '--steps', 2, '--device', 'cpu', '--outdir', out]
     state = fill_disk(monkeypatch, '000002.png', budget=100)
@@ -114,7 +113,7 @@ def test_generate(tmp_path, monkeypatch):
 
 
 def test_reconstruct_phema(tmp_path, monkeypatch):
-    run = _snapshots(tmp_path / 'run')
+    run = write_snapshots(tmp_path / 'run')
     out = tmp_path / 'out'
     args = ['--indir', run, '--outdir', out, '--outstd', '0.07,0.09', '--batch', 1, '--device', 'cpu']
     fill_disk(monkeypatch, 'phema-0000016-0.090', budget=1000)
@@ -145,15 +144,15 @@ def test_dataset_tool(tmp_path, monkeypatch, dest):
 
 
 @pytest.mark.slow
-def test_sweep(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_sweep(sweep_assets, tmp_path, monkeypatch):
     out = tmp_path / 'sweep'
     fill_disk(monkeypatch, 'cells.jsonl', skip=3)  # three cells are recorded, the fourth meets a full disk
-    _one_line_no_space(_invoke(calculate_metrics.cli, *_sweep_args(assets, out)), 'cells.jsonl')
+    _one_line_no_space(_invoke(calculate_metrics.cli, *sweep_args(sweep_assets, out)), 'cells.jsonl')
     _no_temporaries(out)
     lines = (out / 'cells.jsonl').read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(line)['fid'] > 0 for line in lines)
     monkeypatch.undo()
-    result = _invoke(calculate_metrics.cli, *_sweep_args(assets, out))
+    result = _invoke(calculate_metrics.cli, *sweep_args(sweep_assets, out))
     assert result.exit_code == 0, result.output
     assert len((out / 'cells.jsonl').read_text().splitlines()) == 8
     assert (out / 'cells.jsonl').read_text().splitlines()[:3] == lines  # the finished cells were kept

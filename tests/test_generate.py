@@ -1,7 +1,6 @@
 """generate_images.py: flags, presets, files, bad input, resume, grid, torchrun, and parity with the release."""
 
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -13,13 +12,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import pngs, run_cli
 
 from edm2.commands import generate_images
 from edm2 import generation, presets, sampling
-from edm2.checkpoint import save_network
-from edm2.encoders import StandardRGBEncoder
-from edm2.networks import build_network
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ROOT = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
@@ -30,46 +26,7 @@ ROOT = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
 PARITY_HINT = ' (check that the network matches main-rgb16-denoise.pt, including the float16 gain arithmetic)'
 
 
-def _tiny(seed, **overrides):
-    kwargs = dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1], num_blocks=1,
-                  attn_resolutions=[])
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    net = build_network(kwargs)
-    with torch.no_grad():
-        net.unet.out_gain.fill_(1.0)  # out_gain starts at 0 (D = c_skip x); make the net do something
-    return net.eval()
-
-
-@pytest.fixture(scope='module')
-def nets(tmp_path_factory):
-    """Tiny native checkpoints: a conditional main net, guides of matching and mismatching shapes."""
-    folder = tmp_path_factory.mktemp('nets')
-    specs = {'main': (0, {}), 'guide': (1, dict(model_channels=4)), 'uncond': (2, dict(label_dim=0)),
-             'res16': (3, dict(img_resolution=16)), 'labels3': (4, dict(label_dim=3)),
-             'rgba': (5, dict(img_channels=4)), 'nan': (6, {})}
-    paths = {}
-    for name, (seed, overrides) in specs.items():
-        paths[name] = str(folder / f'{name}.safetensors')
-        net = _tiny(seed, **overrides)
-        if name == 'nan':  # a network whose output is NaN: nothing may be written from it
-            with torch.no_grad():
-                net.unet.out_gain.fill_(math.nan)
-        save_network(paths[name], net, StandardRGBEncoder())
-    return paths
-
-
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def run_cli(*args):
-    result = CliRunner().invoke(generate_images.main, [str(a) for a in args])
-    return result
-
-
-def pngs(folder):
-    folder = pathlib.Path(folder)
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob('*.png')) if folder.exists() else []
 
 
 def read_png(path):

@@ -10,7 +10,7 @@ import torch
 from edm2 import generation
 from edm2.generation import SeedRanges, batch_positions, generate
 from edm2.sampling import Guidance, HeunOptions, SamplingError, SigmaInterval, edm_schedule
-from test_sampling import Gaussian
+from helpers import Gaussian
 
 # Published snapshots store their weights in float16, and the published MPConv then computes the scalar
 # gain / sqrt(fan_in) in float16 (learned gains: emb_gain, out_gain). With that reproduced in the network

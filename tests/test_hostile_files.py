@@ -171,7 +171,7 @@ def test_header_cannot_make_us_allocate(tmp_path, changes, word):
 
 
 def test_published_pickle_arguments_are_checked_the_same_way(tmp_path):
-    from test_checkpoint import write_published
+    from helpers import write_published
     net = _tiny_net()
     net.init_kwargs = dict(net.init_kwargs, model_channels=1024)  # recorded arguments claim a huge network
     path = write_published(tmp_path / 'big.pkl', net)

@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import make_images
 
 from edm2.commands import train_edm2
 from edm2 import fileio
@@ -27,15 +28,6 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = ['--channels', '8', '--channel-mult', '1,2', '--num-blocks', '1', '--attn-res', '', '--device', 'cpu',
         '--rampup', '0', '--cond', '0']
 FINAL_OUTPUTS = ('network-snapshot-*', 'training-state-*', 'training_options.json')
-
-
-def make_images(root, n=8, res=8, seed=0):
-    """Random-noise PNGs (so that a truncated copy really is truncated), unconditional."""
-    rnd = np.random.RandomState(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        PIL.Image.fromarray(rnd.randint(0, 256, (res, res, 3), dtype=np.uint8)).save(root / f'{i:03d}.png')
-    return root
 
 
 def invoke(*args):

@@ -49,6 +49,14 @@ def test_readme_layout_names_every_module():
     assert listed <= present, f'docs/layout.md names files that do not exist: {sorted(listed - present)}'
 
 
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/helpers.py (plain functions) and tests/conftest.py (fixtures)."""
+    tests = {p.stem for p in (ROOT / 'tests').glob('test_*.py')}
+    wrong = [f'{p.name} imports {name}' for p in sorted((ROOT / 'tests').glob('test_*.py'))
+             for name in sorted(_imported_roots(p) & tests)]
+    assert not wrong, '; '.join(wrong)
+
+
 def test_imports_flow_from_commands_to_training_to_edm2():
     wrong = []
     for path in _modules('edm2'):

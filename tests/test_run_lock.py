@@ -10,21 +10,17 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from click.testing import CliRunner
+from helpers import write_snapshots
 
 from edm2.commands import calculate_metrics
 from edm2.commands import generate_images
 from edm2.commands import reconstruct_phema
 from edm2.commands import train_edm2
-from edm2.checkpoint import save_network
-from edm2.networks import build_network
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NET = dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=8, channel_mult=[1, 2],
-           attn_resolutions=[], num_blocks=1, channels_per_head=8)
 
 # Holds the lock the way a run does (flock on .edm2-run.lock, its pid inside), independently of the
 # project's code, then waits to be killed.
@@ -70,23 +66,13 @@ def _one_line_refusal(result, folder, pid):
     assert 'in use' in lines[-1]
 
 
-def _snapshots(folder):
-    torch.manual_seed(0)
-    net = build_network(dict(NET)).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    for kimg in (8, 16):
-        for std in (0.05, 0.10):
-            save_network(folder / f'network-snapshot-{kimg:07d}-{std:.3f}.safetensors', net, kimg=kimg, ema_std=std)
-    return folder
-
-
 def _invoke(command, *args):
     return CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.mark.slow
 def test_every_command_refuses_a_folder_in_use(tmp_path, holder):
-    run = _snapshots(tmp_path / 'run')
+    run = write_snapshots(tmp_path / 'run')
     data = tmp_path / 'data'
     data.mkdir()
     rnd = np.random.RandomState(0)
@@ -150,7 +136,7 @@ def test_two_processes_one_folder_one_refused(tmp_path):
 @pytest.mark.slow
 def test_torchrun_ranks_agree_on_a_refusal(tmp_path, holder):
     """Under torchrun rank 0 takes the lock; every rank stops, and the refusal is printed once."""
-    run = _snapshots(tmp_path / 'run')
+    run = write_snapshots(tmp_path / 'run')
     out = tmp_path / 'out'
     proc = holder(out)
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',

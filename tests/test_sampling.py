@@ -9,27 +9,10 @@ import math
 
 import pytest
 import torch
+from helpers import Gaussian
 
 from edm2.sampling import (GuidedDenoiser, Guidance, HeunOptions, SamplingError, SigmaInterval, StepInterval,
                            edm_schedule, heun_sampler)
-
-
-class Gaussian:
-    """Ideal denoiser of N(mu, s^2 I) data; counts calls and records the sigmas and labels it was given."""
-
-    def __init__(self, mu=0.3, s=0.5, img_channels=3, img_resolution=4, label_dim=0):
-        self.mu, self.s2 = mu, s * s
-        self.img_channels, self.img_resolution, self.label_dim = img_channels, img_resolution, label_dim
-        self.calls, self.sigmas, self.labels = 0, [], []
-
-    def __call__(self, x, sigma, labels=None):
-        self.calls += 1
-        self.sigmas.append(float(sigma))
-        self.labels.append(labels)
-        mu = self.mu
-        if labels is not None:  # a class-dependent mean, so that labels matter
-            mu = mu + 0.1 * labels.argmax(dim=1).to(x.dtype).reshape(-1, 1, 1, 1)
-        return mu + self.s2 / (self.s2 + sigma ** 2) * (x - mu)
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -6,9 +6,7 @@ import pathlib
 
 import pytest
 from click.testing import CliRunner
-from test_generate import nets  # noqa: F401 (a fixture)
-from test_hostile_training import make_images
-from test_sweep import _sweep_args, _write_run, assets  # noqa: F401 (assets is a fixture)
+from helpers import make_images, sweep_args, write_run
 
 from edm2.commands import calculate_metrics
 from edm2.commands import dataset_tool
@@ -107,7 +105,7 @@ def test_the_bound_follows_the_available_memory(no_work, tmp_path, monkeypatch):
                                                      attn_resolutions=[]))) == 4 * 64 * (8 * 3 + 4 * 8) + 192
 
 
-def test_sizes_known_once_inputs_are_open(nets, tmp_path, monkeypatch):  # noqa: F811
+def test_sizes_known_once_inputs_are_open(nets, tmp_path, monkeypatch):
     _memory(monkeypatch, 10 ** 6)
     # generate_images.py --batch: the network's images (8x8, 8 channels: 14.5 kB each)
     result = CliRunner().invoke(generate_images.main, ['--net', nets['main'], '--outdir', str(tmp_path / 'g'),
@@ -115,7 +113,7 @@ def test_sizes_known_once_inputs_are_open(nets, tmp_path, monkeypatch):  # noqa:
     _refused(result, '--batch', 'per image')
     assert not (tmp_path / 'g').exists()
     # reconstruct_phema.py --batch: networks held at once (a snapshot file of the tiny run is 13 kB)
-    run = _write_run(tmp_path / 'run', 0, 4)
+    run = write_run(tmp_path / 'run', 0, 4)
     _memory(monkeypatch, 30_000)
     result = CliRunner().invoke(reconstruct_phema.main, ['--indir', str(run), '--outdir', str(tmp_path / 'p'),
                                                          '--outstd', '0.06,0.07,0.08', '--batch', '3'])
@@ -131,12 +129,12 @@ def test_sizes_known_once_inputs_are_open(nets, tmp_path, monkeypatch):  # noqa:
     assert not (tmp_path / 't').exists()
 
 
-def test_sweep_networks_held_at_once_are_checked_before_any_cell(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_sweep_networks_held_at_once_are_checked_before_any_cell(sweep_assets, tmp_path, monkeypatch):
     """--phema-batch / --gnet-batch: the main and guide networks held at once (plus one input snapshot of
     each axis) must fit; the sweep's grid has 2 main and 2 guide EMA lengths."""
     def params(folder):
         return 4 * sum(p.numel() for p in load_network(sorted(folder.iterdir())[0]).parameters())
-    main, guide = params(pathlib.Path(assets['main'])), params(pathlib.Path(assets['guide']))
+    main, guide = params(pathlib.Path(sweep_assets['main'])), params(pathlib.Path(sweep_assets['guide']))
 
     def work(*args, **kwargs):
         raise AssertionError('work started')
@@ -152,11 +150,11 @@ def test_sweep_networks_held_at_once_are_checked_before_any_cell(assets, tmp_pat
             limit.clear()
     limit = {}
     monkeypatch.setattr(sweep_lib, 'preflight', preflight_with_little_memory)
-    result = CliRunner().invoke(calculate_metrics.cli, _sweep_args(assets, tmp_path / 'o'))
+    result = CliRunner().invoke(calculate_metrics.cli, sweep_args(sweep_assets, tmp_path / 'o'))
     assert result.exit_code != 0 and 'Traceback' not in result.output, result.output
     last = result.output.splitlines()[-1]
     assert last.startswith('Error:') and '--phema-batch 8' in last and 'is available' in last, last
     assert not (tmp_path / 'o' / 'cells.jsonl').exists()
     with pytest.raises(AssertionError, match='work started'):  # one main network at a time fits
-        CliRunner().invoke(calculate_metrics.cli, _sweep_args(assets, tmp_path / 'o', ['--phema-batch', '1']),
+        CliRunner().invoke(calculate_metrics.cli, sweep_args(sweep_assets, tmp_path / 'o', ['--phema-batch', '1']),
                            catch_exceptions=False)

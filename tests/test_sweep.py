@@ -14,95 +14,24 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import (cells_by_key, detector_flags, sweep_args, sweep_cells, sweep_config, synthetic_surface,
+                     tiny_sweep_net)
 
 from edm2.commands import calculate_metrics
 from edm2.commands import reconstruct_phema
 from edm2.checkpoint import load_snapshot, save_network
 from edm2.encoders import StandardRGBEncoder
-from edm2.metrics import detectors as det_lib
 from edm2.sweep import run as sweep_lib
 from edm2.sweep import plan as sweep_plan
 from edm2.sweep import source as sweep_source
-from edm2.metrics.reference import save_reference
 from edm2.networks import build_network
-from edm2.phema import PowerFunctionEMA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures('one_thread')
-STDS = (0.05, 0.10)
-STEP_IMAGES = 256
-
-
-def _tiny(seed, channels, attn_resolutions=()):
-    torch.manual_seed(seed)
-    net = build_network(dict(img_resolution=8, img_channels=3, label_dim=0, model_channels=channels,
-                             channel_mult=[1], num_blocks=1, attn_resolutions=list(attn_resolutions),
-                             channels_per_head=4))
-    with torch.no_grad():
-        net.unet.out_gain.fill_(1.0)  # out_gain starts at 0 (D = c_skip x); make the net do something
-    return net.eval()
-
-
-def _write_run(folder, seed, channels, steps=12, every=4, attn_resolutions=()):
-    """Snapshots of a random-walk 'training' tracked by the power-function EMA at STDS, every `every` steps
-    (kimg 1, 2, 3 for the defaults), as native files named like the trainer's."""
-    folder.mkdir()
-    net = _tiny(seed, channels, attn_resolutions)
-    ema = PowerFunctionEMA(net, stds=STDS)
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(1, steps + 1):
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        nimg = step * STEP_IMAGES
-        ema.update(cur_nimg=nimg, batch_size=STEP_IMAGES)
-        if step % every == 0:
-            for ema_net, std in ema.get():
-                save_network(folder / f'network-snapshot-{nimg // 1000:07d}-{std:.3f}.safetensors', ema_net,
-                             StandardRGBEncoder(), kimg=nimg // 1000, ema_std=std, nimg=nimg)
-    return folder
-
-
-@pytest.fixture(scope='module')
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp('sweep-assets')
-    inc, dino = root / 'inception-tiny.pth', root / 'dinov2-tiny.pth'
-    torch.save(det_lib.random_state_dict('inception', width_divisor=16), inc)
-    torch.save(det_lib.random_state_dict('dinov2', embed_dim=32, depth=1, grid_size=4), dino)
-    rng = np.random.RandomState(0)
-    ref = {'fid': {'mu': rng.randn(128) * 0.1, 'sigma': np.eye(128) * 0.01},
-           'fd_dinov2': {'mu': rng.randn(32) * 0.1, 'sigma': np.eye(32) * 0.01}}
-    save_reference(root / 'ref.pkl', ref)
-    save_reference(root / 'ref-fid.pkl', {'fid': ref['fid']})
-    return dict(root=root, inception=str(inc), dinov2=str(dino), ref=str(root / 'ref.pkl'),
-                ref_fid=str(root / 'ref-fid.pkl'), main=str(_write_run(root / 'main', 0, 8)),
-                guide=str(_write_run(root / 'guide', 1, 4)),
-                attn=str(_write_run(root / 'attn', 2, 8, attn_resolutions=[8])))
-
-
-def _weights(assets):
-    return ['--inception-weights', assets['inception'], '--dinov2-weights', assets['dinov2'], '--workers', '0',
-            '--device', 'cpu']
-
-
-def _sweep_args(assets, outdir, extra=()):
-    return ['sweep', '--net-dir', assets['main'], '--net-std', '0.06,0.09', '--gnet-dir', assets['guide'],
-            '--gnet-kimg', '2', '--gnet-std', '0.05,0.08', '--guidance', '1.5,2.5', '--ref', assets['ref'],
-            '--metrics', 'fid,fd_dinov2', '--num-images', '4', '--steps', '2', '--batch', '2',
-            '--outdir', str(outdir), *extra, *_weights(assets)]
 
 
 def _invoke(cli, args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def _cells(outdir):
-    with open(os.path.join(outdir, 'cells.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
-def _by_key(cells):
-    return {(c['net_std'], c['gnet_std'], c['guidance'], c.get('rule', 'lerp'), c.get('interval')): c for c in cells}
 
 
 def _one_line_error(result, *fragments):
@@ -156,14 +85,6 @@ def test_coordinate_descent_finds_grid_optimum_with_fewer_cells():
 # ----------------------------------------------------------------------------------------------------
 # Library runs with a metric function of their own (no sampling): work, descent, resume checks.
 
-def _config(assets, net_stds=(0.05, 0.07, 0.09), gnet_stds=(0.05, 0.08), guidances=(1.5, 2.0, 2.5),
-            search='grid', phema_batch=2, guide_batch=None, num=4):
-    net = sweep_source.snapshot_source(assets['main'], None, list(net_stds), '--net')
-    gnet = sweep_source.snapshot_source(assets['guide'], 2, list(gnet_stds), '--gnet')
-    return sweep_lib.SweepConfig(net, gnet, guidances, ['fid'], num, batch=2, phema_batch=phema_batch,
-                                 guide_batch=guide_batch, search=search, ref_name='synthetic')
-
-
 class _CountingLoader:
     """Snapshot reader counting reads per file, and the reads made within each reconstruction batch."""
 
@@ -175,22 +96,15 @@ class _CountingLoader:
         return load_snapshot(source, device=device)
 
 
-def _surface(cell, net, gnet):
-    # A unimodal synthetic metric of the axis values; also checks the networks are the right ones.
-    assert abs(net.unet.out_gain.item() - 1.0) < 1.0 and gnet is not None
-    return {'fid': (cell['net_std'] - 0.07) ** 2 * 1e4 + (cell['gnet_std'] - 0.05) ** 2 * 1e4
-            + (cell['guidance'] - 2.0) ** 2}
-
-
-def test_each_snapshot_read_once_per_batch_and_each_std_reconstructed_once(assets, tmp_path, monkeypatch):
+def test_each_snapshot_read_once_per_batch_and_each_std_reconstructed_once(sweep_assets, tmp_path, monkeypatch):
     built = []
     real = sweep_source.reconstruct_phema
     monkeypatch.setattr(sweep_source, 'reconstruct_phema',
                         lambda snaps, stds, *a, **k: built.append(list(stds)) or real(snaps, stds, *a, **k))
     loader = _CountingLoader()
-    config = _config(assets, phema_batch=2)
-    result = sweep_lib.run_sweep(config, tmp_path / 'out', cell_metrics=_surface, loader=loader, progress=False)
-    assert len(result['cells']) == len(_cells(tmp_path / 'out')) == 3 * 2 * 3
+    config = sweep_config(sweep_assets, phema_batch=2)
+    result = sweep_lib.run_sweep(config, tmp_path / 'out', cell_metrics=synthetic_surface, loader=loader, progress=False)
+    assert len(result['cells']) == len(sweep_cells(tmp_path / 'out')) == 3 * 2 * 3
     # Main stds in batches of 2 (2 + 1), all guides at once: each std exactly once.
     assert built == [[0.05, 0.07], [0.05, 0.08], [0.09]]
     assert result['counter']['reconstructions'] == 3 + 2 == sum(config.planned_reconstructions())
@@ -205,55 +119,55 @@ def test_each_snapshot_read_once_per_batch_and_each_std_reconstructed_once(asset
     # With the bound below the guide count, guides are rebuilt per batch but each read once per batch.
     loader.reads.clear()
     built.clear()
-    config = _config(assets, phema_batch=3, guide_batch=1)
-    sweep_lib.run_sweep(config, tmp_path / 'out2', cell_metrics=_surface, loader=loader, progress=False)
+    config = sweep_config(sweep_assets, phema_batch=3, guide_batch=1)
+    sweep_lib.run_sweep(config, tmp_path / 'out2', cell_metrics=synthetic_surface, loader=loader, progress=False)
     assert built == [[0.05, 0.07, 0.09], [0.05], [0.08]]
     assert loader.reads == main_inputs + guide_inputs + guide_inputs
 
 
-def test_descent_finds_grid_optimum_with_fewer_cells(assets, tmp_path):
+def test_descent_finds_grid_optimum_with_fewer_cells(sweep_assets, tmp_path):
     stds, gstds, ws = (0.05, 0.06, 0.07, 0.08, 0.09), (0.05, 0.06, 0.07, 0.08), (1.0, 1.5, 2.0, 2.5, 3.0)
-    grid = sweep_lib.run_sweep(_config(assets, stds, gstds, ws), tmp_path / 'grid', cell_metrics=_surface,
+    grid = sweep_lib.run_sweep(sweep_config(sweep_assets, stds, gstds, ws), tmp_path / 'grid', cell_metrics=synthetic_surface,
                                progress=False)
     best_grid = min(grid['cells'], key=lambda r: r['fid'])
-    desc = sweep_lib.run_sweep(_config(assets, stds, gstds, ws, search='descent'), tmp_path / 'desc',
-                               cell_metrics=_surface, progress=False)
-    cells = _cells(tmp_path / 'desc')
+    desc = sweep_lib.run_sweep(sweep_config(sweep_assets, stds, gstds, ws, search='descent'), tmp_path / 'desc',
+                               cell_metrics=synthetic_surface, progress=False)
+    cells = sweep_cells(tmp_path / 'desc')
     assert desc['descent']['visited'] == len(cells) < len(grid['cells']) // 3
     assert desc['descent']['cell'] == sweep_lib.cell_key(best_grid['net_std'], best_grid['gnet_std'],
                                                          best_grid['guidance'])
     assert min(cells, key=lambda r: r['fid'])['fid'] == best_grid['fid']
     # Running the same search again evaluates nothing new.
-    again = sweep_lib.run_sweep(_config(assets, stds, gstds, ws, search='descent'), tmp_path / 'desc',
-                                cell_metrics=_surface, progress=False)
-    assert again['evaluated'] == 0 and again['counter'] == {} and len(_cells(tmp_path / 'desc')) == len(cells)
+    again = sweep_lib.run_sweep(sweep_config(sweep_assets, stds, gstds, ws, search='descent'), tmp_path / 'desc',
+                                cell_metrics=synthetic_surface, progress=False)
+    assert again['evaluated'] == 0 and again['counter'] == {} and len(sweep_cells(tmp_path / 'desc')) == len(cells)
 
 
-def test_resume_skips_finished_cells_and_refuses_changed_settings(assets, tmp_path):
+def test_resume_skips_finished_cells_and_refuses_changed_settings(sweep_assets, tmp_path):
     out = tmp_path / 'out'
-    first = sweep_lib.run_sweep(_config(assets, net_stds=(0.05, 0.07)), out, cell_metrics=_surface, progress=False)
+    first = sweep_lib.run_sweep(sweep_config(sweep_assets, net_stds=(0.05, 0.07)), out, cell_metrics=synthetic_surface, progress=False)
     # A wider grid reuses the 12 finished cells and reconstructs only the new main std.
-    wider = sweep_lib.run_sweep(_config(assets), out, cell_metrics=_surface, progress=False)
+    wider = sweep_lib.run_sweep(sweep_config(sweep_assets), out, cell_metrics=synthetic_surface, progress=False)
     assert first['evaluated'] == 12 and wider['evaluated'] == 6 and wider['counter']['reconstructions'] == 1 + 2
-    assert len(_cells(out)) == 18
+    assert len(sweep_cells(out)) == 18
     with pytest.raises(sweep_lib.SweepError, match='--num'):
-        sweep_lib.run_sweep(_config(assets, num=8), out, cell_metrics=_surface, progress=False)
+        sweep_lib.run_sweep(sweep_config(sweep_assets, num=8), out, cell_metrics=synthetic_surface, progress=False)
     # A cut-off last line (killed while writing) is dropped and that cell recomputed.
     with open(out / 'cells.jsonl', 'rb') as f:
         data = f.read()
     lines = data.split(b'\n')
     (out / 'cells.jsonl').write_bytes(b'\n'.join(lines[:-2]) + b'\n' + lines[-2][:20])
-    res = sweep_lib.run_sweep(_config(assets), out, cell_metrics=_surface, progress=False)
-    assert res['evaluated'] == 1 and _by_key(_cells(out)).keys() == _by_key(wider['cells']).keys()
-    assert len(_cells(out)) == 18
+    res = sweep_lib.run_sweep(sweep_config(sweep_assets), out, cell_metrics=synthetic_surface, progress=False)
+    assert res['evaluated'] == 1 and cells_by_key(sweep_cells(out)).keys() == cells_by_key(wider['cells']).keys()
+    assert len(sweep_cells(out)) == 18
 
 
-def test_fixed_network_and_guide_from_the_same_run_earlier(assets, tmp_path):
+def test_fixed_network_and_guide_from_the_same_run_earlier(sweep_assets, tmp_path):
     # The "reduce training only" ablation: the guide is the same run at kimg 1; the main network a fixed file.
     fixed = tmp_path / 'fixed.safetensors'
-    save_network(fixed, _tiny(5, 8), StandardRGBEncoder())
+    save_network(fixed, tiny_sweep_net(5, 8), StandardRGBEncoder())
     net = sweep_source.file_source(str(fixed), '--net')
-    gnet = sweep_source.snapshot_source(assets['main'], 1, [0.05, 0.1], '--gnet')
+    gnet = sweep_source.snapshot_source(sweep_assets['main'], 1, [0.05, 0.1], '--gnet')
     seen = []
     config = sweep_lib.SweepConfig(net, gnet, [2.0], ['fid'], 4, ref_name='synthetic')
     assert config.shape == (1, 2, 1, 1, 1) and config.planned_reconstructions() == (0, 2)
@@ -266,39 +180,39 @@ def test_fixed_network_and_guide_from_the_same_run_earlier(assets, tmp_path):
                                                     'network-snapshot-0000001-0.100.safetensors']
     # At kimg 1 the two stored lengths are reproduced exactly: coefficients (1, 0) and (0, 1).
     assert np.allclose(result['cells'][0]['gnet']['coefficients'], [1, 0], atol=1e-9)
-    stored, _, _ = load_snapshot(os.path.join(assets['main'], 'network-snapshot-0000001-0.100.safetensors'))
+    stored, _, _ = load_snapshot(os.path.join(sweep_assets['main'], 'network-snapshot-0000001-0.100.safetensors'))
     for a, b in zip(seen[1][1].parameters(), stored.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
 
 
 def _rule_surface(cell, net, gnet):
-    """_surface plus a term per rule and interval: apg:eta=0 better, the interval (0.5, inf] better still."""
-    return {'fid': _surface(cell, net, gnet)['fid'] + (0 if cell['rule'].startswith('apg') else 0.5)
+    """synthetic_surface plus a term per rule and interval: apg:eta=0 better, the interval (0.5, inf] better still."""
+    return {'fid': synthetic_surface(cell, net, gnet)['fid'] + (0 if cell['rule'].startswith('apg') else 0.5)
             + (0 if cell['interval'] == 'sigma:0.5,inf' else 0.25)}
 
 
-def test_rule_and_interval_axes_resume_and_descent(assets, tmp_path):
+def test_rule_and_interval_axes_resume_and_descent(sweep_assets, tmp_path):
     out = tmp_path / 'out'
     base = dict(net_stds=(0.05, 0.07, 0.09), gnet_stds=(0.05, 0.08), guidances=(1.5, 2.0, 2.5))
 
     def config(rules, intervals=None, **kw):
-        c = _config(assets, **dict(base, **kw))
+        c = sweep_config(sweep_assets, **dict(base, **kw))
         return sweep_lib.SweepConfig(c.net, c.gnet, c.guidances, ['fid'], 4, batch=2, search=c.search, rules=rules,
                                      guidance_interval=intervals, ref_name='synthetic')
 
     first = sweep_lib.run_sweep(config(['lerp']), out, cell_metrics=_rule_surface, progress=False)
-    assert first['evaluated'] == 18 and {(c['rule'], c['interval']) for c in _cells(out)} == {('lerp', None)}
+    assert first['evaluated'] == 18 and {(c['rule'], c['interval']) for c in sweep_cells(out)} == {('lerp', None)}
     # A second rule adds its cells only; the spec is canonical ('apg:eta=0' = 'apg:eta=0.0,momentum=0').
     more = sweep_lib.run_sweep(config(['lerp', 'apg:eta=0.0,momentum=0']), out, cell_metrics=_rule_surface,
                                progress=False)
     assert more['evaluated'] == 18 and more['counter']['reconstructions'] == 3 + 2
-    assert {c['rule'] for c in _cells(out)} == {'lerp', 'apg:eta=0,momentum=0,threshold=0'}
+    assert {c['rule'] for c in sweep_cells(out)} == {'lerp', 'apg:eta=0,momentum=0,threshold=0'}
     # Dropping a rule or reordering computes nothing; an interval axis adds cells per interval.
     again = sweep_lib.run_sweep(config(['apg:eta=0']), out, cell_metrics=_rule_surface, progress=False)
     assert again['evaluated'] == 0 and again['counter'] == {} and len(again['cells']) == 18
     widened = sweep_lib.run_sweep(config(['apg:eta=0', 'lerp'], [(0.5, math.inf), (0.0, math.inf)]), out,
                                   cell_metrics=_rule_surface, progress=False)
-    assert widened['evaluated'] == 2 * 36 and len(_cells(out)) == 36 + 72
+    assert widened['evaluated'] == 2 * 36 and len(sweep_cells(out)) == 36 + 72
     doc = json.loads((out / 'sweep.json').read_text())
     assert doc['rule'] == ['apg:eta=0,momentum=0,threshold=0', 'lerp']
     assert doc['interval'] == ['sigma:0.5,inf', 'sigma:0.0,inf'] and '--guidance-interval' not in doc['fixed']
@@ -313,15 +227,15 @@ def test_rule_and_interval_axes_resume_and_descent(assets, tmp_path):
     assert desc['descent']['visited'] < 72 // 2
 
 
-def test_cells_written_before_the_rule_axis_mean_lerp_and_their_interval(assets, tmp_path):
+def test_cells_written_before_the_rule_axis_mean_lerp_and_their_interval(sweep_assets, tmp_path):
     out = tmp_path / 'old'
     interval = (0.5, math.inf)
-    c = _config(assets)
+    c = sweep_config(sweep_assets)
     sweep_lib.run_sweep(sweep_lib.SweepConfig(c.net, c.gnet, c.guidances, ['fid'], 4, batch=2, ref_name='synthetic',
                                               guidance_interval=interval), out, cell_metrics=_rule_surface,
                         progress=False)
     # Make it look like a folder of the earlier format: no rule/interval in the cells, the interval a fixed setting.
-    lines = [{k: v for k, v in rec.items() if k not in ('rule', 'interval')} for rec in _cells(out)]
+    lines = [{k: v for k, v in rec.items() if k not in ('rule', 'interval')} for rec in sweep_cells(out)]
     (out / 'cells.jsonl').write_text(''.join(json.dumps(rec) + '\n' for rec in lines))
     doc = json.loads((out / 'sweep.json').read_text())
     for key in ('rule', 'interval', 'cell_defaults'):
@@ -340,11 +254,11 @@ def test_cells_written_before_the_rule_axis_mean_lerp_and_their_interval(assets,
     assert json.loads((out / 'sweep.json').read_text())['cell_defaults'] == {'rule': 'lerp', 'interval': 'sigma:0.5,inf'}
     other = sweep_lib.run_sweep(config(None, rules=('lerp', 'rescale:phi=0.7')), out, cell_metrics=_rule_surface,
                                 progress=False)
-    assert other['evaluated'] == 36 and len(_cells(out)) == 18 + 36
+    assert other['evaluated'] == 36 and len(sweep_cells(out)) == 18 + 36
 
 
-def test_self_guide_axis_perturbs_each_main_network(assets, tmp_path):
-    net = sweep_source.snapshot_source(assets['attn'], None, [0.05, 0.09], '--net')
+def test_self_guide_axis_perturbs_each_main_network(sweep_assets, tmp_path):
+    net = sweep_source.snapshot_source(sweep_assets['attn'], None, [0.05, 0.09], '--net')
     gnet = sweep_source.self_source('self:pag', '--gnet')
     config = sweep_lib.SweepConfig(net, gnet, [1.0, 2.0], ['fid'], 4, ref_name='synthetic', rules=['lerp', 'apg:eta=0'])
     assert config.shape == (2, 1, 2, 2, 1) and config.memory_bound() == (2, 0)
@@ -378,13 +292,13 @@ def test_self_guide_axis_perturbs_each_main_network(assets, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Command line.
 
-def test_bad_input_one_line_before_any_work(assets, tmp_path):
+def test_bad_input_one_line_before_any_work(sweep_assets, tmp_path):
     out = tmp_path / 'out'
     empty = tmp_path / 'empty'
     empty.mkdir()
 
     def run(*replace, drop=(), extra=()):
-        args = _sweep_args(assets, out, extra)
+        args = sweep_args(sweep_assets, out, extra)
         for flag, value in zip(replace[::2], replace[1::2]):
             args[args.index(flag) + 1] = value
         for flag in drop:
@@ -397,10 +311,10 @@ def test_bad_input_one_line_before_any_work(assets, tmp_path):
     _one_line_error(run('--net-std', '0.05,0.4'), '--net-std', '0.4')
     _one_line_error(run('--gnet-std', ','), '--gnet-std', 'at least one value')
     _one_line_error(run('--guidance', ''), '--guidance')
-    _one_line_error(run('--ref', assets['ref_fid']), 'no fd_dinov2 statistics')
+    _one_line_error(run('--ref', sweep_assets['ref_fid']), 'no fd_dinov2 statistics')
     _one_line_error(run(extra=['--guidance-interval', '3,1']), '--guidance-interval')
-    _one_line_error(run('--net-dir', assets['main'] + '-missing'), '--net-dir', 'not a folder')
-    res = _invoke(calculate_metrics.cli, _sweep_args(assets, out) + ['--net', assets['main']])
+    _one_line_error(run('--net-dir', sweep_assets['main'] + '-missing'), '--net-dir', 'not a folder')
+    res = _invoke(calculate_metrics.cli, sweep_args(sweep_assets, out) + ['--net', sweep_assets['main']])
     assert res.exit_code != 0 and 'exactly one of --net-dir and --net' in res.output
     # A guide folder of another network class (here: a different resolution) than the main one.
     other = tmp_path / 'other'
@@ -413,34 +327,34 @@ def test_bad_input_one_line_before_any_work(assets, tmp_path):
     # A folder mixing two different networks.
     mixed = tmp_path / 'mixed'
     mixed.mkdir()
-    for name in sorted(os.listdir(assets['main']))[:2]:
-        os.link(os.path.join(assets['main'], name), mixed / name)
+    for name in sorted(os.listdir(sweep_assets['main']))[:2]:
+        os.link(os.path.join(sweep_assets['main'], name), mixed / name)
     os.link(other / 'network-snapshot-0000001-0.050.safetensors', mixed / 'network-snapshot-0000003-0.050.safetensors')
     _one_line_error(run('--net-dir', str(mixed)), '--net-dir', 'mismatched')
     assert not out.exists()  # nothing written
 
 
 @pytest.mark.slow
-def test_cells_equal_reconstruct_phema_plus_gen_and_outputs(assets, tmp_path):
+def test_cells_equal_reconstruct_phema_plus_gen_and_outputs(sweep_assets, tmp_path):
     out = tmp_path / 'sweep'
-    res = _invoke(calculate_metrics.cli, _sweep_args(assets, out, ['--save-best']))
+    res = _invoke(calculate_metrics.cli, sweep_args(sweep_assets, out, ['--save-best']))
     assert res.exit_code == 0, res.output
-    cells = _cells(out)
-    assert len(cells) == 8 and len(_by_key(cells)) == 8
+    cells = sweep_cells(out)
+    assert len(cells) == 8 and len(cells_by_key(cells)) == 8
     # Two cells through the published route: write the networks, then `gen` on the files.
     recon = tmp_path / 'recon'
-    for indir, stds, kimg in ((assets['main'], '0.06,0.09', []), (assets['guide'], '0.05,0.08', ['--outkimg', 2])):
+    for indir, stds, kimg in ((sweep_assets['main'], '0.06,0.09', []), (sweep_assets['guide'], '0.05,0.08', ['--outkimg', 2])):
         r = _invoke(reconstruct_phema.main, ['--indir', indir, '--outdir', recon / os.path.basename(indir),
                                              '--outstd', stds, *kimg])
         assert r.exit_code == 0, r.output
-    by_key = _by_key(cells)
+    by_key = cells_by_key(cells)
     for net_std, gnet_std, w in ((0.06, 0.05, 1.5), (0.09, 0.08, 2.5)):
         net = recon / 'main' / f'phema-0000003-{net_std:.3f}.safetensors'
         gnet = recon / 'guide' / f'phema-0000002-{gnet_std:.3f}.safetensors'
         r = _invoke(calculate_metrics.cli, ['gen', '--net', net, '--gnet', gnet, '--guidance', w,
-                                            '--ref', assets['ref'], '--metrics', 'fid,fd_dinov2', '--num', 4,
+                                            '--ref', sweep_assets['ref'], '--metrics', 'fid,fd_dinov2', '--num', 4,
                                             '--steps', 2, '--batch', 2, '--out', tmp_path / 'gen.json',
-                                            *_weights(assets)])
+                                            *detector_flags(sweep_assets)])
         assert r.exit_code == 0, r.output
         run = json.loads((tmp_path / 'gen.json').read_text())['runs'][0]
         cell = by_key[(net_std, gnet_std, w, 'lerp', None)]
@@ -469,7 +383,7 @@ def _free_port():
 
 
 def _values(cells):
-    return {k: (c['fid'], c['fd_dinov2']) for k, c in _by_key(cells).items()}
+    return {k: (c['fid'], c['fd_dinov2']) for k, c in cells_by_key(cells).items()}
 
 
 def _killed_after_three_cells(command, outdir, env):
@@ -489,89 +403,89 @@ def _killed_after_three_cells(command, outdir, env):
 
 
 @pytest.mark.slow
-def test_kill9_then_rerun_equals_uninterrupted(assets, tmp_path):
+def test_kill9_then_rerun_equals_uninterrupted(sweep_assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     whole, cut = tmp_path / 'whole', tmp_path / 'cut'
     cmd = [sys.executable, os.path.join(REPO, 'calculate_metrics.py')]
     slower = ['--steps', '6']  # (the last value of a flag wins) cells slow enough for the kill to land mid-sweep
-    proc = subprocess.run(cmd + _sweep_args(assets, whole, slower), env=env, capture_output=True, text=True, cwd=REPO,
+    proc = subprocess.run(cmd + sweep_args(sweep_assets, whole, slower), env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    done = _killed_after_three_cells(cmd + _sweep_args(assets, cut, slower), cut, env)
-    proc = subprocess.run(cmd + _sweep_args(assets, cut, slower), env=env, capture_output=True, text=True, cwd=REPO,
+    done = _killed_after_three_cells(cmd + sweep_args(sweep_assets, cut, slower), cut, env)
+    proc = subprocess.run(cmd + sweep_args(sweep_assets, cut, slower), env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
     assert after[:len(done)] == done  # finished cells kept as they were
     assert json.loads((cut / 'sweep.json').read_text())['result']['evaluated_this_run'] == 8 - len(done)
-    assert _values(_cells(cut)) == _values(_cells(whole))  # same process count and threads: bitwise equal
+    assert _values(sweep_cells(cut)) == _values(sweep_cells(whole))  # same process count and threads: bitwise equal
     assert len(after) == 8
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_give_same_cells(assets, tmp_path):
+def test_torchrun_two_processes_give_same_cells(sweep_assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     one, two = tmp_path / 'one', tmp_path / 'two'
-    res = _invoke(calculate_metrics.cli, _sweep_args(assets, one))
+    res = _invoke(calculate_metrics.cli, sweep_args(sweep_assets, one))
     assert res.exit_code == 0, res.output
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
-           os.path.join(REPO, 'calculate_metrics.py')] + _sweep_args(assets, two)
+           os.path.join(REPO, 'calculate_metrics.py')] + sweep_args(sweep_assets, two)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = _values(_cells(one)), _values(_cells(two))
+    a, b = _values(sweep_cells(one)), _values(sweep_cells(two))
     assert a.keys() == b.keys() and len(a) == 8
     for k in a:  # each rank samples a batch of 2 as one process does: features equal up to summation order
         for x, y in zip(a[k], b[k]):
             assert y == pytest.approx(x, rel=1e-5, abs=1e-6), k
 
 
-def _self_args(assets, outdir, extra=()):
-    return ['sweep', '--net-dir', assets['attn'], '--net-std', '0.06,0.09', '--gnet', 'self:pag',
-            '--guidance', '1.5,2.5', '--guidance-rule', 'lerp', '--guidance-rule', 'apg:eta=0', '--ref', assets['ref'],
+def _self_args(sweep_assets, outdir, extra=()):
+    return ['sweep', '--net-dir', sweep_assets['attn'], '--net-std', '0.06,0.09', '--gnet', 'self:pag',
+            '--guidance', '1.5,2.5', '--guidance-rule', 'lerp', '--guidance-rule', 'apg:eta=0', '--ref', sweep_assets['ref'],
             '--metrics', 'fid,fd_dinov2', '--num-images', '4', '--steps', '6', '--batch', '2',
-            '--outdir', str(outdir), *extra, *_weights(assets)]
+            '--outdir', str(outdir), *extra, *detector_flags(sweep_assets)]
 
 
-def test_rule_and_self_guide_flags_refused_in_one_line(assets, tmp_path):
+def test_rule_and_self_guide_flags_refused_in_one_line(sweep_assets, tmp_path):
     out = tmp_path / 'out'
     for flag, value, fragment in (('--guidance-rule', 'apg:foo=1', 'unknown key'),
                                   ('--guidance-rule', 'apg:eta=nan', 'finite'),
                                   ('--guidance-rule', 'rescale', 'needs phi'),
                                   ('--gnet', 'self:bogus', 'unknown self guide'),
                                   ('--gnet', 'self:skip=dec.8x8_nope', 'dec.8x8_nope')):
-        args = _self_args(assets, out)
+        args = _self_args(sweep_assets, out)
         args[args.index(flag) + 1] = value
         res = _invoke(calculate_metrics.cli, args)
         _one_line_error(res, flag if flag == '--guidance-rule' else '--gnet', fragment)
         assert res.exit_code in (1, 2) and (flag != '--guidance-rule' or res.exit_code == 2)
-    res = _invoke(calculate_metrics.cli, _self_args(assets, out, ['--guidance-interval-steps', '2,9']))
+    res = _invoke(calculate_metrics.cli, _self_args(sweep_assets, out, ['--guidance-interval-steps', '2,9']))
     _one_line_error(res, '--guidance-interval-steps', '2,9')
     assert not out.exists()
 
 
 @pytest.mark.slow
-def test_kill9_two_rules_and_a_self_guide(assets, tmp_path):
+def test_kill9_two_rules_and_a_self_guide(sweep_assets, tmp_path):
     """Two rules x a self guide (PAG of each main network): killed with SIGKILL mid-sweep, the rerun keeps every
     finished cell, computes only the others, and equals an uninterrupted sweep."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     whole, cut = tmp_path / 'whole', tmp_path / 'cut'
     cmd = [sys.executable, os.path.join(REPO, 'calculate_metrics.py')]
-    proc = subprocess.run(cmd + _self_args(assets, whole), env=env, capture_output=True, text=True, cwd=REPO,
+    proc = subprocess.run(cmd + _self_args(sweep_assets, whole), env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'self:pag, a perturbation of each main network' in proc.stdout and '2 rules' in proc.stdout
-    cells = _cells(whole)
+    cells = sweep_cells(whole)
     assert len(cells) == 8 and {c['rule'] for c in cells} == {'lerp', 'apg:eta=0,momentum=0,threshold=0'}
     assert all(c['gnet'] == {'self': 'self:pag'} for c in cells)
-    done = _killed_after_three_cells(cmd + _self_args(assets, cut), cut, env)
-    proc = subprocess.run(cmd + _self_args(assets, cut), env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    done = _killed_after_three_cells(cmd + _self_args(sweep_assets, cut), cut, env)
+    proc = subprocess.run(cmd + _self_args(sweep_assets, cut), env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
     assert after[:len(done)] == done and len(after) == 8
     assert json.loads((cut / 'sweep.json').read_text())['result']['evaluated_this_run'] == 8 - len(done)
-    assert _values(_cells(cut)) == _values(cells)  # same process count and threads: bitwise equal
+    assert _values(sweep_cells(cut)) == _values(cells)  # same process count and threads: bitwise equal
     # apg:eta=0 differs from lerp at w != 1; the figures name the rules.
-    by = _by_key(cells)
+    by = cells_by_key(cells)
     assert by[(0.06, None, 2.5, 'lerp', None)]['fid'] != by[(0.06, None, 2.5, 'apg:eta=0,momentum=0,threshold=0', None)]['fid']
     assert (whole / 'sweep-fid-heatmap.png').stat().st_size > 1000
 
