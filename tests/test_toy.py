@@ -17,6 +17,22 @@ from edm2.phema import std_to_exp
 from conftest import fixture_path
 
 EPS32 = float(torch.finfo(torch.float32).eps)
+PACKAGE_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'edm2', 'toy', 'data')
+
+
+def _package_data(name):
+    """A file of the toy's package data (edm2/toy/data, where the library reads it); missing: the test fails."""
+    path = os.path.join(PACKAGE_DATA, name)
+    if not os.path.isfile(path):
+        pytest.fail(f'package data missing: {path} (edm2/toy/data is part of the repository)')
+    return path
+
+
+def test_the_library_reads_the_package_data():
+    assert os.path.samefile(toy.reference.data_dir(), PACKAGE_DATA)
+    models = toy.release_models()
+    assert set(models) == {'net', 'autoguide', 'cfg_guide'}
+    assert toy.release_models('/nonexistent') is None
 
 
 @pytest.fixture(scope='module')
@@ -312,7 +328,7 @@ def test_training_steps_match_the_release(case):
 @pytest.fixture(scope='module')
 def release():
     """The release procedure's trained models of seed 0 (main, autoguide, cfg_guide) as our ToyModels."""
-    data = torch.load(fixture_path('toy', 'release-models-seed0.pt'), weights_only=True)
+    data = torch.load(_package_data('release-models-seed0.pt'), weights_only=True)
     data['nets'] = {k: toy.release_model(v['state_dict']) for k, v in data['models'].items()}
     return data
 

@@ -372,7 +372,7 @@ def demo_seeds(outdir, seeds, settings, retrain, device):
 
 def demo_rows(loaded, seed, num, weights, device):
     """[(label, samples, results)] of the figure: our trained models, the release procedure's models of
-    seed 0 (when the parity fixture is present), the idealised models."""
+    seed 0 (package data; the row is left out if the file is missing), the idealised models."""
     rows = []
     samples, results, level = run_eval(loaded, num, seed, 32, weights, device)
     rows.append((ROW_LABELS[0], samples, results))
@@ -450,8 +450,8 @@ def rules_rows(trained, release, ideal, rules, weight, num, seed, steps, device)
     if release:
         models = toy.release_models()
         if models is None:
-            raise click.UsageError(f'--release: no release-models-seed0.pt in {toy.reference.fixture_dir()} '
-                                   f'(it is in tests/fixtures/toy of a source checkout)')
+            raise click.UsageError(f'--release: no release-models-seed0.pt in {toy.reference.data_dir()} '
+                                   f'(package data of edm2; reinstall the package)')
         sets.append((ROW_LABELS[2], {k: v.to(device) for k, v in models.items()}))
     if ideal:
         sets.append((ROW_LABELS[1], toy.ideal_models()))
@@ -481,7 +481,7 @@ def format_rules(rows):
 @click.option('--models', metavar='DIR', type=click.Path(file_okay=False),
               help='Trained models: DIR/main.safetensors guided by DIR/autoguide.safetensors (as written by demo).')
 @click.option('--release', is_flag=True,
-              help="The release procedure's trained models of seed 0 (the toy parity fixture).")
+              help="The release procedure's trained models of seed 0 (package data, edm2/toy/data).")
 @click.option('--ideal', is_flag=True, help='The idealised models (ground truth blurred, no training).')
 @click.option('--guidance-rule', 'rules', multiple=True, type=RuleType(), default=RULES_FIGURE_RULES,
               show_default=True, help='A rule to compare; repeat the flag for several (one panel each).')

@@ -5,7 +5,8 @@ The numbers are data, not code: the release's toy_example.py (NVlabs/edm2) train
 settings and torch seeds 0, 1, 2 (all three models of a seed with that seed), evaluated with this project's
 metrics (`edm2.toy.evaluate`) on 20,000 samples from sample seed 0. Source: the toy parity fixture's
 README.json, key 'release-procedure-results' (tests/fixtures/toy/ of a source checkout); the copy below is
-what the demo prints, and a test checks that it equals the fixture's.
+what the demo prints, and a test checks that it equals the fixture's. The release procedure's trained models
+of seed 0 are package data (edm2/toy/data/release-models-seed0.pt, `release_models`).
 """
 
 import json
@@ -32,11 +33,10 @@ PROVENANCE = ("the release's toy_example.py (NVlabs/edm2), published settings, t
               "evaluated with this project's metrics on 20,000 samples (sample seed 0)")
 
 
-def fixture_dir():
-    """The toy parity fixtures of a source checkout (tests/fixtures/toy beside this package). An installed
-    package has none; only the demo's optional row of the release's models reads from there."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(repo, 'tests', 'fixtures', 'toy')
+def data_dir():
+    """The package data of the toy example (edm2/toy/data, installed with the package): the release
+    procedure's trained models of seed 0, which the demo draws as one row of its figure."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 
 
 def release_results(folder=None):
@@ -59,9 +59,10 @@ def release_results(folder=None):
 
 
 def release_models(folder=None):
-    """{'net', 'autoguide', 'cfg_guide'}: the release procedure's trained models of seed 0 from the fixture
-    release-models-seed0.pt (in a source checkout), or None when it is absent (an installed package)."""
-    path = os.path.join(folder or fixture_dir(), 'release-models-seed0.pt')
+    """{'net', 'autoguide', 'cfg_guide'}: the release procedure's trained models of seed 0 from
+    release-models-seed0.pt in `folder` (default: the package data, `data_dir()`), or None when it is absent.
+    Its provenance is in tests/fixtures/README.md of a source checkout (the toy parity fixtures)."""
+    path = os.path.join(folder or data_dir(), 'release-models-seed0.pt')
     if not os.path.isfile(path):
         return None
     models = torch.load(path, weights_only=True)['models']
