@@ -9,7 +9,7 @@ autoguidance (main EMA length x guide EMA length x guidance weight).
 
 This file declares the options and puts the steps in order; the work is done in `edm2.metrics`: inputs
 (detectors, references), dataset_features / network_features (images -> feature statistics),
-dataset_reference (`ref` outputs), report (metric values, table, JSON) and the sweep modules.
+dataset_reference (`ref` outputs), report (metric values, table, JSON); `sweep` in `edm2.sweep`.
 """
 
 import os
