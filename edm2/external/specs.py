@@ -201,9 +201,13 @@ def _essence(config: Optional[dict]) -> Optional[dict]:
 
 
 def _conditioning(info: ModelInfo) -> dict:
-    keys = ('cross_attention_dim', 'encoder_hid_dim', 'encoder_hid_dim_type', 'joint_attention_dim',
-            'pooled_projection_dim', 'addition_embed_type')
-    return {k: info.denoiser.get(k) for k in keys}
+    """The widths of what the denoiser is fed besides x (its own projections of them may differ: IF-I-M and
+    IF-I-XL project the same T5 embeddings to different widths)."""
+    config = info.denoiser
+    if info.family.denoiser == 'unet':
+        return {'text embedding width': config.get('encoder_hid_dim') or config.get('cross_attention_dim')}
+    return {'text embedding width': config.get('joint_attention_dim'),
+            'pooled embedding width': config.get('pooled_projection_dim')}
 
 
 def check_guide(main: ModelInfo, guide: ModelInfo) -> None:
@@ -220,8 +224,8 @@ def check_guide(main: ModelInfo, guide: ModelInfo) -> None:
     ours, theirs = _conditioning(main), _conditioning(guide)
     for key in ours:
         if ours[key] != theirs[key]:
-            raise ExternalModelError(f'{guide.spec} has {key}={theirs[key]} but the main model has '
-                                     f'{key}={ours[key]} (the guide is fed the main model\'s prompt embeddings)')
+            raise ExternalModelError(f'{guide.spec} takes a {key} of {theirs[key]} but the main model '
+                                     f'{ours[key]} (the guide is fed the main model\'s prompt embeddings)')
     for name in main.family.text_parts:  # a guide saved without its text encoders is fine
         if guide.parts.get(name) is not None and _essence(main.parts.get(name)) != _essence(guide.parts[name]):
             raise ExternalModelError(f'{guide.spec}: its {name} differs from the main model\'s (the guide is '
