@@ -22,8 +22,8 @@ EXTRA = 'pip install -e ".[diffusers]"'
 def require_extra(what: str = 'diffusers: models'):
     """(diffusers, transformers) modules, or ExternalModelError naming the extra."""
     try:
+        transformers = importlib.import_module('transformers')  # first: diffusers notes at import what is there
         diffusers = importlib.import_module('diffusers')
-        transformers = importlib.import_module('transformers')
     except ImportError as e:
         raise ExternalModelError(f'{what} need the diffusers extra ({one_line(e)}): {EXTRA}') from None
     return diffusers, transformers
