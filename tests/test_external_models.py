@@ -326,3 +326,15 @@ def test_command_line_sd3_apg_interval_and_heun(models, tmp_path):
                         '--outdir', tmp_path / 'o')
     assert code == 0, out
     assert read_images(tmp_path / 'o')['0000-000004.png'].shape == (8, 8, 3)  # decoded by the VAE
+
+
+def test_if_presets_are_the_papers_pairing():
+    from edm2 import presets
+    from edm2.commands import guidance_setup
+    setup = guidance_setup.resolve('if-xl-autog-m')
+    assert setup.net == 'diffusers:DeepFloyd/IF-I-XL-v1.0'
+    assert setup.gnets == ('diffusers:DeepFloyd/IF-I-M-v1.0', 'uncond') and sum(setup.shares) == 1
+    assert guidance_setup.resolve('if-xl-cfg').gnets == ('uncond',)
+    for name in ('if-xl-autog-m', 'if-xl-cfg'):
+        assert presets.get('generate', name)['stage2'] == 'diffusers:DeepFloyd/IF-II-L-v1.0'
+        assert specs.parse_spec(presets.get('generate', name)['net']).source == 'DeepFloyd/IF-I-XL-v1.0'

@@ -111,9 +111,12 @@ def test_presets_cover_the_published_table():
                 + [f'edm2-img512-{s}-autog-{m}' for s in ('s', 'xxl') for m in ('fid', 'dino')]
                 + ['edm2-img512-s-uncond-autog-fid', 'edm2-img512-s-uncond-autog-dino',
                    'edm2-img64-s-autog-fid', 'edm2-img64-s-autog-dino',
-                   'edm2-img512-s-guid-interval-fid', 'edm2-img512-xxl-guid-interval-fid'])
+                   'edm2-img512-s-guid-interval-fid', 'edm2-img512-xxl-guid-interval-fid',
+                   'if-xl-autog-m', 'if-xl-cfg'])
     assert sorted(table) == sorted(expected)
     for name, cfg in table.items():
+        if name.startswith('if-'):  # DeepFloyd IF (diffusers models): tests/test_external_models.py
+            continue
         urls = [cfg['net']] + ([cfg['gnet']] if 'gnet' in cfg else [])
         for url in urls:
             assert url.startswith(ROOT + '/edm2-img') and url.endswith('.pkl'), (name, url)

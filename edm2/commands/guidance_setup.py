@@ -213,6 +213,8 @@ def check_schedule(setup: GuidanceSetup, sigmas) -> None:
 
 def _load(path, device, flag):
     from edm2.checkpoint import load_snapshot  # the checkpoint module is heavy; load it when networks are needed
+    if path == 'uncond' or path.strip().startswith('diffusers:'):  # text-to-image models: generate_images.py
+        cli.fail(f'{path}: text-to-image models (diffusers:, uncond) are sampled by generate_images.py only', flag)
     try:
         net, encoder, _ = load_snapshot(path, device=device)
     except ValueError as e:  # CheckpointError, EncoderError: bad or unreachable file

@@ -11,7 +11,7 @@ import click
 import PIL.Image
 import torch
 
-from edm2 import distributed, sampling
+from edm2 import distributed, presets, sampling
 from edm2.commands import cli
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write, atomic_write_text
@@ -164,6 +164,8 @@ def run(setup, args):
     """The whole text-to-image run of generate_images.py; `args` are the command's parameters by name."""
     from edm2.commands.generate_images import is_complete_png
     _check_flags(args)
+    if setup.preset is not None and args['stage2'] is None:  # a text-to-image preset may name its stage II
+        args['stage2'] = presets.get('generate', setup.preset).get('stage2')
     texts = read_prompts(args['prompts'], args['prompt_file'])
     main_info, guide_infos = _check_models(setup, args['stage2'], args['stage3'])
     if setup.interval is not None:  # a step interval outside the schedule (N + 1 levels whatever the schedule)
