@@ -338,3 +338,43 @@ def test_if_presets_are_the_papers_pairing():
     for name in ('if-xl-autog-m', 'if-xl-cfg'):
         assert presets.get('generate', name)['stage2'] == 'diffusers:DeepFloyd/IF-II-L-v1.0'
         assert specs.parse_spec(presets.get('generate', name)['net']).source == 'DeepFloyd/IF-I-XL-v1.0'
+
+
+@pytest.mark.slow
+def test_stage3_is_the_upscalers_own_run(models, tmp_path):
+    """The x4 upscaler's hand-off: images in [−1, 1] in and out, equal to the pipeline's own 'np' output."""
+    import tiny_diffusers as tiny
+
+    from edm2.external.loading import SuperResolution
+    stage = SuperResolution(f'diffusers:{tiny.save_upscaler(str(tmp_path / "up"))}', 'cpu')
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ours = stage(images, ['a cat', 'red dog'], None, None, 'bad', [torch.Generator().manual_seed(s) for s in (0, 1)])
+    reference = stage.pipe(prompt=['a cat', 'red dog'], image=(images + 1) / 2, negative_prompt=['bad', 'bad'],
+                           generator=[torch.Generator().manual_seed(s) for s in (0, 1)], output_type='np').images
+    torch.testing.assert_close(ours, torch.from_numpy(reference).permute(0, 3, 1, 2) * 2 - 1, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_text_preset_gives_its_stage2_and_schedule(models, tmp_path, monkeypatch):
+    from edm2 import presets
+    configs = tmp_path / 'configs'
+    configs.mkdir()
+    (configs / 'generate.toml').write_text(
+        f"[tiny-if]\nnet = 'diffusers:{models['if_']}'\ngnet = ['diffusers:{models['if_small']}', 'uncond']\n"
+        f"guidance = 3.0\nguide_weights = [0.25, 0.75]\nstage2 = 'diffusers:{models['if2']}'\nschedule = 'model'\n")
+    monkeypatch.setenv('EDM2_CONFIG_DIR', str(configs))
+    presets.load.cache_clear()
+    common = ['--prompt', 'a cat', '--seeds', '5', '--steps', 3, '--device', 'cpu']
+    try:
+        code, out = run_cli('--preset', 'tiny-if', *common, '--outdir', tmp_path / 'preset')
+        assert code == 0, out
+    finally:
+        presets.load.cache_clear()
+    code, out = run_cli('--net', f'diffusers:{models["if_"]}', '--gnet', f'diffusers:{models["if_small"]}',
+                        '--gnet', 'uncond', '--guidance', 3, '--guide-weights', '0.25,0.75', '--schedule', 'model',
+                        '--stage2', f'diffusers:{models["if2"]}', *common, '--outdir', tmp_path / 'flags')
+    assert code == 0, out
+    by_preset, by_flags = read_images(tmp_path / 'preset'), read_images(tmp_path / 'flags')
+    assert by_preset.keys() == by_flags.keys() == {'0000-000005.png'}
+    assert (by_preset['0000-000005.png'] == by_flags['0000-000005.png']).all()
+    assert by_flags['0000-000005.png'].shape == (16, 16, 3)

@@ -67,11 +67,11 @@ def save_if_stage2(folder, seed=5):
     return folder
 
 
-def vae(latent_channels=4, shift=None):
+def vae(latent_channels=4, shift=None, scale=1.5):
     from diffusers import AutoencoderKL
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8,),
                          down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',),
-                         layers_per_block=1, norm_num_groups=4, sample_size=8, scaling_factor=1.5,
+                         layers_per_block=1, norm_num_groups=4, sample_size=8, scaling_factor=scale,
                          shift_factor=shift)
 
 
@@ -101,4 +101,19 @@ def save_sd3(folder, seed=2, layers=1, resolution=8):
                              vae=vae(shift=0.1), text_encoder=clip(8, 16), tokenizer=tokenizer(),
                              text_encoder_2=clip(8, 16), tokenizer_2=tokenizer(), text_encoder_3=t5(),
                              tokenizer_3=tokenizer(12)).save_pretrained(folder)
+    return folder
+
+
+def save_upscaler(folder, seed=6):
+    """A tiny StableDiffusionUpscalePipeline (the x4 upscaler's structure; its one-block VAE keeps the size)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'), up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4, num_class_embeds=351)
+    StableDiffusionUpscalePipeline(vae=vae(scale=0.08333), text_encoder=clip(16), tokenizer=tokenizer(), unet=unet,
+                                   low_res_scheduler=DDPMScheduler(),
+                                   scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+                                   max_noise_level=350).save_pretrained(folder)
     return folder

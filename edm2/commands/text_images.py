@@ -147,8 +147,18 @@ def _check_flags(args):
             raise click.UsageError(f'{flag} does not apply to text-to-image runs (images are named by prompt and seed)')
     if args['outdir'] is None:
         raise click.UsageError('give --outdir')
-    if args['skip_existing'] and args['outdir'] is None:
-        raise click.UsageError('--skip-existing needs --outdir')
+
+
+def _preset_defaults(setup, args):
+    """A text-to-image preset may also name its stage II and its schedule; flags given explicitly win."""
+    if setup.preset is None:
+        return
+    entry, ctx = presets.get('generate', setup.preset), click.get_current_context()
+    for key in ('stage2', 'schedule'):
+        if key in entry and ctx.get_parameter_source(key) != click.core.ParameterSource.COMMANDLINE:
+            args[key] = entry[key]
+    if args['schedule'] not in ('edm', 'model'):
+        raise click.BadParameter(f"preset {setup.preset!r}: schedule must be 'edm' or 'model'", param_hint="'--preset'")
 
 
 def _check_prompt_record(outdir, texts, skip_existing):
@@ -164,8 +174,7 @@ def run(setup, args):
     """The whole text-to-image run of generate_images.py; `args` are the command's parameters by name."""
     from edm2.commands.generate_images import is_complete_png
     _check_flags(args)
-    if setup.preset is not None and args['stage2'] is None:  # a text-to-image preset may name its stage II
-        args['stage2'] = presets.get('generate', setup.preset).get('stage2')
+    _preset_defaults(setup, args)
     texts = read_prompts(args['prompts'], args['prompt_file'])
     main_info, guide_infos = _check_models(setup, args['stage2'], args['stage3'])
     if setup.interval is not None:  # a step interval outside the schedule (N + 1 levels whatever the schedule)

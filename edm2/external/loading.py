@@ -6,9 +6,11 @@ is a network built. Text encoders are built when prompts are encoded and freed a
 they do not share the device with the denoisers during sampling.
 """
 
+import contextlib
 import gc
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -58,9 +60,18 @@ def _component(info: ModelInfo, name: str, dtype):
         raise ExternalModelError(f'{info.spec}: {library} has no {class_name} (component {name}); '
                                  'a newer version may be needed')
     try:
-        return cls.from_pretrained(_root(info), subfolder=name, torch_dtype=dtype)
+        with _quiet():
+            return cls.from_pretrained(_root(info), subfolder=name, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
         raise ExternalModelError(f'{info.spec}: cannot load {name} ({one_line(e)})') from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """diffusers' FutureWarning about `torch_dtype` (still the keyword its older releases know)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*torch_dtype.*', category=FutureWarning)
+        yield
 
 
 def _text_width(info: ModelInfo) -> int:
@@ -87,7 +98,8 @@ class PipelineTextEncoder:
             skip['requires_safety_checker'] = False
         cls = getattr(diffusers, self.info.pipeline)
         try:
-            pipe = cls.from_pretrained(_root(self.info), torch_dtype=self.dtype, **skip)
+            with _quiet():
+                pipe = cls.from_pretrained(_root(self.info), torch_dtype=self.dtype, **skip)
         except (OSError, ValueError, RuntimeError, TypeError) as e:
             raise ExternalModelError(f'{self.info.spec}: cannot load the text encoders ({one_line(e)})') from None
         self.pipe = pipe.to(self.device)
@@ -190,7 +202,8 @@ class SuperResolution:
             skip.pop('watermarker')
             skip.pop('requires_safety_checker')
         try:
-            pipe = getattr(diffusers, self.kind).from_pretrained(_spec_root(self.spec), torch_dtype=dtype, **skip)
+            with _quiet():
+                pipe = getattr(diffusers, self.kind).from_pretrained(_spec_root(self.spec), torch_dtype=dtype, **skip)
         except (OSError, ValueError, RuntimeError, TypeError) as e:
             raise ExternalModelError(f'{self.spec}: cannot load ({one_line(e)})') from None
         self.pipe = pipe.to(device)
@@ -206,6 +219,7 @@ class SuperResolution:
                             negative_prompt_embeds=negative.expand(n).embeds.to(self.dtype),
                             generator=list(generators), output_type='pt').images
             return out.to(torch.float32)
-        out = self.pipe(prompt=list(prompts), image=images.to(self.dtype), negative_prompt=[negative_prompt] * n,
+        pixels = ((images + 1) / 2).clamp(0, 1)  # this pipeline takes tensors in [0, 1]
+        out = self.pipe(prompt=list(prompts), image=pixels.to(self.dtype), negative_prompt=[negative_prompt] * n,
                         generator=list(generators), output_type='pt').images
         return out.to(torch.float32) * 2 - 1  # this pipeline's 'pt' output lies in [0, 1]
