@@ -195,7 +195,8 @@ def run(setup, args):
     except (sampling.SamplingError, distributed.DeviceError) as e:
         cli.fail(e)
     cli.hold_for_command(outdir)
-    sampler, decode, stages = _build(setup, main_info, guide_infos, texts, args, options, device)
+    with distributed.rank0_first():  # a hub download happens once; the other ranks then read the cache
+        sampler, decode, stages = _build(setup, main_info, guide_infos, texts, args, options, device)
     if distributed.is_main():
         os.makedirs(outdir, exist_ok=True)
         atomic_write_text(os.path.join(outdir, PROMPTS_FILE), ''.join(t + '\n' for t in texts))

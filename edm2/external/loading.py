@@ -51,6 +51,18 @@ def _spec_root(spec) -> str:
     return spec.source
 
 
+def _pretrained(cls, root, spec, dtype, **kwargs):
+    """cls.from_pretrained, asking a hub repository for its float16 weight files first when running in
+    float16 (IF's repositories hold both; the float32 ones are twice the download)."""
+    with _quiet():
+        if dtype == torch.float16 and not spec.local:
+            try:
+                return cls.from_pretrained(root, torch_dtype=dtype, variant='fp16', **kwargs)
+            except (OSError, ValueError):
+                pass
+        return cls.from_pretrained(root, torch_dtype=dtype, **kwargs)
+
+
 def _component(info: ModelInfo, name: str, dtype):
     diffusers, _ = require_extra()
     library, class_name = info.components[name]
@@ -60,8 +72,7 @@ def _component(info: ModelInfo, name: str, dtype):
         raise ExternalModelError(f'{info.spec}: {library} has no {class_name} (component {name}); '
                                  'a newer version may be needed')
     try:
-        with _quiet():
-            return cls.from_pretrained(_root(info), subfolder=name, torch_dtype=dtype)
+        return _pretrained(cls, _root(info), info.spec, dtype, subfolder=name)
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
         raise ExternalModelError(f'{info.spec}: cannot load {name} ({one_line(e)})') from None
 
@@ -98,8 +109,7 @@ class PipelineTextEncoder:
             skip['requires_safety_checker'] = False
         cls = getattr(diffusers, self.info.pipeline)
         try:
-            with _quiet():
-                pipe = cls.from_pretrained(_root(self.info), torch_dtype=self.dtype, **skip)
+            pipe = _pretrained(cls, _root(self.info), self.info.spec, self.dtype, **skip)
         except (OSError, ValueError, RuntimeError, TypeError) as e:
             raise ExternalModelError(f'{self.info.spec}: cannot load the text encoders ({one_line(e)})') from None
         self.pipe = pipe.to(self.device)
@@ -202,8 +212,7 @@ class SuperResolution:
             skip.pop('watermarker')
             skip.pop('requires_safety_checker')
         try:
-            with _quiet():
-                pipe = getattr(diffusers, self.kind).from_pretrained(_spec_root(self.spec), torch_dtype=dtype, **skip)
+            pipe = _pretrained(getattr(diffusers, self.kind), _spec_root(self.spec), self.spec, dtype, **skip)
         except (OSError, ValueError, RuntimeError, TypeError) as e:
             raise ExternalModelError(f'{self.spec}: cannot load ({one_line(e)})') from None
         self.pipe = pipe.to(device)
