@@ -104,6 +104,7 @@ def test_missing_extra_is_one_line_before_any_network(tmp_path, monkeypatch):
     (['--gnet', 'x.pkl', '--guidance', 2], 'a diffusers main model is guided by diffusers models'),
     (['--stage3', 'diffusers:x'], '--stage3 continues --stage2'),
     (['--class', 3], '--class does not apply to text-to-image runs'),
+    (['--negative-prompt', 'bad'], '--negative-prompt is the prompt of --gnet uncond'),
     (['--sigma_max', 10], '--sigma_max: a diffusers model is sampled between its own sigma_min and sigma_max'),
     (['--guidance-interval-steps', '3,9', '--gnet', 'uncond', '--guidance', 2, '--steps', 8],
      'lie outside the schedule of 8 steps'),

@@ -274,6 +274,17 @@ def test_cli_writes_the_library_images(nets, tmp_path):
     assert not [p for p in os.listdir(out) if not p.endswith('.png')]  # no temporary files left
 
 
+def test_euler_solver_flag_writes_the_library_euler_images(nets, tmp_path):
+    out = tmp_path / 'out'
+    result = run_cli('--net', nets['main'], '--gnet', nets['guide'], '--guidance', 2, '--seeds', '0-1', '--steps', 5,
+                     '--solver', 'euler', '--outdir', out, '--device', 'cpu')
+    assert result.exit_code == 0, result.output
+    euler = library_images(nets, range(2), gnets=['guide'], guidance=2, num_steps=5, solver='euler')
+    heun = library_images(nets, range(2), gnets=['guide'], guidance=2, num_steps=5)
+    for s in range(2):
+        assert torch.equal(read_png(out / f'{s:06d}.png'), euler[s]) and not torch.equal(euler[s], heun[s])
+
+
 def test_subdirs_grid_and_class(nets, tmp_path):
     out, grid = tmp_path / 'out', tmp_path / 'sheet' / 'grid.png'
     result = run_cli('--net', nets['main'], '--seeds', '998-1002', '--subdirs', '--class', 3, '--steps', 2,

@@ -176,6 +176,8 @@ def run(setup, args):
     _check_flags(args)
     _preset_defaults(setup, args)
     texts = read_prompts(args['prompts'], args['prompt_file'])
+    if args['negative_prompt'] and UNCOND not in setup.gnets:
+        raise click.UsageError('--negative-prompt is the prompt of --gnet uncond: give that guide (and --guidance)')
     main_info, guide_infos = _check_models(setup, args['stage2'], args['stage3'])
     if setup.interval is not None:  # a step interval outside the schedule (N + 1 levels whatever the schedule)
         from edm2.commands import guidance_setup
