@@ -1,7 +1,7 @@
 """EDM2 and autoguidance: a clean-room, Apache-2.0 implementation.
 
 Public API (imported lazily so that `import edm2` stays cheap):
-    edm2.load_network(path_or_url, device=None) -> Precond
+    edm2.load_network(path_or_url, device=None) -> Precond (or, for 'diffusers:...', a text-to-image denoiser)
     edm2.load_snapshot(path_or_url) -> (net, encoder, metadata)
     edm2.save_network(path, net, encoder=None, **metadata)
 """

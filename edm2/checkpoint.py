@@ -301,7 +301,12 @@ def load_snapshot(path_or_url, device=None):
 
 
 def load_network(path_or_url, device=None):
-    """The Precond of a native file or published pickle (eval mode, float32, on `device`)."""
+    """The Precond of a native file or published pickle (eval mode, float32, on `device`); for a
+    'diffusers:PATH_OR_ID[#SUBFOLDER]' spec, the text-to-image model's denoiser (`edm2.external`), called as
+    net(x, sigma, net.encode_prompt(prompts))."""
+    if isinstance(path_or_url, str) and path_or_url.strip().startswith('diffusers:'):
+        from edm2.external.loading import load_denoiser  # imports diffusers: only for such a spec
+        return load_denoiser(path_or_url, device=device)
     return load_snapshot(path_or_url, device=device)[0]
 
 

@@ -75,6 +75,9 @@ def edm_schedule(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float
 # ----------------------------------------------------------------------------------------------------
 # The Heun sampler.
 
+SOLVERS = ('heun', 'euler')
+
+
 @dataclasses.dataclass(frozen=True)
 class HeunOptions:
     """Settings of the stochastic Heun sampler besides its schedule (EDM paper, Algorithm 2)."""
@@ -84,6 +87,7 @@ class HeunOptions:
     S_max: float = math.inf
     S_noise: float = 1.0                # scale of the fresh churn noise
     dtype: torch.dtype = torch.float32  # arithmetic of x and σ; networks run in their own precision
+    solver: str = 'heun'                # 'heun' (second order) or 'euler' (first order: one evaluation per step)
 
     def __post_init__(self):
         for name in ('S_churn', 'S_min', 'S_max', 'S_noise'):
@@ -94,6 +98,8 @@ class HeunOptions:
                                     f'{" or inf" if name == "S_max" else ""}, got {value!r}')
         if not self.dtype.is_floating_point:
             raise SamplingError(f'the sampler needs a floating-point dtype, got {self.dtype}')
+        if self.solver not in SOLVERS:
+            raise SamplingError(f'unknown solver {self.solver!r}; expected one of: {", ".join(SOLVERS)}')
 
     def churn(self, sigma: float, num_steps: int) -> float:
         """γ_i of a step whose schedule level is `sigma`: 0 outside [S_min, S_max]."""
@@ -132,7 +138,9 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels: Op
                   is given (e.g. a `GuidedDenoiser`); sigma is a 0-dim tensor on x's device.
     noise:        [n, C, H, W] standard normal initial noise.
     sigmas:       the schedule, N + 1 decreasing levels ending with 0 (e.g. `edm_schedule`); N steps and
-                  2N − 1 denoiser evaluations (the step into σ = 0 is a plain Euler step).
+                  2N − 1 denoiser evaluations (the step into σ = 0 is a plain Euler step); N evaluations
+                  with `options.solver == 'euler'` (every step an Euler step, Karras et al. 2022, sec. 3:
+                  between two levels of a DDIM schedule it is DDIM's deterministic step).
     labels:       [n, label_dim] one-hot classes for a conditional denoiser, or None.
     guided_steps: N booleans, the guidance decision of each step, passed to both of its evaluations.
     generators:   one torch.Generator per image for the churn noise; None uses the global generator.
@@ -171,9 +179,9 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels: Op
         h = sigma_next - sigma_hat  # the step's increment in σ (negative)
         slope = ode_derivative(x, sigma_hat, evaluate(x, seen[i], i))
         x_euler = x + h * slope
-        if i == num_steps - 1:  # D is not evaluated at σ = 0: the last step stays first order
-            x = x_euler
-            break
+        if i == num_steps - 1 or options.solver == 'euler':  # D is not evaluated at σ = 0: the last step
+            x = x_euler                                          # stays first order
+            continue
         slope_end = ode_derivative(x_euler, sigma_next, evaluate(x_euler, seen[num_steps + i], i))
         x = x + h * ((slope + slope_end) * 0.5)  # trapezoidal rule: mean of the slopes at both ends
     return x

@@ -68,9 +68,12 @@ def test_presets_cover_the_published_table():
                 + [f'edm2-img512-{s}-autog-{m}' for s in ('s', 'xxl') for m in ('fid', 'dino')]
                 + ['edm2-img512-s-uncond-autog-fid', 'edm2-img512-s-uncond-autog-dino',
                    'edm2-img64-s-autog-fid', 'edm2-img64-s-autog-dino',
-                   'edm2-img512-s-guid-interval-fid', 'edm2-img512-xxl-guid-interval-fid'])
+                   'edm2-img512-s-guid-interval-fid', 'edm2-img512-xxl-guid-interval-fid',
+                   'if-xl-autog-m', 'if-xl-cfg'])
     assert sorted(table) == sorted(expected)
     for name, cfg in table.items():
+        if name.startswith('if-'):  # DeepFloyd IF (diffusers models): tests/test_external_models.py
+            continue
         urls = [cfg['net']] + ([cfg['gnet']] if 'gnet' in cfg else [])
         for url in urls:
             assert url.startswith(ROOT + '/edm2-img') and url.endswith('.pkl'), (name, url)
@@ -226,6 +229,17 @@ def test_cli_writes_the_library_images(nets, tmp_path):
     for s in range(3, 8):
         assert torch.equal(read_png(out / f'{s:06d}.png'), expected[s])
     assert not [p for p in os.listdir(out) if not p.endswith('.png')]  # no temporary files left
+
+
+def test_euler_solver_flag_writes_the_library_euler_images(nets, tmp_path):
+    out = tmp_path / 'out'
+    result = run_cli('--net', nets['main'], '--gnet', nets['guide'], '--guidance', 2, '--seeds', '0-1', '--steps', 5,
+                     '--solver', 'euler', '--outdir', out, '--device', 'cpu')
+    assert result.exit_code == 0, result.output
+    euler = library_images(nets, range(2), gnets=['guide'], guidance=2, num_steps=5, solver='euler')
+    heun = library_images(nets, range(2), gnets=['guide'], guidance=2, num_steps=5)
+    for s in range(2):
+        assert torch.equal(read_png(out / f'{s:06d}.png'), euler[s]) and not torch.equal(euler[s], heun[s])
 
 
 def test_subdirs_grid_and_class(nets, tmp_path):

@@ -17,7 +17,7 @@ import PIL.Image
 import torch
 
 from edm2 import distributed, generation, sampling
-from edm2.commands import cli, guidance_setup
+from edm2.commands import cli, guidance_setup, text_images
 from edm2.fileio import atomic_write, atomic_write_text
 from edm2.metrics.adm_npz import SampleBatchSink
 
@@ -52,6 +52,9 @@ Examples:
 \b
   # A contact sheet of the first 64 seeds
   python generate_images.py --preset edm2-img64-s-fid --seeds 0-63 --grid grid.png
+\b
+  # DeepFloyd IF as in the autoguidance paper: IF-I-XL guided by IF-I-M and by CFG, then stage II
+  python generate_images.py --preset if-xl-autog-m --prompt "a red fox in the snow" --seeds 0-3 --outdir out
 """
 
 GRID_MAX = 4096  # a contact sheet holds every image in memory
@@ -181,10 +184,12 @@ def make_grid(images):
 @click.option('--skip-existing', is_flag=True, help='Leave seeds whose PNG is already in --outdir alone (resume).')
 @click.option('--npz', metavar='FILE', help='Also write all images as an ADM sample batch (arr_0 NHWC uint8, '
                                            'arr_1 labels), streamed to disk, for the ADM TensorFlow evaluator.')
+@text_images.text_options  # text-to-image models (diffusers:), the solver and the schedule
 @cli.one_line_errors  # e.g. a full disk (edm2.fileio.NoSpaceError): one line naming the file
 def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, guidance_rule, outdir,
          subdirs, seeds, class_idx, label_rule, labels_out, batch_size, num_steps, sigma_min, sigma_max, rho, S_churn,
-         S_min, S_max, S_noise, device, grid, skip_existing, npz):
+         S_min, S_max, S_noise, device, grid, skip_existing, npz, prompts, prompt_file, negative_prompt, solver,
+         schedule, stage2, stage3):
     """Sample images from an EDM2 network, optionally steered by one or more guiding networks.
 
     A seed gives the image the published generate_images.py gives it. --preset supplies the networks,
@@ -193,8 +198,11 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
     """
     setup = guidance_setup.resolve(preset, net, gnet, guidance, guide_weights, guidance_interval,
                                    guidance_interval_steps, guidance_rule)
+    if text_images.is_text_run(setup):
+        return text_images.run(setup, dict(locals()))
+    text_images.refuse_for_edm2(setup, prompts, prompt_file, schedule, stage2, stage3)
     _check_flags(outdir, grid, npz, skip_existing, seeds, class_idx, label_rule, labels_out)
-    options = sampling.HeunOptions(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+    options = sampling.HeunOptions(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver)
     try:
         sigmas = sampling.edm_schedule(num_steps, sigma_min, sigma_max, rho, dtype=options.dtype)
     except sampling.SamplingError as e:

@@ -79,12 +79,15 @@ def guidance_options(fn):
                           'explicitly take precedence.'),
         click.option('--net', metavar='PATH|URL',
                      help='The network that generates: a .safetensors file of this project or a published '
-                          '.pkl snapshot, local or by URL.'),
+                          '.pkl snapshot, local or by URL; or a text-to-image model saved by diffusers, '
+                          "'diffusers:PATH_OR_HUB_ID[#SUBFOLDER]' (see docs/external-models.md)."),
         click.option('--gnet', metavar='PATH|URL|self:...', multiple=True,
                      help='A network that guides the main one; repeat the flag to guide with several. '
                           "'self:pag' perturbs the main network's self-attention (every attention block, or "
                           "'self:pag=enc.8x8_block1,dec.8x8_in0'), 'self:skip=BLOCKS' skips blocks of it: "
-                          'guides made from the main network, without a copy of its weights.'),
+                          'guides made from the main network, without a copy of its weights. With a diffusers '
+                          "--net: 'diffusers:...' (a model of the same family and input) or 'uncond' "
+                          '(classifier-free guidance: the main model with the empty / --negative-prompt).'),
         click.option('--guidance', metavar='FLOAT', type=cli.Float(0, 100), default=None,
                      help='Guidance weight w; 1 turns guidance off and loads no guide.  [default: 1, or the '
                           "preset's]"),
@@ -210,6 +213,8 @@ def check_schedule(setup: GuidanceSetup, sigmas) -> None:
 
 def _load(path, device, flag):
     from edm2.checkpoint import load_snapshot  # the checkpoint module is heavy; load it when networks are needed
+    if path == 'uncond' or path.strip().startswith('diffusers:'):  # text-to-image models: generate_images.py
+        cli.fail(f'{path}: text-to-image models (diffusers:, uncond) are sampled by generate_images.py only', flag)
     try:
         net, encoder, _ = load_snapshot(path, device=device)
     except ValueError as e:  # CheckpointError, EncoderError: bad or unreachable file
