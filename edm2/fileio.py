@@ -154,3 +154,18 @@ def remove_stale_temporaries(folder) -> list:
                 entry.unlink()
             removed.append(entry)
     return removed
+
+
+def is_complete_png(path):
+    """--skip-existing: whether `path` holds a PNG that decodes in full. A zero-byte, truncated or corrupt
+    file (e.g. from a disk that filled up or a copy cut short) is not an existing image: it is generated
+    again."""
+    import PIL.Image
+    try:
+        with PIL.Image.open(path) as image:
+            if image.format != 'PNG':
+                return False
+            image.load()  # decodes every row: a truncated stream raises here
+        return True
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
+        return False

@@ -18,7 +18,7 @@ import torch
 
 from edm2 import distributed, generation, sampling
 from edm2.commands import cli, guidance_setup, text_images
-from edm2.fileio import atomic_write, atomic_write_text
+from edm2.fileio import atomic_write, atomic_write_text, is_complete_png
 from edm2.metrics.adm_npz import SampleBatchSink
 
 EXAMPLES = """
@@ -102,20 +102,6 @@ def image_path(outdir, seed, subdirs):
     """Where the image of `seed` goes: {seed:06d}.png, under {seed//1000*1000:06d}/ with --subdirs."""
     name = f'{seed:06d}.png'
     return os.path.join(outdir, f'{seed // 1000 * 1000:06d}', name) if subdirs else os.path.join(outdir, name)
-
-
-def is_complete_png(path):
-    """--skip-existing: whether `path` holds a PNG that decodes in full. A zero-byte, truncated or corrupt
-    file (e.g. from a disk that filled up or a copy cut short) is not an existing image: it is generated
-    again."""
-    try:
-        with PIL.Image.open(path) as image:
-            if image.format != 'PNG':
-                return False
-            image.load()  # decodes every row: a truncated stream raises here
-        return True
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
-        return False
 
 
 def to_pil(image):

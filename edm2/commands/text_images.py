@@ -14,7 +14,7 @@ import torch
 from edm2 import distributed, presets, sampling
 from edm2.commands import cli
 from edm2.errors import EDM2Error
-from edm2.fileio import atomic_write, atomic_write_text
+from edm2.fileio import atomic_write, atomic_write_text, is_complete_png
 from edm2.self_guides import is_self_guide
 
 UNCOND = 'uncond'
@@ -172,7 +172,6 @@ def _check_prompt_record(outdir, texts, skip_existing):
 
 def run(setup, args):
     """The whole text-to-image run of generate_images.py; `args` are the command's parameters by name."""
-    from edm2.commands.generate_images import is_complete_png
     _check_flags(args)
     _preset_defaults(setup, args)
     texts = read_prompts(args['prompts'], args['prompt_file'])
