@@ -159,11 +159,13 @@ def test_threads_sharing_one_network_never_see_each_others_perturbation():
 @pytest.mark.slow
 def test_compiled_network_with_self_guides_equals_eager():
     """torch.compile of the shared network: plain, PAG, skip and plain again each equal the eager network
-    within float32 rounding (the compiled code follows the perturbation argument), also through the sampler.
+    within float32 rounding (the compiled code follows the perturbation argument), also through the sampler,
+    with no graph break.
     The backend 'eager' traces and guards as the default one does, without generating code (inductor took
     220 s here)."""
     import torch._dynamo
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     net = _tiny_attention_net()
     compiled = torch.compile(net, backend='eager')
     x, sigma, labels = _inputs(net, n=2)
@@ -181,6 +183,7 @@ def test_compiled_network_with_self_guides_equals_eager():
                      for n in (compiled, net))
     torch.testing.assert_close(sampling.heun_sampler(guided, x, sigmas, labels),
                                sampling.heun_sampler(eager, x, sigmas, labels), rtol=1e-4, atol=1e-4)
+    assert not torch._dynamo.utils.counters['graph_break']  # the perturbation argument breaks no graph
 
 
 # ----------------------------------------------------------------------------------------------------
