@@ -13,6 +13,7 @@ from edm2.commands import calculate_metrics
 from edm2.commands import generate_images
 import edm2
 from edm2 import generation, sampling
+from edm2.denoiser import StatefulDenoiser
 from edm2.guidance_rules import APG, Lerp, Rescale, RuleError, parse_rule
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -252,7 +253,7 @@ def test_samplers_keep_no_state_on_the_denoiser():
     before = {k: v for k, v in vars(denoiser).items() if k != 'num_evals'}
     sampling.heun_sampler(denoiser, torch.randn([2, 3, 8, 8]), sampling.edm_schedule(4))
     assert {k: v for k, v in vars(denoiser).items() if k != 'num_evals'} == before
-    assert not hasattr(denoiser, 'reset') and isinstance(denoiser, edm2.denoiser.StatefulDenoiser)
+    assert not hasattr(denoiser, 'reset') and isinstance(denoiser, StatefulDenoiser)
     with pytest.raises(sampling.SamplingError, match='guidance decisions given for a _Net, which has no evaluate'):
         sampling.heun_sampler(main, torch.randn([2, 3, 8, 8]), sampling.edm_schedule(4), guided_steps=[True] * 4)
 
