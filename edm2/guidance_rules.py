@@ -14,14 +14,21 @@ Per image, with weight w (1 = no guidance) and ⟨·,·⟩, ‖·‖ over all el
   Flawed", WACV 2024, sec. 3.4, eqs. 15–16): D_g = Lerp; D = φ · D_g · std(D1) / std(D_g) + (1 − φ) · D_g.
 
 A rule is a frozen dataclass (hashable, comparable) whose `str()` is its canonical spec string, the
-inverse of `parse_rule`: 'lerp', 'apg:eta=0,momentum=-0.5,threshold=15', 'rescale:phi=0.7'. A rule with
-state across evaluations (APG's momentum) keeps it in the object returned by `new_memory()`, which the
-caller creates at the start of every batch and passes to each guided evaluation in order.
+inverse of `parse_rule`: 'lerp', 'apg:eta=0,momentum=-0.5,threshold=15', 'rescale:phi=0.7'. Values are
+normalised: -0 is 0 and every float prints as its shortest round-trip text (1.0 as 1), so equal rules
+have equal specs.
+
+Every rule follows `GuidanceRule`: `combine(main, guide, weight, state=None) -> (D, new_state)`, a pure
+function of its arguments. A rule with memory across the guided evaluations of one sampler run (APG's
+momentum) reads it from `state` and returns the next one; the caller passes None at the start of every
+run and each returned state to the run's next guided evaluation. The rule holds nothing itself, and a
+state belongs to one batch shape: a state of another shape is refused (RuleError), never broadcast.
 """
 
 import dataclasses
 import math
-from typing import Optional, Union
+import numbers
+from typing import Any, Protocol, Tuple, Union
 
 import torch
 
@@ -37,44 +44,64 @@ def _per_image(x: torch.Tensor) -> list:
     return list(range(1, x.ndim))
 
 
+def _canonical(value) -> float:
+    """A rule value as it is stored: a Python float, with -0 made 0 (so that equal values compare, hash and
+    print the same)."""
+    value = float(value)
+    return 0.0 if value == 0 else value
+
+
 def _format(value: float) -> str:
     """The shortest text that reads back as the same float (so parse_rule(str(rule)) == rule), without a
     trailing '.0'."""
-    text = repr(float(value))
+    text = repr(_canonical(value))
     return text[:-2] if text.endswith('.0') else text
+
+
+def _normalise_fields(rule) -> None:
+    """Store every field of a frozen rule as its `_canonical` float (numbers only; others are left for the
+    rule's own check to refuse)."""
+    for field in dataclasses.fields(rule):
+        value = getattr(rule, field.name)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            object.__setattr__(rule, field.name, _canonical(value))
+
+
+class GuidanceRule(Protocol):
+    """How the main denoiser's output D1 and the (mixed) guide's D0 combine with weight w, per image:
+    a pure function of its arguments and of the run's `state` (None at a run's first guided evaluation),
+    returning D, in main's dtype and shape, and the state for the run's next guided evaluation."""
+
+    def combine(self, main: torch.Tensor, guide: torch.Tensor, weight: float,
+                state: Any = None) -> Tuple[torch.Tensor, Any]: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class Lerp:
-    """D = D0 + w (D1 − D0), computed as torch.lerp(D0, D1, w)."""
+    """D = D0 + w (D1 − D0), computed as torch.lerp(D0, D1, w). No state."""
 
-    def new_memory(self):
-        return None
-
-    def combine(self, main: torch.Tensor, guide: torch.Tensor, weight: float, memory=None) -> torch.Tensor:
-        return guide.lerp(main, weight)
+    def combine(self, main: torch.Tensor, guide: torch.Tensor, weight: float, state=None):
+        return guide.lerp(main, weight), None
 
     def __str__(self):
         return 'lerp'
 
 
-@dataclasses.dataclass
-class _Momentum:
-    """APG's running buffer m, one entry per image of the batch; None until the first guided evaluation."""
-
-    buffer: Optional[torch.Tensor] = None
-
-
 @dataclasses.dataclass(frozen=True)
 class APG:
     """Adaptive projected guidance (Sadat et al., ICLR 2025): η scales the part of the update parallel to
-    D1, β is the (reverse, β ≤ 0 in the paper) momentum, r caps the update's norm; β = 0 and r = 0 are off."""
+    D1, β is the (reverse, β ≤ 0 in the paper) momentum, r caps the update's norm; β = 0 and r = 0 are off.
+
+    The state of a run is the momentum buffer m (float64, shaped like the batch; None = zero, at the start
+    of a run); without momentum the state stays None.
+    """
 
     eta: float = 0.0
     momentum: float = 0.0
     threshold: float = 0.0
 
     def __post_init__(self):
+        _normalise_fields(self)
         for key in ('eta', 'momentum', 'threshold'):
             value = getattr(self, key)
             if not math.isfinite(value):
@@ -82,19 +109,19 @@ class APG:
         if self.threshold < 0:
             raise RuleError(f'apg: threshold must be >= 0 (0 = no cap), got {self.threshold:g}')
 
-    def new_memory(self):
-        return _Momentum()
-
-    def combine(self, main: torch.Tensor, guide: torch.Tensor, weight: float, memory=None) -> torch.Tensor:
+    def combine(self, main: torch.Tensor, guide: torch.Tensor, weight: float, state=None):
         dims = _per_image(main)
         d1 = main.double()
         delta = d1 - guide.double()
         if self.momentum != 0:
-            if memory is None:
-                raise RuleError('apg with momentum needs the memory of new_memory() at every evaluation')
-            if memory.buffer is not None:
-                delta = delta + self.momentum * memory.buffer
-            memory.buffer = delta
+            if state is not None:
+                if state.shape != delta.shape:
+                    raise RuleError(f'{self}: the momentum state is of a batch of shape {list(state.shape)}, '
+                                    f'this evaluation of {list(delta.shape)}; start every run with state=None')
+                delta = delta + self.momentum * state
+            state = delta
+        else:
+            state = None
         if self.threshold > 0:
             norm = delta.square().sum(dims, keepdim=True).sqrt()
             delta = delta * (self.threshold / norm).clamp(max=1)  # r / 0 = inf: an update of zero stays zero
@@ -102,7 +129,7 @@ class APG:
         along = (delta * d1).sum(dims, keepdim=True) / energy.where(energy > 0, torch.ones_like(energy))
         parallel = along * d1
         update = (delta - parallel) + self.eta * parallel
-        return (d1 + (weight - 1) * update).to(main.dtype)
+        return (d1 + (weight - 1) * update).to(main.dtype), state
 
     def __str__(self):
         return f'apg:eta={_format(self.eta)},momentum={_format(self.momentum)},threshold={_format(self.threshold)}'
@@ -111,18 +138,16 @@ class APG:
 @dataclasses.dataclass(frozen=True)
 class Rescale:
     """Guidance rescale (Lin et al., WACV 2024, sec. 3.4): the lerp result brought back to the standard
-    deviation of D1, blended with φ."""
+    deviation of D1, blended with φ. No state."""
 
     phi: float
 
     def __post_init__(self):
+        _normalise_fields(self)
         if not (math.isfinite(self.phi) and 0 <= self.phi <= 1):
             raise RuleError(f'rescale: phi must lie in [0, 1], got {self.phi!r}')
 
-    def new_memory(self):
-        return None
-
-    def combine(self, main: torch.Tensor, guide: torch.Tensor, weight: float, memory=None) -> torch.Tensor:
+    def combine(self, main: torch.Tensor, guide: torch.Tensor, weight: float, state=None):
         dims = _per_image(main)
         guided = guide.lerp(main, weight)
         # The same number of elements on both sides, so the std's correction cancels in the ratio.
@@ -130,7 +155,7 @@ class Rescale:
         std_guided = guided.std(dims, keepdim=True)
         ratio = std_main / std_guided.where(std_guided > 0, torch.ones_like(std_guided))
         ratio = ratio.where(std_guided > 0, torch.ones_like(ratio))
-        return self.phi * (guided * ratio) + (1 - self.phi) * guided
+        return self.phi * (guided * ratio) + (1 - self.phi) * guided, None
 
     def __str__(self):
         return f'rescale:phi={_format(self.phi)}'

@@ -54,11 +54,9 @@ class Block(torch.nn.Module):
         attn_balance       share t of the attention branch in mp_sum(x, attention, t)
         clip_act           the output is clamped to [-clip_act, clip_act]; None: no clamp
 
-    `perturbation` (not a parameter; None except while `edm2.self_guides` evaluates a guide made from this
-    network): 'pag' replaces the attention weights by the identity, 'skip' returns the input unchanged.
+    `perturbation`, an argument of the call (None except when `edm2.self_guides` evaluates a guide made from
+    this network): 'pag' replaces the attention weights by the identity, 'skip' returns the input unchanged.
     """
-
-    perturbation = None  # None | 'pag' | 'skip'
 
     def __init__(self, in_channels, out_channels, emb_channels, flavor='enc', resample_mode='keep',
                  resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0,
@@ -111,32 +109,32 @@ class Block(torch.nn.Module):
             h = F.dropout(h, p=self.dropout, training=True)
         return self.conv_res1(h)
 
-    def _attention_branch(self, x):
+    def _attention_branch(self, x, identity=False):
         """Self-attention among the pixels, with every head's q, k and v normalised to unit RMS per pixel.
 
         The 3 * C output channels of `attn_qkv` are laid out as [head, channel within head, (q, k, v)]:
-        the order the published weights were trained in.
+        the order the published weights were trained in. `identity`: the attention weights are the identity.
         """
         n, c, h, w = x.shape
         head_channels = c // self.num_heads
         qkv = self.attn_qkv(x).reshape(n, self.num_heads, head_channels, 3, h * w)
         qkv = normalize(qkv, dim=2).transpose(2, 4)                    # [n, head, pixel, (q, k, v), channel]
         query, key, value = qkv.unbind(dim=3)
-        if self.perturbation == 'pag':  # identity attention weights: every pixel keeps its own value (PAG)
+        if identity:  # identity attention weights: every pixel keeps its own value (PAG)
             mixed = value.transpose(2, 3)                              # [n, head, channel, pixel]
         else:
             weights = (query @ key.transpose(2, 3) / math.sqrt(head_channels)).softmax(dim=3)
             mixed = (weights @ value).transpose(2, 3)                  # [n, head, channel, pixel]
         return self.attn_proj(mixed.reshape(n, c, h, w))
 
-    def forward(self, x, emb):
-        if self.perturbation == 'skip':  # skip-layer guidance: the block is left out
+    def forward(self, x, emb, perturbation=None):
+        if perturbation == 'skip':  # skip-layer guidance: the block is left out
             return x
         x = self._enter(x)
         skip = self._widen(x) if self.flavor == 'dec' else x
         x = mp_sum(skip, self._residual_branch(x, emb), t=self.res_balance)
         if self.num_heads:
-            x = mp_sum(x, self._attention_branch(x), t=self.attn_balance)
+            x = mp_sum(x, self._attention_branch(x, identity=perturbation == 'pag'), t=self.attn_balance)
         if self.clip_act is None:
             return x
         return x.clamp(min=-self.clip_act, max=self.clip_act)  # rare outliers would overflow float16
@@ -231,28 +229,31 @@ class UNet(torch.nn.Module):
             emb = mp_sum(emb, classes, t=self.label_balance)
         return mp_silu(emb)
 
-    def _encode(self, x, emb):
+    def _encode(self, x, emb, perturbation):
         """The output of every encoder module, in order; the last one is where the decoder starts."""
         outputs = []
-        for module in self.enc.values():
-            x = module(x, emb) if isinstance(module, Block) else module(x)
+        for name, module in self.enc.items():
+            x = module(x, emb, perturbation.get('enc.' + name)) if isinstance(module, Block) else module(x)
             outputs.append(x)
         return outputs
 
-    def _decode(self, skips, emb):
+    def _decode(self, skips, emb, perturbation):
         """Run the decoder from the deepest encoder output, concatenating a skip before each `_block`."""
         x = skips[-1]
         for name, module in self.dec.items():
             if '_block' in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = module(x, emb)
+            x = module(x, emb, perturbation.get('dec.' + name))
         return x
 
-    def forward(self, x, noise_labels, class_labels):
+    def forward(self, x, noise_labels, class_labels, perturbation=None):
+        """F(x, c_noise, class_labels); `perturbation` maps block names ('enc.8x8_block1', 'dec.8x8_in0')
+        to the perturbation of that block in this call only ('pag' or 'skip', see `Block`)."""
+        perturbation = perturbation or {}
         emb = self.embedding(noise_labels, class_labels).to(x.dtype)
         # A constant channel of ones lets the 'same'-padded convolutions tell the border from the inside.
         x = F.pad(x, (0, 0, 0, 0, 0, 1), value=1)
-        return self.out_conv(self._decode(self._encode(x, emb), emb), gain=self.out_gain)
+        return self.out_conv(self._decode(self._encode(x, emb, perturbation), emb, perturbation), gain=self.out_gain)
 
 
 class PrecondCoefficients(NamedTuple):
@@ -293,7 +294,8 @@ class Precond(torch.nn.Module):
 
     `precision` ('fp32' | 'fp16' | 'bf16'; initially 'fp16' if use_fp16 else 'fp32') is the dtype
     the U-Net runs in on CUDA unless force_fp32; on other devices it always runs in float32. D and
-    u(σ) are float32 either way.
+    u(σ) are float32 either way. `perturbation` ({block name: 'pag' | 'skip'}, see `UNet.forward`) perturbs
+    blocks for this call only, as `edm2.self_guides` does: nothing is stored on the shared network.
 
         img_resolution   side of the square input
         img_channels     channels of the input
@@ -367,12 +369,13 @@ class Precond(torch.nn.Module):
         features = self.logvar_fourier(c_noise.flatten())
         return self.logvar_linear(features).reshape(-1, 1, 1, 1)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False):
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, perturbation=None):
         x = x.to(torch.float32)
         sigma = self._sigma_per_image(sigma, x)
         coef = precond_coefficients(sigma, self.sigma_data)
         unet_input = (coef.c_in * x).to(self.unet_dtype(x.device, force_fp32))
-        prediction = self.unet(unet_input, coef.c_noise.flatten(), self._label_rows(class_labels, x))
+        prediction = self.unet(unet_input, coef.c_noise.flatten(), self._label_rows(class_labels, x),
+                               perturbation=perturbation)
         denoised = coef.c_out * prediction.to(torch.float32) + coef.c_skip * x
         if return_logvar:
             return denoised, self.log_uncertainty(coef.c_noise)

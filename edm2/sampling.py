@@ -13,8 +13,11 @@ Three pieces that compose, each usable alone:
   and passed to the wrapper for both evaluations of that step.
 
 A denoiser is anything called as `D(x, sigma, labels)` that returns D(x; σ, c) shaped like x, such as
-`edm2.networks.Precond`. `Guidance` bundles what `edm2.generation.generate` needs to build the guided
-denoiser and its per-step decisions.
+`edm2.networks.Precond` (the protocol `edm2.denoiser.Denoiser`). A guided denoiser also offers one
+evaluation of a run with an explicit state (`edm2.denoiser.StatefulDenoiser`): the sampler starts every run
+with no state and carries it from evaluation to evaluation, so the memory of a guidance rule (APG's
+momentum) can never outlive its run or meet a batch of another size. `Guidance` bundles what
+`edm2.generation.generate` needs to build the guided denoiser and its per-step decisions.
 """
 
 import dataclasses
@@ -24,6 +27,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .denoiser import StatefulDenoiser
 from .errors import EDM2Error
 from .guidance_rules import Lerp, Rule, parse_rule
 
@@ -134,19 +138,22 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels: Op
                  generators=None) -> torch.Tensor:
     """Integrate from x_0 = noise · σ_0 down to σ_N = 0; returns the samples in `options.dtype`.
 
-    denoiser:     called as denoiser(x, sigma, labels), or with guided=<bool> as well when `guided_steps`
-                  is given (e.g. a `GuidedDenoiser`); sigma is a 0-dim tensor on x's device.
+    denoiser:     a `edm2.denoiser.Denoiser`, called as denoiser(x, sigma, labels) with sigma a 0-dim
+                  tensor on x's device; or a `edm2.denoiser.StatefulDenoiser` (e.g. a `GuidedDenoiser`),
+                  called as denoiser.evaluate(x, sigma, labels, guided, state), the state None at the
+                  first evaluation of this run and then the one the previous evaluation returned.
     noise:        [n, C, H, W] standard normal initial noise.
     sigmas:       the schedule, N + 1 decreasing levels ending with 0 (e.g. `edm_schedule`); N steps and
                   2N − 1 denoiser evaluations (the step into σ = 0 is a plain Euler step); N evaluations
                   with `options.solver == 'euler'` (every step an Euler step, Karras et al. 2022, sec. 3:
                   between two levels of a DDIM schedule it is DDIM's deterministic step).
     labels:       [n, label_dim] one-hot classes for a conditional denoiser, or None.
-    guided_steps: N booleans, the guidance decision of each step, passed to both of its evaluations.
+    guided_steps: N booleans, the guidance decision of each step, passed to both of its evaluations
+                  (a StatefulDenoiser only); None: every step guided.
     generators:   one torch.Generator per image for the churn noise; None uses the global generator.
 
-    A denoiser with a `reset()` method has it called once here, before the first evaluation: a new batch
-    of trajectories starts (a `GuidedDenoiser` then zeroes the memory of its rule, e.g. APG's momentum).
+    The run's state is a local of this call: it starts empty here and is dropped on return, so no state of
+    another run or batch can reach this one.
     """
     sigmas = sigmas.detach().to('cpu', options.dtype)  # 0-dim scalars for the arithmetic, no device syncs
     num_steps = len(sigmas) - 1
@@ -156,19 +163,25 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels: Op
         raise SamplingError(f'{len(guided_steps)} guidance decisions given for {num_steps} steps')
     if generators is not None and len(generators) != noise.shape[0]:
         raise SamplingError(f'{len(generators)} generators given for a batch of {noise.shape[0]} images')
+    stateful = isinstance(denoiser, StatefulDenoiser)
+    if guided_steps is not None and not stateful:
+        raise SamplingError(f'guidance decisions given for a {type(denoiser).__name__}, which has no '
+                            f'evaluate(x, sigma, labels, guided, state) (e.g. a GuidedDenoiser)')
 
     gammas = [options.churn(float(s), num_steps) for s in sigmas[:-1]]
     hats = [s + g * s if g > 0 else s for s, g in zip(sigmas[:-1], gammas)]
     # The levels the networks see (σ̂_i, then σ_{i+1}), moved to the device once.
     seen = torch.stack(hats + list(sigmas[1:])).to(noise.device)
 
-    if hasattr(denoiser, 'reset'):
-        denoiser.reset()
+    state = None  # the guidance state of this run (e.g. APG's momentum), carried from evaluation to evaluation
 
     def evaluate(x, level, step):
-        if guided_steps is None:
+        nonlocal state
+        if not stateful:
             return denoiser(x, level, labels)
-        return denoiser(x, level, labels, guided=bool(guided_steps[step]))
+        guided = True if guided_steps is None else bool(guided_steps[step])
+        denoised, state = denoiser.evaluate(x, level, labels, guided, state)
+        return denoised
 
     x = noise.to(options.dtype) * sigmas[0]
     for i in range(num_steps):
@@ -277,9 +290,13 @@ class GuidedDenoiser:
     dtype:       every network output is cast to it.
     rule:        how D_1 and D_0 combine: a rule of `edm2.guidance_rules` or its spec string (default lerp).
 
-    Called as (x, sigma, labels=None, guided=True): `guided=False` evaluates D_1 alone. `num_evals`
-    counts the calls of [D_1, D_01, D_02, ...]. `reset()` starts a new batch (the rule's memory is zeroed);
-    `heun_sampler` calls it.
+    `evaluate(x, sigma, labels, guided, state) -> (D, state)` is one evaluation of a sampler run (the
+    `edm2.denoiser.StatefulDenoiser` protocol, which `heun_sampler` follows): `guided=False` evaluates D_1
+    alone, and `state` is the rule's state of the run (None at its start; see `edm2.guidance_rules`).
+    Called as (x, sigma, labels=None, guided=True) it is a plain `edm2.denoiser.Denoiser`: every call is a
+    run of its own, with a fresh state (so APG's momentum has no effect there; a sampler that wants it
+    carries the state through `evaluate`). The object keeps no state of a run; `num_evals` counts the
+    calls of [D_1, D_01, D_02, ...].
     """
 
     def __init__(self, net, guides=(), weight: float = 1.0, shares=None, dtype=torch.float32, rule: Rule = Lerp()):
@@ -295,10 +312,6 @@ class GuidedDenoiser:
         self.dtype = dtype
         self.rule = parse_rule(rule)
         self.num_evals = [0] * (1 + len(self.guides))
-        self.reset()
-
-    def reset(self) -> None:
-        self._memory = self.rule.new_memory()
 
     @property
     def active(self) -> bool:
@@ -308,11 +321,14 @@ class GuidedDenoiser:
         self.num_evals[slot] += 1
         return net(x, sigma, labels).to(self.dtype)
 
-    def __call__(self, x, sigma, labels=None, guided=True):
+    def __call__(self, x, sigma, labels=None, guided=True) -> torch.Tensor:
+        return self.evaluate(x, sigma, labels, guided, None)[0]
+
+    def evaluate(self, x, sigma, labels=None, guided=True, state=None):
         sigma = torch.as_tensor(sigma, device=x.device)
         main = self._run(0, self.net, x, sigma, labels)
         if not (guided and self.active):
-            return main
+            return main, state
         mixed = None
         for k, (guide, share) in enumerate(zip(self.guides, self.shares)):
             if share == 0:
@@ -320,7 +336,7 @@ class GuidedDenoiser:
             out = self._run(k + 1, guide, x, sigma, labels if getattr(guide, 'label_dim', 0) else None)
             out = out if share == 1 else out * share
             mixed = out if mixed is None else mixed + out
-        return self.rule.combine(main, mixed, self.weight, self._memory)
+        return self.rule.combine(main, mixed, self.weight, state)
 
 
 @dataclasses.dataclass(frozen=True)

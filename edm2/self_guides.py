@@ -11,11 +11,12 @@
 Block names are the U-Net's module names of the published state dicts (`unet.enc.8x8_block1.attn_qkv.weight`
 belongs to block 'enc.8x8_block1'; the 'unet.' prefix may be given). `SelfGuide.bind(net)` returns a guide
 that evaluates the very same network object (shared parameters, no copy of the weights) with the
-perturbation switched on for the duration of the call only, through `edm2.networks.Block.perturbation`.
-A bound guide costs one main-network evaluation per guided evaluation.
+perturbation switched on for that call only: it is an argument of the call (`perturbation=` of
+`edm2.networks.Precond`), never state of the shared network, so two threads sharing one network, one
+guiding with a perturbation and one not, never see each other's. A bound guide costs one main-network
+evaluation per guided evaluation.
 """
 
-import contextlib
 import dataclasses
 import re
 from typing import Optional
@@ -76,7 +77,7 @@ class SelfGuide:
                     'has no self-attention' if self.kind == 'pag' else 'changes the shape of its input'
                 raise SelfGuideError(f'{self}: {name!r} {reason}; {what}: {", ".join(allowed) or "none"}')
         chosen = allowed if self.blocks is None else list(self.blocks)
-        return PerturbedNetwork(net, self, [blocks[name] for name in chosen])
+        return PerturbedNetwork(net, self, chosen)
 
 
 def parse_self_guide(spec) -> SelfGuide:
@@ -120,33 +121,21 @@ def keeps_shape(block: Block) -> bool:
     return block.resample_mode == 'keep' and block.conv_skip is None
 
 
-@contextlib.contextmanager
-def perturbed(blocks, kind):
-    """Switch `kind` on in `blocks` for the duration of the `with`; always restored, even on error."""
-    previous = [block.perturbation for block in blocks]
-    try:
-        for block in blocks:
-            block.perturbation = kind
-        yield
-    finally:
-        for block, value in zip(blocks, previous):
-            block.perturbation = value
-
-
 class PerturbedNetwork:
-    """A guide D_0 = the main network with a `SelfGuide` perturbation; called like the network. It holds
-    no weights of its own and has the main network's img_channels, img_resolution and label_dim (so
+    """A guide D_0 = the main network with a `SelfGuide` perturbation of the named blocks; called like the
+    network, which it calls with `perturbation={name: kind}`. It holds no weights and no state of its own
+    and has the main network's img_channels, img_resolution and label_dim (so
     `edm2.sampling.GuidedDenoiser` gives it the main network's labels)."""
 
     def __init__(self, net, spec: SelfGuide, blocks):
-        self.net, self.spec, self.blocks = net, spec, list(blocks)
+        self.net, self.spec, self.blocks = net, spec, tuple(blocks)
+        self.perturbation = {name: spec.kind for name in self.blocks}
         self.img_channels = net.img_channels
         self.img_resolution = net.img_resolution
         self.label_dim = getattr(net, 'label_dim', 0)
 
     def __call__(self, x, sigma, class_labels=None, **kwargs):
-        with perturbed(self.blocks, self.spec.kind):
-            return self.net(x, sigma, class_labels, **kwargs)
+        return self.net(x, sigma, class_labels, perturbation=self.perturbation, **kwargs)
 
     def __repr__(self):
         return f'PerturbedNetwork({self.spec}, {len(self.blocks)} block(s))'

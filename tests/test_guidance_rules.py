@@ -13,6 +13,7 @@ from edm2.commands import calculate_metrics
 from edm2.commands import generate_images
 import edm2
 from edm2 import generation, sampling
+from edm2.denoiser import StatefulDenoiser
 from edm2.guidance_rules import APG, Lerp, Rescale, RuleError, parse_rule
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -74,15 +75,15 @@ def _assert_rel(got, expected, tol=1e-6):
 def test_lerp_and_rescale_equal_the_equations(dtype, w):
     d1, d0 = _pair(0, dtype)
     a, b = d1.double().numpy(), d0.double().numpy()
-    out = Lerp().combine(d1, d0, w)
-    assert out.dtype == dtype
+    out, state = Lerp().combine(d1, d0, w)
+    assert out.dtype == dtype and state is None
     _assert_rel(out, ref_lerp(a, b, w))
     for phi in (0.0, 0.7, 1.0):
-        out = Rescale(phi).combine(d1, d0, w)
-        assert out.dtype == dtype
+        out, state = Rescale(phi).combine(d1, d0, w)
+        assert out.dtype == dtype and state is None
         _assert_rel(out, ref_rescale(a, b, w, phi))
     # phi = 1 gives every image exactly the std of its D1.
-    stds = Rescale(1.0).combine(d1, d0, w).double().std(dim=[1, 2, 3])
+    stds = Rescale(1.0).combine(d1, d0, w)[0].double().std(dim=[1, 2, 3])
     torch.testing.assert_close(stds, d1.double().std(dim=[1, 2, 3]), rtol=1e-5, atol=0)
 
 
@@ -90,8 +91,8 @@ def test_lerp_and_rescale_equal_the_equations(dtype, w):
 @pytest.mark.parametrize('eta, r', [(0.0, 0.0), (0.3, 0.0), (0.0, 4.0), (1.0, 4.0)])
 def test_apg_without_momentum_equals_the_equations(dtype, eta, r):
     d1, d0 = _pair(1, dtype)
-    out = APG(eta=eta, threshold=r).combine(d1, d0, 3.0, APG().new_memory())
-    assert out.dtype == dtype
+    out, state = APG(eta=eta, threshold=r).combine(d1, d0, 3.0)
+    assert out.dtype == dtype and state is None
     _assert_rel(out, ref_apg(d1.double().numpy(), d0.double().numpy(), 3.0, eta=eta, r=r))
     if r:  # the cap is active for some images only (scales 0.1 .. 10)
         norms = (d1 - d0).double().square().sum([1, 2, 3]).sqrt()
@@ -100,8 +101,9 @@ def test_apg_without_momentum_equals_the_equations(dtype, eta, r):
 
 def test_apg_eta_one_is_lerp_and_eta_zero_removes_the_parallel_part():
     d1, d0 = _pair(2, torch.float64)
-    torch.testing.assert_close(APG(eta=1).combine(d1, d0, 2.5), Lerp().combine(d1, d0, 2.5), rtol=1e-12, atol=1e-12)
-    update = APG(eta=0).combine(d1, d0, 2.5) - d1
+    torch.testing.assert_close(APG(eta=1).combine(d1, d0, 2.5)[0], Lerp().combine(d1, d0, 2.5)[0], rtol=1e-12,
+                               atol=1e-12)
+    update = APG(eta=0).combine(d1, d0, 2.5)[0] - d1
     cosine = (update * d1).sum([1, 2, 3]) / (update.square().sum([1, 2, 3]) * d1.square().sum([1, 2, 3])).sqrt()
     assert cosine.abs().max() < 1e-12
 
@@ -140,17 +142,19 @@ def test_apg_momentum_over_seven_guided_and_unguided_evaluations(dtype):
             out.append(ref_apg(d1, d0, 2.5, eta=0.25, beta=-0.5, r=6.0, buffer=buffer) if is_guided else d1)
         return out
 
-    for batch in range(2):  # the second batch starts from a zero buffer again
-        denoiser.reset()
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for batch in range(2):  # the second run starts from no state (a zero buffer) again
+        state = None
         for k, (expected, is_guided) in enumerate(zip(reference(), guided)):
-            got = denoiser(xs[k].to(dtype), torch.tensor(sigmas[k], dtype=dtype), guided=is_guided)
-            _assert_rel(got, expected, tol=1e-6 if dtype == torch.float32 else 1e-12)
+            got, state = denoiser.evaluate(xs[k].to(dtype), torch.tensor(sigmas[k], dtype=dtype), None, is_guided,
+                                           state)
+            _assert_rel(got, expected, tol=tol)
     assert denoiser.num_evals == [14, 8]
-    # Without the reset the buffer carries over, and the result differs: the reset is what the test checks.
-    denoiser(xs[0].to(dtype), torch.tensor(sigmas[0], dtype=dtype))
-    denoiser.reset()
-    first = denoiser(xs[0].to(dtype), torch.tensor(sigmas[0], dtype=dtype))
-    _assert_rel(first, reference()[0], tol=1e-6 if dtype == torch.float32 else 1e-12)
+    # The state carried over from the run gives another result: the state is what carries the momentum.
+    carried, _ = denoiser.evaluate(xs[0].to(dtype), torch.tensor(sigmas[0], dtype=dtype), None, True, state)
+    with pytest.raises(AssertionError):
+        _assert_rel(carried, reference()[0], tol=tol)
+    _assert_rel(denoiser(xs[0].to(dtype), torch.tensor(sigmas[0], dtype=dtype)), reference()[0], tol=tol)
 
 
 def _reference_heun(main, guide, noise, sigmas, guided_steps, apg_args):
@@ -193,6 +197,67 @@ def test_heun_sampler_with_momentum_equals_a_reference_sampler_and_resets_per_ba
     assert np.abs(no_momentum - expected).max() > 1e-3  # the momentum matters here
 
 
+def _foreign_sampler(denoiser, noise, sigmas):
+    """An Euler sampler that is not ours: it calls the denoiser as a plain D(x, sigma, labels)."""
+    x = noise * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (sigma_next - sigma) * (x - denoiser(x, sigma, None)) / sigma
+    return x
+
+
+def test_a_rule_state_cannot_leak_into_another_batch_or_run():
+    """APG with momentum: 4 images then 1 image through one guided denoiser give for the 1 image what a fresh
+    denoiser gives (never a 4-image broadcast), through our sampler, through a sampler that is not ours and
+    through the rule called directly; a state of another batch shape is refused in one line."""
+    main, guide = _Net(1.3, 0.2), _Net(0.7, 0.1)
+    spec = 'apg:eta=0.25,momentum=-0.5,threshold=6'
+    sigmas = sampling.edm_schedule(6, dtype=torch.float64)
+    options = sampling.HeunOptions(dtype=torch.float64)
+    four, one = (torch.randn([n, 3, 8, 8], generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+                 for n in (4, 1))
+
+    def denoiser():
+        return sampling.GuidedDenoiser(main, [guide], weight=2.0, dtype=torch.float64, rule=spec)
+
+    shared = denoiser()
+    for run in (lambda d, x: sampling.heun_sampler(d, x, sigmas, None, options),
+                lambda d, x: _foreign_sampler(d, x, sigmas)):
+        run(shared, four)
+        after_four, fresh = run(shared, one), run(denoiser(), one)
+        assert after_four.shape == (1, 3, 8, 8) and torch.equal(after_four, fresh)
+    # The foreign sampler's every call is a run of its own: no momentum, i.e. the rule without it.
+    no_momentum = sampling.GuidedDenoiser(main, [guide], weight=2.0, dtype=torch.float64,
+                                          rule='apg:eta=0.25,threshold=6')
+    assert torch.equal(_foreign_sampler(shared, one, sigmas), _foreign_sampler(no_momentum, one, sigmas))
+    assert not torch.equal(sampling.heun_sampler(shared, one, sigmas, None, options),
+                           sampling.heun_sampler(no_momentum, one, sigmas, None, options))  # ours carries it
+
+    rule = parse_rule(spec)
+    d1, d0 = _pair(5, torch.float64, n=4)
+    _, state = rule.combine(d1, d0, 2.0)
+    assert state.shape == d1.shape
+    alone, _ = rule.combine(d1[:1], d0[:1], 2.0)  # no state given: a fresh one
+    assert torch.equal(alone, rule.combine(d1[:1], d0[:1], 2.0, None)[0]) and alone.shape == (1, 3, 8, 8)
+    with pytest.raises(RuleError) as info:
+        rule.combine(d1[:1], d0[:1], 2.0, state)
+    assert str(info.value) == (f'{spec}: the momentum state is of a batch of shape [4, 3, 8, 8], this evaluation '
+                               f'of [1, 3, 8, 8]; start every run with state=None')
+    with pytest.raises(RuleError, match='momentum state is of a batch of shape'):
+        shared.evaluate(one, sigmas[0], None, True, state)
+
+
+def test_samplers_keep_no_state_on_the_denoiser():
+    """The guided denoiser and the rule hold no run: after a run their attributes are what they were."""
+    main, guide = _Net(1.3, 0.2), _Net(0.7, 0.1)
+    denoiser = sampling.GuidedDenoiser(main, [guide], weight=2.0, rule='apg:momentum=-0.5')
+    before = {k: v for k, v in vars(denoiser).items() if k != 'num_evals'}
+    sampling.heun_sampler(denoiser, torch.randn([2, 3, 8, 8]), sampling.edm_schedule(4))
+    assert {k: v for k, v in vars(denoiser).items() if k != 'num_evals'} == before
+    assert not hasattr(denoiser, 'reset') and isinstance(denoiser, StatefulDenoiser)
+    with pytest.raises(sampling.SamplingError, match='guidance decisions given for a _Net, which has no evaluate'):
+        sampling.heun_sampler(main, torch.randn([2, 3, 8, 8]), sampling.edm_schedule(4), guided_steps=[True] * 4)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Specs.
 
@@ -204,6 +269,35 @@ def test_specs_round_trip():
     assert str(rule) == 'apg:eta=0.123456789,momentum=0,threshold=15' and parse_rule(str(rule)) == rule
     assert str(parse_rule('rescale:phi=0.7')) == 'rescale:phi=0.7'
     assert parse_rule(Rescale(0.5)) == Rescale(0.5)
+
+
+@pytest.mark.parametrize('specs', [
+    ['apg:momentum=-0', 'apg:momentum=0', 'apg:momentum=0.0', 'apg:momentum=-0.0', 'apg:momentum=+0e3', 'apg'],
+    ['apg:eta=1.0', 'apg:eta=1', 'apg:eta=1e0', 'apg:eta=+1.000', 'apg:eta=1,momentum=-0,threshold=0.0'],
+    ['apg:threshold=15', 'apg:threshold=15.0', 'apg:threshold=1.5e1'],
+    ['apg:eta=0.1', 'apg:eta=0.10000000000000001', 'apg:eta=1e-1'],
+    ['rescale:phi=-0', 'rescale:phi=0', 'rescale:phi=0.000'],
+    ['rescale:phi=1.0', 'rescale:phi=1'],
+])
+def test_equal_rules_have_one_canonical_spec(specs):
+    """Canonical specs normalise values (-0 is 0, 1.0 is 1, one float one text), so a resumed sweep, which
+    keys its cells by the spec string, keys equal rules equally."""
+    rules = [parse_rule(spec) for spec in specs]
+    texts = {str(rule) for rule in rules}
+    assert len(texts) == 1 and len(set(rules)) == 1, texts
+    text = texts.pop()
+    assert '-0' not in text and '.0,' not in text and not text.endswith('.0')
+    assert str(parse_rule(text)) == text and parse_rule(text) == rules[0]
+
+
+def test_constructed_rules_are_normalised_like_parsed_ones():
+    assert str(APG(momentum=-0.0)) == str(APG()) == 'apg:eta=0,momentum=0,threshold=0'
+    assert str(APG(eta=np.float64(0.5), threshold=15)) == str(parse_rule('apg:eta=0.5,threshold=15'))
+    assert type(APG(threshold=15).threshold) is float and type(Rescale(np.float32(0.5)).phi) is float
+    assert str(Rescale(-0.0)) == 'rescale:phi=0'
+    for value in np.random.default_rng(0).normal(size=200) * 10.0 ** np.random.default_rng(1).integers(-8, 8, 200):
+        rule = APG(eta=float(value), momentum=-float(value))
+        assert parse_rule(str(rule)) == rule and str(parse_rule(str(rule))) == str(rule)
 
 
 @pytest.mark.parametrize('spec, message', [
@@ -244,14 +338,16 @@ def _images(net, guidance, encoder, seeds=range(8), steps=8):
     return torch.cat([b.images for b in batches])
 
 
-class _LerpAsBefore(sampling.GuidedDenoiser):
-    """The guided denoiser as it combined before rules existed: mixed.lerp(main, w), written here."""
+class _LerpAsBefore:
+    """The guided denoiser as it combined before rules existed: mixed.lerp(main, w), written here (a plain
+    denoiser: every step guided)."""
 
-    def __call__(self, x, sigma, labels=None, guided=True):
-        main = self.net(x, sigma, labels).to(self.dtype)
-        if not (guided and self.active):
-            return main
-        return self.guides[0](x, sigma, labels).to(self.dtype).lerp(main, self.weight)
+    def __init__(self, net, guides, weight):
+        self.net, self.guides, self.weight = net, guides, weight
+
+    def __call__(self, x, sigma, labels=None):
+        main = self.net(x, sigma, labels).to(torch.float32)
+        return self.guides[0](x, sigma, labels).to(torch.float32).lerp(main, self.weight)
 
 
 def test_lerp_is_bit_identical_to_the_sampler_before_rules(fixture_nets):

@@ -102,7 +102,7 @@ def test_preconditioning_formula():
     F_out = torch.randn(3, 3, 16, 16)
 
     class Stub(torch.nn.Module):
-        def forward(self, x, noise_labels, class_labels):
+        def forward(self, x, noise_labels, class_labels, perturbation=None):
             self.args = (x, noise_labels, class_labels)
             return F_out
 

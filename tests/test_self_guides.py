@@ -3,6 +3,7 @@ written here, evaluation counts, the main network left untouched, and bad specs 
 
 import copy
 import json
+import threading
 
 import numpy as np
 import PIL.Image
@@ -18,8 +19,7 @@ from edm2.checkpoint import save_network
 from edm2.metrics import detectors
 from edm2.mp import normalize
 from edm2.networks import build_network
-from edm2.self_guides import (PerturbedNetwork, SelfGuide, SelfGuideError, is_self_guide, network_blocks,
-                              parse_self_guide)
+from edm2.self_guides import (PerturbedNetwork, SelfGuide, SelfGuideError, is_self_guide, parse_self_guide)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -44,7 +44,7 @@ def _inputs(net, n=3, seed=0):
 def _identity_attention(block):
     """The block's attention branch recomputed here with softmax scores masked to the identity (−inf off
     the diagonal), as an independent version of PAG's perturbation."""
-    def branch(x):
+    def branch(x, identity=False):  # the copy always uses the identity
         n, c, h, w = x.shape
         heads = block.num_heads
         qkv = normalize(block.attn_qkv(x).reshape(n, heads, c // heads, 3, h * w), dim=2)
@@ -64,7 +64,7 @@ def _patched_copy(net, names, how):
         if how == 'pag':
             block._attention_branch = _identity_attention(block)
         else:
-            block.forward = lambda x, emb: x
+            block.forward = lambda x, emb, perturbation=None: x
     return twin
 
 
@@ -99,14 +99,91 @@ def test_skip_equals_blocks_replaced_by_the_identity(main_net, names):
     assert torch.equal(main_net(x, sigma, labels), plain)
 
 
-def test_guide_shares_the_main_network_and_restores_it_after_an_error(main_net):
+def test_guide_shares_the_main_network_and_leaves_it_unperturbed_after_an_error(main_net):
     guide = parse_self_guide('self:pag').bind(main_net)
     assert guide.net is main_net and not hasattr(guide, 'parameters')
     assert (guide.img_channels, guide.img_resolution, guide.label_dim) == (3, 16, 10)
     x, sigma, labels = _inputs(main_net)
+    plain = main_net(x, sigma, labels)
     with pytest.raises(RuntimeError):
         guide(x[:, :2], sigma, labels)  # wrong channel count: fails inside the perturbed network
-    assert all(block.perturbation is None for block in network_blocks(main_net).values())
+    assert torch.equal(main_net(x, sigma, labels), plain)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Threads sharing one network, and torch.compile.
+
+def _tiny_attention_net():
+    """A tiny network with attention at both levels whose scalar gains are 1 (they start at 0, which would
+    make F, and so every perturbation, invisible)."""
+    torch.manual_seed(0)
+    net = build_network(dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=16, channel_mult=[1, 2],
+                             num_blocks=1, attn_resolutions=[8, 4], channels_per_head=8))
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.ndim == 0:
+                param.fill_(1)
+    return net.eval().requires_grad_(False)
+
+
+def test_threads_sharing_one_network_never_see_each_others_perturbation():
+    """One thread samples with self:pag, one without, on the same network object, started together at a
+    barrier: each thread's samples equal its single-threaded run bit for bit."""
+    net = _tiny_attention_net()
+    sigmas = sampling.edm_schedule(20)
+    x, _, labels = _inputs(net, n=1)
+    guidance = sampling.Guidance(guides=(parse_self_guide('self:pag').bind(net),), weight=3.0)
+    runs = {'plain': lambda: sampling.heun_sampler(net, x, sigmas, labels),
+            'pag': lambda: sampling.heun_sampler(guidance.denoiser(net), x, sigmas, labels)}
+    alone = {name: run() for name, run in runs.items()}
+    assert (alone['pag'] - alone['plain']).abs().max() > 1e-2  # the perturbation shows in the samples
+    for _ in range(2):  # two rounds: more interleavings
+        barrier, together, errors = threading.Barrier(2), {}, []
+
+        def work(name):
+            try:
+                barrier.wait()
+                together[name] = runs[name]()
+            except BaseException as e:  # noqa: BLE001 - reported below, in the test's thread
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(name,)) for name in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        for name in runs:
+            assert torch.equal(together[name], alone[name]), name
+
+
+@pytest.mark.slow
+def test_compiled_network_with_self_guides_equals_eager():
+    """torch.compile of the shared network: plain, PAG, skip and plain again each equal the eager network
+    within float32 rounding (the compiled code follows the perturbation argument), also through the sampler,
+    with no graph break.
+    The backend 'eager' traces and guards as the default one does, without generating code (inductor took
+    220 s here)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    net = _tiny_attention_net()
+    compiled = torch.compile(net, backend='eager')
+    x, sigma, labels = _inputs(net, n=2)
+    plain = net(x, sigma, labels)
+    for spec in ('self:pag', 'self:skip=dec.4x4_in1', None):
+        if spec is None:
+            torch.testing.assert_close(compiled(x, sigma, labels), plain, rtol=1e-5, atol=1e-5)
+            continue
+        eager_guide, compiled_guide = (parse_self_guide(spec).bind(n) for n in (net, compiled))
+        perturbed = eager_guide(x, sigma, labels)
+        assert (perturbed - plain).abs().max() > 1e-2
+        torch.testing.assert_close(compiled_guide(x, sigma, labels), perturbed, rtol=1e-5, atol=1e-5)
+    sigmas = sampling.edm_schedule(3)
+    guided, eager = (sampling.Guidance(guides=(parse_self_guide('self:pag').bind(n),), weight=2.0).denoiser(n)
+                     for n in (compiled, net))
+    torch.testing.assert_close(sampling.heun_sampler(guided, x, sigmas, labels),
+                               sampling.heun_sampler(eager, x, sigmas, labels), rtol=1e-4, atol=1e-4)
+    assert not torch._dynamo.utils.counters['graph_break']  # the perturbation argument breaks no graph
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,8 +196,8 @@ class _Recorder:
         self.plain = self.perturbed = 0
         block = net.unet.get_submodule(block_name)
 
-        def hook(module, args):
-            if block.perturbation is None:
+        def hook(module, args):  # args: (x, emb, perturbation of this block)
+            if args[2] is None:
                 self.plain += 1
             else:
                 self.perturbed += 1

@@ -19,8 +19,11 @@ class GuidedScore:
     Any other rule of `edm2.guidance_rules` combines the denoisers D_k = x + sigma^2 s_k (Tweedie's formula,
     as in `heun_sample`), each 2D point being one 'image' of the rule, and the result is turned back into a
     score, (D - x) / sigma^2. guide=None is a guide whose score is zero (D_0(x) = x), i.e. naive truncation:
-    with lerp the score is scaled by w. With w = 1 the guide is never evaluated. `reset()` zeroes the rule's
-    memory (APG's momentum) before a new batch of trajectories; `heun_sample` calls it.
+    with lerp the score is scaled by w. With w = 1 the guide is never evaluated.
+
+    `evaluate(x, sigma, state) -> (score, state)` is one evaluation of a sampler run, `state` the rule's
+    state of the run (APG's momentum; None at its start), which `heun_sample` carries; called as (x, sigma),
+    every call is a run of its own. The object keeps no state between calls.
     """
 
     def __init__(self, net, guide=None, w=1.0, rule=None):
@@ -28,21 +31,20 @@ class GuidedScore:
         self.rule = None if rule is None else parse_rule(rule)
         if isinstance(self.rule, Lerp):
             self.rule = None  # the score-space line above: bit-identical to the published toy
-        self.reset()
-
-    def reset(self):
-        self.memory = None if self.rule is None else self.rule.new_memory()
 
     def __call__(self, x, sigma):
+        return self.evaluate(x, sigma, None)[0]
+
+    def evaluate(self, x, sigma, state=None):
         s1 = self.net.score(x, sigma)
         if self.w == 1:
-            return s1
+            return s1, state
         s0 = self.guide.score(x, sigma) if self.guide is not None else torch.zeros_like(s1)
         if self.rule is None:
-            return s1 * self.w + s0 * (1 - self.w)
+            return s1 * self.w + s0 * (1 - self.w), state
         var = sigma ** 2
-        denoised = self.rule.combine(x + var * s1, x + var * s0, self.w, self.memory)
-        return (denoised - x) / var
+        denoised, state = self.rule.combine(x + var * s1, x + var * s0, self.w, state)
+        return (denoised - x) / var, state
 
 
 def guided_score(net, guide=None, w=1.0, rule=None):
@@ -78,17 +80,26 @@ def ideal_models(main_blur=IDEAL_MAIN_BLUR, guide_blur=IDEAL_GUIDE_BLUR):
 
 def heun_sample(score_fn, x_init, num_steps=32, sigma_min=0.002, sigma_max=5.0, rho=7.0):
     """EDM Heun sampler (EDM paper Algorithm 1, no churn) on a score: D(x; sigma) = x + sigma^2 score, so
-    the ODE direction (x - D) / sigma is -sigma * score. x_init is already at noise level sigma_max."""
+    the ODE direction (x - D) / sigma is -sigma * score. x_init is already at noise level sigma_max.
+    score_fn: a `GuidedScore`, whose rule's state (APG's momentum) lives in this run only, or any
+    (x, sigma) -> score."""
     t = edm_schedule(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).tolist()
-    if hasattr(score_fn, 'reset'):
-        score_fn.reset()  # a new batch of trajectories: the rule's memory starts at zero
+    state = None  # the rule's state of this run
+
+    def score(x, sigma):
+        nonlocal state
+        if not isinstance(score_fn, GuidedScore):
+            return score_fn(x, sigma)
+        value, state = score_fn.evaluate(x, sigma, state)
+        return value
+
     x = x_init
     for i in range(num_steps):
         t_cur, t_next = t[i], t[i + 1]
-        d = -t_cur * score_fn(x, t_cur)
+        d = -t_cur * score(x, t_cur)
         x_next = x + (t_next - t_cur) * d
         if i < num_steps - 1:  # second-order correction on every step except the last
-            d2 = -t_next * score_fn(x_next, t_next)
+            d2 = -t_next * score(x_next, t_next)
             x_next = x + (t_next - t_cur) * 0.5 * (d + d2)
         x = x_next.detach()
     return x
