@@ -500,3 +500,18 @@ def test_figures_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch, c
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and 'matplotlib' in out[0]
     assert os.listdir(tmp_path) == []
+
+
+def test_record_key_reads_rules_in_their_canonical_spelling():
+    """A cells.jsonl line written before rule specs were normalised ('momentum=-0', '1.0') keys the same cell as
+    today's spec of that rule, so a resumed sweep does not compute it again; text that is no rule keeps its own
+    spelling (its cell matches nothing and is computed again)."""
+    from edm2.guidance_rules import parse_rule
+    from edm2.sweep.log import cell_key, record_key
+    record = dict(net_std=0.1, gnet_std=0.05, guidance=2.0)
+    today = cell_key(0.1, 0.05, 2.0, parse_rule('apg:eta=1,momentum=0'))
+    for old in ('apg:eta=1.0,momentum=-0', 'apg:momentum=-0.0,eta=1,threshold=0'):
+        assert record_key(dict(record, rule=old)) == today
+    assert record_key(dict(record, rule='apg:momentum=-0'))[3] != 'apg:momentum=-0'
+    assert record_key(dict(record, rule='no-such-rule'))[3] == 'no-such-rule'
+    assert record_key(dict(record, rule=7))[3] == '7'

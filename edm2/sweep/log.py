@@ -2,12 +2,14 @@
 flushed as each finishes) and sweep.json (settings; on resume, a setting that changes results must match).
 """
 
+import contextlib
 import json
 import os
 
 from edm2 import distributed
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write, atomic_write_text, reporting_full_disk
+from edm2.guidance_rules import RuleError, parse_rule
 
 from .axes import LEGACY_FIXED, interval_spec
 
@@ -25,10 +27,14 @@ def cell_key(net_std, gnet_std, guidance, rule='lerp', interval=None):
 
 def record_key(record, defaults=None):
     """The cell_key of a cells.jsonl record; `defaults` give the rule and interval of a record written before
-    they were recorded (edm2.sweep.axes.cell_defaults)."""
+    they were recorded (edm2.sweep.axes.cell_defaults). The rule is read back in its canonical spelling, so a
+    record written before specs were normalised (e.g. 'momentum=-0') keys the same cell as today's spec."""
     defaults = defaults or {}
-    return cell_key(record['net_std'], record['gnet_std'], record['guidance'],
-                    record.get('rule', defaults.get('rule', 'lerp')), record.get('interval', defaults.get('interval')))
+    rule = record.get('rule', defaults.get('rule', 'lerp'))
+    with contextlib.suppress(RuleError, TypeError):  # what is no rule keeps its spelling: the cell is computed again
+        rule = str(parse_rule(rule))
+    return cell_key(record['net_std'], record['gnet_std'], record['guidance'], rule,
+                    record.get('interval', defaults.get('interval')))
 
 
 class CellLog:
