@@ -36,9 +36,9 @@ def networks_at(revision):
                                                                           f'from edm2_mp_{tag} import'))
 
 
-def same_network(module, net):
+def same_network(module, net, precision='fp32'):
     """A network of `module` (an old edm2.networks) with the constructor arguments and weights of `net`."""
     old = module.Precond(**net.init_kwargs)
     old.load_state_dict(net.state_dict())
-    old.precision = net.precision
+    old.precision = precision  # on CUDA the old rule runs net.precision; fp32 is the baseline
     return old.to(next(net.parameters()).device)

@@ -4,6 +4,7 @@ attention, torch.compile, and bf16 training with exact resume."""
 import copy
 import math
 import pathlib
+import signal
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from edm2.checkpoint import load_snapshot
 from edm2.mp import normalize
 from edm2.networks import Block, build_network, precond_coefficients
 from edm2.training import loop
-from edm2.training.options import TrainingOptions
+from edm2.training.options import TrainingError, TrainingOptions
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -239,12 +240,17 @@ def _dataset(root):
     return make_shapes(root, n=24)
 
 
-def _train(outdir, data, duration, **overrides):
-    opts = TrainingOptions(outdir=str(outdir), data=str(data), duration=duration, batch=8, channels=8, lr=0.02,
+def _train(outdir, data, stop_at=None, **overrides):
+    """32 images in steps of 8; `stop_at`: stop there as on SIGTERM (checkpoint written, no snapshot)."""
+    opts = TrainingOptions(outdir=str(outdir), data=str(data), duration=32, batch=8, channels=8, lr=0.02,
                            decay=0, rampup=0, status=8, snapshot=0, checkpoint=8, workers=0, device='cpu',
                            dropout=0.1, network=dict(channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]),
                            **overrides)
-    loop.training_loop(opts)
+
+    def stop(cur_nimg):
+        if cur_nimg == stop_at:
+            signal.raise_signal(signal.SIGTERM)
+    loop.training_loop(opts, step_callback=stop)
     files = sorted(pathlib.Path(outdir).glob('training-state-*.pt'))
     return torch.load(files[-1], weights_only=True)
 
@@ -263,17 +269,18 @@ def _assert_states_equal(a, b):
 def test_bf16_training_resumes_bit_for_bit(tmp_path):
     data = _dataset(tmp_path / 'data')
     bf16 = dict(precision='bf16', precision_scope='all')
-    straight = _train(tmp_path / 'straight', data, 32, **bf16)
-    _train(tmp_path / 'resumed', data, 16, **bf16)
-    resumed = _train(tmp_path / 'resumed', data, 32, **bf16)
+    straight = _train(tmp_path / 'straight', data, **bf16)
+    _train(tmp_path / 'resumed', data, stop_at=16, **bf16)
+    resumed = _train(tmp_path / 'resumed', data, **bf16)
     _assert_states_equal(straight, resumed)
     # bf16 really ran: the float32 run of the same settings ends elsewhere; the parameters stay float32.
-    fp32 = _train(tmp_path / 'fp32', data, 32, precision='fp32', precision_scope='all')
+    fp32 = _train(tmp_path / 'fp32', data, precision='fp32', precision_scope='all')
     assert all(v.dtype == torch.float32 for v in straight['net'].values() if v.is_floating_point())
     assert any(not torch.equal(straight['net'][k], fp32['net'][k]) for k in fp32['net'])
     # A bf16 run cannot be resumed as another precision: the recorded setting is refused.
-    with pytest.raises(Exception, match='precision'):
-        _train(tmp_path / 'resumed', data, 48, precision='fp32', precision_scope='all')
+    _train(tmp_path / 'refused', data, stop_at=8, **bf16)
+    with pytest.raises(TrainingError, match="precision: 'bf16' -> 'fp32'"):
+        _train(tmp_path / 'refused', data, precision='fp32', precision_scope='all')
 
 
 @pytest.mark.slow
@@ -282,11 +289,11 @@ def test_compiled_training_resumes_eager_and_back(tmp_path):
     keep their keys, and the runs stay within float32 rounding of the eager one (aot_eager backend: the
     compiled forward and backward graphs without inductor's C++ build, which the test above covers)."""
     data = _dataset(tmp_path / 'data')
-    eager = _train(tmp_path / 'eager', data, 32)
-    _train(tmp_path / 'a', data, 16)
-    a = _train(tmp_path / 'a', data, 32, compile='aot_eager')
-    _train(tmp_path / 'b', data, 16, compile='aot_eager')
-    b = _train(tmp_path / 'b', data, 32)
+    eager = _train(tmp_path / 'eager', data)
+    _train(tmp_path / 'a', data, stop_at=16)
+    a = _train(tmp_path / 'a', data, compile='aot_eager')
+    _train(tmp_path / 'b', data, stop_at=16, compile='aot_eager')
+    b = _train(tmp_path / 'b', data)
     for state in (a, b):
         assert state['net'].keys() == eager['net'].keys()
         for key, value in eager['net'].items():
