@@ -8,7 +8,7 @@ Prints, with the machine and its load:
   4. the training step again inside torch.distributed with one process (gloo on the CPU, nccl on CUDA);
   5. with --baseline REV: the network of git revision REV (e.g. the branch point) measured in the same
      rounds as today's, so that every ratio comes from one run under one load.
-Every group interleaves its variants round by round (same load for all) and reports the median round.
+Every group interleaves its variants round by round (same load for all) and reports the fastest round.
 What cannot run (fp16 on a CPU without the kernels, a compiler error, the time budget) is printed as skipped,
 with the reason. Designed to finish within 8 minutes on one H100-class GPU.
 
@@ -22,7 +22,6 @@ import copy
 import os
 import pathlib
 import socket
-import statistics
 import sys
 import time
 
@@ -72,7 +71,8 @@ def sync(device):
 
 
 def interleaved(fns, rounds, device, warmup=1):
-    """{name: median seconds} of each fn, running every fn once per round so that all see the same load."""
+    """{name: fastest seconds} of each fn, running every fn once per round so that all see the same load; the
+    fastest round is the least disturbed one on a shared machine."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -84,7 +84,7 @@ def interleaved(fns, rounds, device, warmup=1):
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 @contextlib.contextmanager
@@ -241,7 +241,7 @@ def network_shapes(device, cpu_res, cpu_channels):
 
 
 def network_table(report, device, shapes, batch, rounds, compile_too, old_module):
-    print(f'\n2. network: images/s (median of {rounds} interleaved rounds) and peak memory; training step = EDM2 '
+    print(f'\n2. network: images/s (fastest of {rounds} interleaved rounds) and peak memory; training step = EDM2 '
           f'loss, backward, Adam; batch {batch}')
     report.row(f'{"size":5s} {"precision":9s} {"mode":9s} {"forward img/s":>14s} {"train img/s":>12s} '
                f'{"x fp32 eager":>13s} {"peak memory":>12s}')
@@ -260,6 +260,8 @@ def network_table(report, device, shapes, batch, rounds, compile_too, old_module
                 continue
             for mode, compiled in modes:
                 variants[f'{precision} {mode}'] = (copy.deepcopy(base), settings(precision, compiled))
+            if precision != 'fp16':  # what the channels-last default gives: the same without it
+                variants[f'{precision} NCHW'] = (copy.deepcopy(base), settings(precision, channels_last=False))
         if report.over_budget(f'network {size}'):
             continue
         fns, memory = {}, {}
@@ -359,7 +361,7 @@ def distributed_table(report, device, shapes, batch, rounds):
 # 3. Sampling.
 
 def sampling_table(report, device, shape, batch, steps, rounds, old_module):
-    print(f'\n3. sampling: Heun, {steps} steps, batch {batch}, images/s (median of {rounds} interleaved rounds); '
+    print(f'\n3. sampling: Heun, {steps} steps, batch {batch}, images/s (fastest of {rounds} interleaved rounds); '
           f'guide = the same architecture at half width, w = 2')
     if report.over_budget('sampling'):
         return
@@ -408,7 +410,7 @@ def sampling_table(report, device, shape, batch, steps, rounds, old_module):
 @click.option('--device', default=None, help='cuda or cpu  [default: cuda if present]')
 @click.option('--baseline', default=None, metavar='REV', help='Also measure the network of this git revision.')
 @click.option('--threads', type=int, default=1, show_default=True, help='CPU threads (1: stable on a shared CPU)')
-@click.option('--rounds', type=int, default=None, help='Interleaved rounds per group  [default: 5 GPU, 3 CPU]')
+@click.option('--rounds', type=int, default=None, help='Interleaved rounds per group  [default: 5]')
 @click.option('--budget', type=float, default=None,
               help='Seconds after which the remaining groups are skipped  [default: 420 on CUDA (the report fits '
                    'in 8 minutes), 7200 on a CPU]')
@@ -430,7 +432,7 @@ def main(device, baseline, threads, rounds, budget, sizes, skip_groups, compile_
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
         torch.backends.cudnn.benchmark = True
-    rounds = rounds or (5 if device.type == 'cuda' else 3)
+    rounds = rounds or 5
     steps = sampling_steps or (32 if device.type == 'cuda' else 8)
     report = Report(budget or (420 if device.type == 'cuda' else 7200))
     sizes, skip_groups = sizes.split(','), skip_groups.split(',')

@@ -298,3 +298,47 @@ def test_compiled_training_resumes_eager_and_back(tmp_path):
         assert state['net'].keys() == eager['net'].keys()
         for key, value in eager['net'].items():
             assert (state['net'][key] - value).abs().max() <= 1e-4 * max(float(value.abs().max()), 1.0), key
+
+
+# ----------------------------------------------------------------------------------------------------
+# The flags of the commands.
+
+@pytest.mark.slow
+def test_generate_precision_flag_runs_the_network_in_bf16(tmp_path):
+    """--precision bf16 on the CPU: the images differ from float32 ones (bf16 really ran) but only by a few
+    levels; without the flag the CPU images are float32 ones, bit for bit."""
+    import numpy as np
+    import PIL.Image
+    from click.testing import CliRunner
+
+    from edm2.checkpoint import save_network
+    from edm2.commands import generate_images
+    from edm2.encoders import StandardRGBEncoder
+    path = str(tmp_path / 'net.safetensors')
+    save_network(path, _net('attention').eval(), StandardRGBEncoder())
+
+    def images(*flags):
+        out = tmp_path / f'out{len(list(tmp_path.iterdir()))}'
+        result = CliRunner().invoke(generate_images.main, ['--net', path, '--seeds', '0-3', '--steps', '8',
+                                                           '--outdir', str(out), *flags])
+        assert result.exit_code == 0, result.output
+        return np.stack([np.array(PIL.Image.open(p)) for p in sorted(out.glob('*.png'))]).astype(int)
+
+    fp32, default, bf16 = images('--precision', 'fp32'), images(), images('--precision', 'bf16')
+    assert np.array_equal(fp32, default)
+    diff = np.abs(bf16 - fp32)
+    assert diff.max() > 0 and np.mean(diff <= 8) > 0.95
+
+
+def test_train_precision_flag_is_recorded_with_its_scope(tmp_path):
+    from click.testing import CliRunner
+
+    from edm2.commands import train_edm2
+    data = _dataset(tmp_path / 'data')
+    base = ['--outdir', str(tmp_path / 'run'), '--data', str(data), '--duration', '64', '--batch', '8', '--dry-run']
+    for flags, precision, scope in ([[], 'fp16', 'cuda'], [['--fp16', '0'], 'fp32', 'cuda'],
+                                    [['--precision', 'bf16', '--compile'], 'bf16', 'all']):
+        result = CliRunner().invoke(train_edm2.main, base + flags)
+        assert result.exit_code == 0, result.output
+        assert f'"precision": "{precision}"' in result.output and f'"precision_scope": "{scope}"' in result.output
+    assert '"compile": true' in result.output
