@@ -315,8 +315,8 @@ def _under(run_settings, fn):
         fn()
 
 
-FP16_CPU_TRAINING = ('float16 backward on the CPU measured 0.01x float32 (no fast kernels); not timed, the '
-                     'tests still run it')
+FP16_CPU_TRAINING = ('float16 convolution backward on the CPU is a slow fallback kernel (a training step '
+                     'measured 0.01x float32); not timed, the tests still run it')
 
 
 def distributed_table(report, device, shapes, batch, rounds):

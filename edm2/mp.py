@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['normalize', 'mp_silu', 'mp_sum', 'mp_cat', 'resample', 'MPFourier', 'MPConv']
+__all__ = ['normalize', 'mp_silu', 'mp_sum', 'mp_cat', 'resample', 'MPFourier', 'MPConv', 'is_channels_last']
 
 SILU_RMS = 0.596  # RMS of silu(z) for z ~ N(0, 1) (paper eq. 81)
 
@@ -144,11 +144,13 @@ class MPConv(torch.nn.Module):
         weight = self.effective_weight(gain, scale).to(x.dtype)
         if not self.weight.shape[2:]:
             return F.linear(x, weight)
-        if weight.shape[2:] == (1, 1) and _is_channels_last(x):  # a 1x1 convolution is a matrix product per pixel
+        if weight.shape[2:] == (1, 1) and is_channels_last(x):  # a 1x1 convolution is a matrix product per pixel
             return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1)).permute(0, 3, 1, 2)
         return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
 
 
-def _is_channels_last(x):
-    """Whether the [N, C, H, W] tensor x is stored pixel by pixel (NHWC) and not also as NCHW."""
+def is_channels_last(x):
+    """Whether the tensor x is [N, C, H, W] stored pixel by pixel (NHWC), and not also as NCHW."""
+    if x.dim() != 4:
+        return False
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

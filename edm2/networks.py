@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from edm2 import presets, runtime
-from edm2.mp import SILU_RMS, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
+from edm2.mp import SILU_RMS, MPConv, MPFourier, is_channels_last, mp_cat, mp_silu, mp_sum, normalize, resample
 
 __all__ = ['Block', 'UNet', 'Precond', 'PrecondCoefficients', 'precond_coefficients', 'network_kwargs',
            'build_network', 'PRECISIONS']
@@ -43,8 +43,7 @@ def _mp_sum_weights(t):
 
 def _layout_of(x):
     """The memory format `x` is stored in (channels-last or the default)."""
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 class Block(torch.nn.Module):
@@ -112,7 +111,8 @@ class Block(torch.nn.Module):
         return x
 
     def _residual_branch(self, x, emb):
-        """conv_res1(dropout(mp_silu(conv_res0(mp_silu(x)) * (1 + emb_linear(emb))))).
+        """conv_res1(dropout(mp_silu(conv_res0(mp_silu(x)) * (1 + emb_linear(emb))))), times the branch's
+        weight t / hypot(1 - t, t) in mp_sum(skip, branch, t) (t = res_balance).
 
         The embedding enters as a per-channel scale around 1; `emb_gain` starts at 0, so a fresh
         block is not modulated at all.
