@@ -360,7 +360,7 @@ def distributed_table(report, device, shapes, batch, rounds):
 # ----------------------------------------------------------------------------------------------------
 # 3. Sampling.
 
-def sampling_table(report, device, shape, batch, steps, rounds, old_module):
+def sampling_table(report, device, shape, batch, steps, rounds, old_module, compile_too=False):
     print(f'\n3. sampling: Heun, {steps} steps, batch {batch}, images/s (fastest of {rounds} interleaved rounds); '
           f'guide = the same architecture at half width, w = 2')
     if report.over_budget('sampling'):
@@ -393,16 +393,29 @@ def sampling_table(report, device, shape, batch, steps, rounds, old_module):
             report.skip(f'sampling {precision}', supported(precision, device))
             continue
         variants[precision] = (net, gnet, settings(precision))
+        if compile_too and precision != 'fp16':
+            variants[precision + ' compiled'] = (copy.deepcopy(net), copy.deepcopy(gnet), settings(precision, True))
     fns = {}
     for name, (main, guide, run_settings) in variants.items():
         fns[name + ' unguided'] = sampler(main, None, run_settings)
         fns[name + ' guided'] = sampler(main, guide, run_settings)
+    for name, fn in list(fns.items()):
+        if 'compiled' in name:
+            t0 = time.perf_counter()
+            try:
+                fn()  # compiles
+            except Exception as e:  # noqa: BLE001
+                report.skip(f'sampling {name}', f'{type(e).__name__}: {str(e).strip().splitlines()[0][:100]}')
+                del fns[name]
+                continue
+            report.row(f'{name}: first run {time.perf_counter() - t0:.1f} s (compilation included)')
+    variants = {name: v for name, v in variants.items() if name + ' unguided' in fns and name + ' guided' in fns}
     times = interleaved(fns, rounds, device)
     ref = 'baseline fp32' if old_module is not None else 'fp32'
-    report.row(f'{"variant":14s} {"unguided img/s":>15s} {"guided img/s":>13s} {"x " + ref:>18s}')
+    report.row(f'{"variant":18s} {"unguided img/s":>15s} {"guided img/s":>13s} {"x " + ref:>18s}')
     for name in variants:
         u, g = times[name + ' unguided'], times[name + ' guided']
-        report.row(f'{name:14s} {batch / u:15.2f} {batch / g:13.2f} '
+        report.row(f'{name:18s} {batch / u:15.2f} {batch / g:13.2f} '
                    f'{times[ref + " unguided"] / u:8.2f}x / {times[ref + " guided"] / g:.2f}x')
 
 
@@ -459,7 +472,7 @@ def main(device, baseline, threads, rounds, budget, sizes, skip_groups, compile_
         sample_shape = shapes['xs'] if device.type == 'cuda' else dict(shapes['xs'], img_resolution=cpu_res * 2,
                                                                        attn_resolutions=[cpu_res // 2])
         sampling_table(report, device, sample_shape, batch if device.type == 'cuda' else 8, steps, rounds,
-                       old_module)
+                       old_module, compile_too)
     if 'distributed' not in skip_groups:
         distributed_table(report, device, shapes, batch, rounds)
     print(f'\ndone in {time.perf_counter() - report.start:.0f} s; skipped: {len(report.skipped)}')
