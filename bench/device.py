@@ -266,6 +266,8 @@ def network_table(report, device, shapes, batch, rounds, compile_too, old_module
             continue
         fns, memory = {}, {}
         for name, (net, run_settings) in list(variants.items()):
+            if run_settings.compile and report.over_budget(f'{size} {name}'):
+                continue
             try:
                 with runtime.running(run_settings), peak_memory(device) as peak:
                     fwd, step = forward_fn(net, batch_inputs), train_step_fn(net, batch_inputs)
@@ -401,6 +403,9 @@ def sampling_table(report, device, shape, batch, steps, rounds, old_module, comp
         fns[name + ' guided'] = sampler(main, guide, run_settings)
     for name, fn in list(fns.items()):
         if 'compiled' in name:
+            if report.over_budget(f'sampling {name}'):
+                del fns[name]
+                continue
             t0 = time.perf_counter()
             try:
                 fn()  # compiles
@@ -425,8 +430,8 @@ def sampling_table(report, device, shape, batch, steps, rounds, old_module, comp
 @click.option('--threads', type=int, default=1, show_default=True, help='CPU threads (1: stable on a shared CPU)')
 @click.option('--rounds', type=int, default=None, help='Interleaved rounds per group  [default: 5]')
 @click.option('--budget', type=float, default=None,
-              help='Seconds after which the remaining groups are skipped  [default: 420 on CUDA (the report fits '
-                   'in 8 minutes), 7200 on a CPU]')
+              help='Seconds after which what remains (groups, compiled variants) is skipped  [default: 360 on '
+                   'CUDA, so that the report fits in 8 minutes; 7200 on a CPU]')
 @click.option('--sizes', default='xs,s,tiny', show_default=True, help='Networks of the network table (tiny: CPU only)')
 @click.option('--skip', 'skip_groups', default='', metavar='LIST',
               help='Groups to leave out: parity, network, sampling, distributed')
@@ -440,6 +445,8 @@ def main(device, baseline, threads, rounds, budget, sizes, skip_groups, compile_
     """Parity, speed and memory of the U-Net's precisions, layouts and compilation on this device."""
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())  # torch.distributed wants an index
     if threads:
         torch.set_num_threads(threads)
     if device.type == 'cuda':
@@ -447,7 +454,7 @@ def main(device, baseline, threads, rounds, budget, sizes, skip_groups, compile_
         torch.backends.cudnn.benchmark = True
     rounds = rounds or 5
     steps = sampling_steps or (32 if device.type == 'cuda' else 8)
-    report = Report(budget or (420 if device.type == 'cuda' else 7200))
+    report = Report(budget if budget is not None else 360 if device.type == 'cuda' else 7200)
     sizes, skip_groups = sizes.split(','), skip_groups.split(',')
     load = f'load average {os.getloadavg()[0]:.1f}' if hasattr(os, 'getloadavg') else ''
     print(f'machine: {cpu_model()}, {os.cpu_count()} CPUs, {load}; torch {torch.__version__}, '
