@@ -585,3 +585,25 @@ def test_figures_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch, c
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and 'matplotlib' in out[0]
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_precision_is_a_fixed_setting_of_the_sweep(assets, tmp_path):
+    """--precision bf16 is recorded with the sweep's fixed settings; resuming in another precision is refused
+    (its cells would not be comparable), and the bf16 cells differ from float32 ones."""
+    one = ['--net-std', '0.06', '--gnet-std', '0.05', '--guidance', '2']
+
+    def sweep(out, *flags):
+        args = _sweep_args(assets, out)
+        for flag, value in zip(one[::2], one[1::2]):
+            args[args.index(flag) + 1] = value
+        return _invoke(calculate_metrics.cli, args + list(flags))
+
+    bf16, fp32 = tmp_path / 'bf16', tmp_path / 'fp32'
+    assert sweep(bf16, '--precision', 'bf16').exit_code == 0
+    assert sweep(fp32).exit_code == 0
+    with open(bf16 / 'sweep.json') as f:
+        assert json.load(f)['fixed']['--precision'] == 'bf16'
+    assert _cells(bf16)[0]['fid'] != _cells(fp32)[0]['fid']
+    res = sweep(bf16, '--precision', 'fp32')
+    assert res.exit_code != 0 and '--precision' in res.output
