@@ -23,6 +23,7 @@ import time
 import click
 import torch
 
+from edm2 import runtime
 from edm2.networks import build_network
 from machine import cpu_model  # bench/machine.py
 
@@ -65,7 +66,7 @@ def _measure(net, x, sigma, labels, iters, warmup, device):
 @click.option('--warmup', type=int, default=2, show_default=True)
 @click.option('--device', default='cpu', show_default=True)
 @click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default='fp32', show_default=True,
-              help='U-Net precision (CUDA only; CPU always runs float32).')
+              help='U-Net precision, on any device (edm2.runtime).')
 @click.option('--compile/--no-compile', 'do_compile', default=True, show_default=True,
               help='Also measure torch.compile of the same network.')
 @click.option('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default).')
@@ -77,6 +78,8 @@ def main(size, shape, resolution, batch, iters, warmup, device, precision, do_co
     torch.manual_seed(0)
     net = build_network(size, shape, img_resolution=resolution).to(device).train()
     net.precision = precision
+    run = runtime.running(runtime.RunSettings(precision=precision))
+    run.__enter__()  # for the rest of this process
     params = sum(p.numel() for p in net.parameters())
     x = torch.randn(batch, net.img_channels, resolution, resolution, device=device)
     sigma = torch.exp(torch.randn(batch, device=device) * 1.2 - 0.4)

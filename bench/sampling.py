@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from edm2 import sampling
+from edm2 import runtime, sampling
 from edm2.networks import build_network
 from machine import cpu_model  # bench/machine.py
 
@@ -70,7 +70,7 @@ def run(net, gnet, noise, labels, gens, device, repeats, num_steps, weight=1.0, 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu')
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'fp16', 'bf16'], help='U-Net dtype on CUDA')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'fp16', 'bf16'], help='U-Net dtype, on any device (edm2.runtime)')
     p.add_argument('--res', type=int, default=32)
     p.add_argument('--channels', type=int, default=32, help='model_channels of the main net (guide: half)')
     p.add_argument('--batch', type=int, default=8)
@@ -81,6 +81,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    runtime.running(runtime.RunSettings(precision=args.precision)).__enter__()  # for the rest of this process
 
     arch = dict(img_resolution=args.res, img_channels=3, label_dim=10, channel_mult=[1, 2, 2], num_blocks=2,
                 attn_resolutions=[args.res // 4])
@@ -99,7 +100,7 @@ def main():
 
     print(f'machine: {cpu_model()}; torch {torch.__version__}; CPU threads {torch.get_num_threads()}'
           + (f'; GPU {torch.cuda.get_device_name(device)}' if device.type == 'cuda' else ''))
-    print(f'settings: device {device}, precision {args.precision if device.type == "cuda" else "fp32 (CPU)"}, '
+    print(f'settings: device {device}, precision {args.precision}, '
           f'{args.res}x{args.res}x3, label_dim 10, channel_mult [1,2,2], 2 blocks/level, main model_channels '
           f'{args.channels} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params), guide '
           f'{args.channels // 2} ({sum(p.numel() for p in gnet.parameters()) / 1e6:.2f}M), batch {args.batch}, '

@@ -69,6 +69,7 @@ def sync(device):
 def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, batch, classes, steps, workers, threads):
     import psutil
 
+    from edm2 import runtime
     from edm2.networks import build_network
     from edm2.phema import PowerFunctionEMA
     from edm2.training import loop, stream
@@ -88,7 +89,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
         data = make_dataset(tmp / 'data', 512, res, classes)
         opts = TrainingOptions(outdir=str(tmp / 'run'), data=str(data), cond=True, duration=steps * batch,
                                batch=batch, channels=channels, lr=0.01, decay=0, rampup=0, status=0, snapshot=0,
-                               checkpoint=0, workers=workers, device=str(device), precision=precision,
+                               checkpoint=0, workers=workers, device=str(device), precision=precision, precision_scope='all',
                                network=dict(channel_mult=mult, num_blocks=num_blocks, attn_resolutions=attn))
 
         # --- Bare forward + backward on ready inputs (same network, same loss). ---------------------
@@ -97,6 +98,7 @@ def main(device, precision, res, channels, channel_mult, num_blocks, attn_res, b
                       model_channels=channels, channel_mult=mult, num_blocks=num_blocks, attn_resolutions=attn)
         net = build_network(kwargs).train().to(device)
         net.precision = precision
+        runtime.running(runtime.RunSettings(precision=precision)).__enter__()  # the bare steps, as the loop runs
         loss_fn = EDM2Loss()
         x = torch.randn(batch, 3, res, res, device=device)
         y = torch.eye(classes, device=device)[torch.randint(classes, (batch,))]

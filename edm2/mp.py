@@ -10,19 +10,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['normalize', 'mp_silu', 'mp_sum', 'mp_cat', 'resample', 'MPFourier', 'MPConv']
+__all__ = ['normalize', 'mp_silu', 'mp_sum', 'mp_cat', 'resample', 'MPFourier', 'MPConv', 'is_channels_last']
 
 SILU_RMS = 0.596  # RMS of silu(z) for z ~ N(0, 1) (paper eq. 81)
 
 
 def normalize(x, dim=None, eps=1e-4):
-    """Scale every group of `x` to unit RMS: x / (eps + RMS(x)), the RMS taken over `dim` in float32.
+    """Scale every group of `x` to unit RMS: x / (eps + RMS(x)), the RMS taken over `dim` in float32 (or float64).
 
     `dim` defaults to every axis but the first, so a weight [out, in, kh, kw] is normalised per output
     channel. RMS = ||x|| / sqrt(group size), i.e. ||x|| * sqrt(n_norm / n_x) with n_norm/n_x the fraction of elements in one group.
     """
     dims = tuple(range(1, x.ndim)) if dim is None else dim
-    group_norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    group_norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     group_size = max(x.numel() // max(group_norm.numel(), 1), 1)
     rms = group_norm * (1 / math.sqrt(group_size))
     return x / (eps + rms).to(x.dtype)
@@ -63,7 +63,7 @@ def resample(x, f=(1, 1), mode='keep'):
     if mode == 'down':
         return F.avg_pool2d(x, kernel_size=2, stride=2)
     if mode == 'up':
-        return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        return F.interpolate(x, scale_factor=2, mode='nearest')  # an exact copy; keeps channels-last layout
     raise ValueError(f'unknown resample mode {mode!r}')
 
 
@@ -127,18 +127,30 @@ class MPConv(torch.nn.Module):
         with torch.no_grad():
             self.weight.copy_(normalize(self.weight.float()))
 
-    def effective_weight(self, gain=1):
-        """The float32 weight the layer applies: unit-RMS rows times gain / sqrt(fan_in).
+    def effective_weight(self, gain=1, scale=1):
+        """The float32 weight the layer applies: unit-RMS rows times gain / sqrt(fan_in) (times `scale`).
 
         Normalising inside the graph (even right after the forced renormalisation, where it changes
         nothing but the eps) makes the gradient orthogonal to the weight, as weight normalisation needs.
         """
-        return normalize(self.weight.float()) * self._gain_scale(gain)
+        weight = normalize(self.weight.float()) * self._gain_scale(gain)
+        return weight if scale == 1 else weight * scale
 
-    def forward(self, x, gain=1):
+    def forward(self, x, gain=1, scale=1):
+        """The layer applied to x. `scale` is a constant folded into the weight: layer(x) * scale, or
+        layer(x * scale), without a pass over the activations."""
         if self.training:
             self._renormalise_stored_weight()
-        weight = self.effective_weight(gain).to(x.dtype)
+        weight = self.effective_weight(gain, scale).to(x.dtype)
         if not self.weight.shape[2:]:
             return F.linear(x, weight)
+        if weight.shape[2:] == (1, 1) and is_channels_last(x):  # a 1x1 convolution is a matrix product per pixel
+            return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1)).permute(0, 3, 1, 2)
         return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+
+
+def is_channels_last(x):
+    """Whether the tensor x is [N, C, H, W] stored pixel by pixel (NHWC), and not also as NCHW."""
+    if x.dim() != 4:
+        return False
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -24,14 +24,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edm2 import presets
-from edm2.mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
+from edm2 import presets, runtime
+from edm2.mp import SILU_RMS, MPConv, MPFourier, is_channels_last, mp_cat, mp_silu, mp_sum, normalize, resample
 
 __all__ = ['Block', 'UNet', 'Precond', 'PrecondCoefficients', 'precond_coefficients', 'network_kwargs',
            'build_network', 'PRECISIONS']
 
-# net.precision -> dtype the U-Net runs in on CUDA (float32 on every other device).
-PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+# net.precision -> dtype the U-Net runs in on CUDA (float32 on every other device, unless the run's
+# settings name a precision: edm2.runtime).
+PRECISIONS = runtime.PRECISIONS
+
+
+def _mp_sum_weights(t):
+    """The weights (1 - t) / hypot(1 - t, t) and t / hypot(1 - t, t) of a and b in mp_sum(a, b, t) (EDM2 eq. 88)."""
+    norm = math.hypot(1 - t, t)
+    return (1 - t) / norm, t / norm
+
+
+def _layout_of(x):
+    """The memory format `x` is stored in (channels-last or the default)."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 class Block(torch.nn.Module):
@@ -97,42 +109,49 @@ class Block(torch.nn.Module):
         return x
 
     def _residual_branch(self, x, emb):
-        """conv_res1(dropout(mp_silu(conv_res0(mp_silu(x)) * (1 + emb_linear(emb))))).
+        """conv_res1(dropout(mp_silu(conv_res0(mp_silu(x)) * (1 + emb_linear(emb))))), times the branch's
+        weight t / hypot(1 - t, t) in mp_sum(skip, branch, t) (t = res_balance).
 
         The embedding enters as a per-channel scale around 1; `emb_gain` starts at 0, so a fresh
         block is not modulated at all.
         """
         channel_scale = self.emb_linear(emb, gain=self.emb_gain) + 1
-        h = self.conv_res0(mp_silu(x))
-        h = mp_silu(h * channel_scale.to(h.dtype).unsqueeze(-1).unsqueeze(-1))
-        if self.training and self.dropout:
-            h = F.dropout(h, p=self.dropout, training=True)
-        return self.conv_res1(h)
+        # mp_silu(z) = silu(z) / SILU_RMS: the division is folded into the next layer's weight, and so is
+        # the residual branch's weight t / hypot(1 - t, t) in mp_sum (see forward).
+        h = self.conv_res0(F.silu(x), scale=1 / SILU_RMS)
+        h = F.silu(h * channel_scale.to(h.dtype).unsqueeze(-1).unsqueeze(-1))
+        if self.training and self.dropout:  # the mask is drawn in NCHW order whatever the layout
+            h = F.dropout(h.contiguous(), p=self.dropout, training=True).contiguous(memory_format=_layout_of(h))
+        return self.conv_res1(h, scale=_mp_sum_weights(self.res_balance)[1] / SILU_RMS)
 
     def _attention_branch(self, x, identity=False):
         """Self-attention among the pixels, with every head's q, k and v normalised to unit RMS per pixel.
 
         The 3 * C output channels of `attn_qkv` are laid out as [head, channel within head, (q, k, v)]:
-        the order the published weights were trained in. `identity`: the attention weights are the identity.
+        the order the published weights were trained in. The weights softmax(q kᵀ / √d) v are those of
+        Vaswani et al. (2017), eq. 1, computed by torch's fused scaled_dot_product_attention. `identity`: the
+        attention weights are the identity.
         """
         n, c, h, w = x.shape
         head_channels = c // self.num_heads
-        qkv = self.attn_qkv(x).reshape(n, self.num_heads, head_channels, 3, h * w)
-        qkv = normalize(qkv, dim=2).transpose(2, 4)                    # [n, head, pixel, (q, k, v), channel]
-        query, key, value = qkv.unbind(dim=3)
+        qkv = self.attn_qkv(x).permute(0, 2, 3, 1)                     # [n, h, w, 3c]: a view when channels-last
+        qkv = normalize(qkv.reshape(n, h * w, self.num_heads, head_channels, 3), dim=3)
+        # [n, head, (q, k, v), pixel, channel], each channel vector contiguous as the fused kernel wants it
+        query, key, value = qkv.permute(0, 2, 4, 1, 3).contiguous().unbind(dim=2)
         if identity:  # identity attention weights: every pixel keeps its own value (PAG)
-            mixed = value.transpose(2, 3)                              # [n, head, channel, pixel]
+            mixed = value
         else:
-            weights = (query @ key.transpose(2, 3) / math.sqrt(head_channels)).softmax(dim=3)
-            mixed = (weights @ value).transpose(2, 3)                  # [n, head, channel, pixel]
-        return self.attn_proj(mixed.reshape(n, c, h, w))
+            mixed = F.scaled_dot_product_attention(query, key, value)  # scale 1/√head_channels
+        mixed = mixed.permute(0, 2, 1, 3).reshape(n, h, w, c).permute(0, 3, 1, 2)  # [n, c, h, w], NHWC in memory
+        return self.attn_proj(mixed.contiguous(memory_format=_layout_of(x)))
 
     def forward(self, x, emb, perturbation=None):
         if perturbation == 'skip':  # skip-layer guidance: the block is left out
             return x
         x = self._enter(x)
         skip = self._widen(x) if self.flavor == 'dec' else x
-        x = mp_sum(skip, self._residual_branch(x, emb), t=self.res_balance)
+        # mp_sum(skip, residual, t): the residual's weight t / hypot(1 - t, t) is already in its last layer.
+        x = torch.add(self._residual_branch(x, emb), skip, alpha=_mp_sum_weights(self.res_balance)[0])
         if self.num_heads:
             x = mp_sum(x, self._attention_branch(x, identity=perturbation == 'pag'), t=self.attn_balance)
         if self.clip_act is None:
@@ -252,7 +271,7 @@ class UNet(torch.nn.Module):
         perturbation = perturbation or {}
         emb = self.embedding(noise_labels, class_labels).to(x.dtype)
         # A constant channel of ones lets the 'same'-padded convolutions tell the border from the inside.
-        x = F.pad(x, (0, 0, 0, 0, 0, 1), value=1)
+        x = F.pad(x, (0, 0, 0, 0, 0, 1), value=1).contiguous(memory_format=_layout_of(x))
         return self.out_conv(self._decode(self._encode(x, emb, perturbation), emb, perturbation), gain=self.out_gain)
 
 
@@ -293,9 +312,11 @@ class Precond(torch.nn.Module):
     learned log-uncertainty u(σ) that weights the training loss (EDM2 paper, config B).
 
     `precision` ('fp32' | 'fp16' | 'bf16'; initially 'fp16' if use_fp16 else 'fp32') is the dtype
-    the U-Net runs in on CUDA unless force_fp32; on other devices it always runs in float32. D and
-    u(σ) are float32 either way. `perturbation` ({block name: 'pag' | 'skip'}, see `UNet.forward`) perturbs
-    blocks for this call only, as `edm2.self_guides` does: nothing is stored on the shared network.
+    the U-Net runs in on CUDA unless force_fp32; on other devices it runs in float32. A run's settings
+    (`edm2.runtime.RunSettings`) may name a precision for every device instead, and choose the memory
+    layout and compilation of the U-Net. D and u(σ) are float32 either way. `perturbation` ({block name:
+    'pag' | 'skip'}, see `UNet.forward`) perturbs blocks for this call only, as `edm2.self_guides` does:
+    nothing is stored on the shared network.
 
         img_resolution   side of the square input
         img_channels     channels of the input
@@ -343,8 +364,13 @@ class Precond(torch.nn.Module):
                 module.gain_dtype = gain_dtype
 
     def unet_dtype(self, device, force_fp32=False):
-        """The dtype the U-Net runs in for inputs on `device`."""
-        if force_fp32 or torch.device(device).type != 'cuda':
+        """The dtype the U-Net runs in for inputs on `device`: float32 if force_fp32, else the precision of
+        the run's settings (`edm2.runtime`) if they name one, else net.precision on CUDA and float32 elsewhere."""
+        if force_fp32:
+            return torch.float32
+        if runtime.current().precision is not None:
+            return PRECISIONS[runtime.current().precision]
+        if torch.device(device).type != 'cuda':
             return torch.float32
         if self.precision not in PRECISIONS:
             raise ValueError(f'net.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}')
@@ -374,9 +400,11 @@ class Precond(torch.nn.Module):
         sigma = self._sigma_per_image(sigma, x)
         coef = precond_coefficients(sigma, self.sigma_data)
         unet_input = (coef.c_in * x).to(self.unet_dtype(x.device, force_fp32))
-        prediction = self.unet(unet_input, coef.c_noise.flatten(), self._label_rows(class_labels, x),
-                               perturbation=perturbation)
-        denoised = coef.c_out * prediction.to(torch.float32) + coef.c_skip * x
+        if runtime.use_channels_last(x.device):  # the layout of every activation inside (edm2.runtime)
+            unet_input = unet_input.contiguous(memory_format=torch.channels_last)
+        prediction = runtime.call(self.unet, unet_input, coef.c_noise.flatten(), self._label_rows(class_labels, x),
+                                  perturbation)
+        denoised = coef.c_out * prediction.to(torch.float32).contiguous() + coef.c_skip * x
         if return_logvar:
             return denoised, self.log_uncertainty(coef.c_noise)
         return denoised

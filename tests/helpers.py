@@ -282,3 +282,29 @@ def make_images(root, n=8, res=8, seed=0):
     for i in range(n):
         PIL.Image.fromarray(rnd.randint(0, 256, (res, res, 3), dtype=np.uint8)).save(root / f'{i:03d}.png')
     return root
+
+
+COLORS = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230]], np.uint8)
+
+
+def make_shapes(root, n=96, res=8, seed=0):
+    """Class 0: red 5x5 square, class 1: green horizontal bar, class 2: blue vertical bar; random offsets."""
+    rnd = np.random.RandomState(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    labels = []
+    for i in range(n):
+        c = i % 3
+        img = np.zeros((res, res, 3), np.uint8)
+        x0, y0 = rnd.randint(0, 3, 2)
+        if c == 0:
+            img[y0:y0 + 5, x0:x0 + 5] = COLORS[c]
+        elif c == 1:
+            img[y0 + 2:y0 + 4, :] = COLORS[c]
+        else:
+            img[:, x0 + 1:x0 + 4] = COLORS[c]
+        name = f'{i // 1000:05d}/img{i:08d}.png'
+        (root / name).parent.mkdir(exist_ok=True)
+        PIL.Image.fromarray(img).save(root / name)
+        labels.append([name, c])
+    (root / 'dataset.json').write_text(json.dumps({'labels': labels}))
+    return root

@@ -515,3 +515,25 @@ def test_record_key_reads_rules_in_their_canonical_spelling():
     assert record_key(dict(record, rule='apg:momentum=-0'))[3] != 'apg:momentum=-0'
     assert record_key(dict(record, rule='no-such-rule'))[3] == 'no-such-rule'
     assert record_key(dict(record, rule=7))[3] == '7'
+
+
+@pytest.mark.slow
+def test_precision_is_a_fixed_setting_of_the_sweep(sweep_assets, tmp_path):
+    """--precision bf16 is recorded with the sweep's fixed settings; resuming in another precision is refused
+    (its cells would not be comparable), and the bf16 cells differ from float32 ones."""
+    one = ['--net-std', '0.06', '--gnet-std', '0.05', '--guidance', '2']
+
+    def sweep(out, *flags):
+        args = sweep_args(sweep_assets, out)
+        for flag, value in zip(one[::2], one[1::2]):
+            args[args.index(flag) + 1] = value
+        return _invoke(calculate_metrics.cli, args + list(flags))
+
+    bf16, fp32 = tmp_path / 'bf16', tmp_path / 'fp32'
+    assert sweep(bf16, '--precision', 'bf16').exit_code == 0
+    assert sweep(fp32).exit_code == 0
+    with open(bf16 / 'sweep.json') as f:
+        assert json.load(f)['fixed']['--precision'] == 'bf16'
+    assert sweep_cells(bf16)[0]['fid'] != sweep_cells(fp32)[0]['fid']
+    res = sweep(bf16, '--precision', 'fp32')
+    assert res.exit_code != 0 and '--precision' in res.output

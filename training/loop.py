@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from edm2 import distributed as dist
-from edm2 import encoders
+from edm2 import encoders, runtime
 from edm2.checkpoint import save_network, snapshot_file_name
 from edm2.errors import one_line
 from edm2.fileio import NoSpaceError, reporting_full_disk
@@ -202,7 +202,8 @@ class _Session:
                 self.log(f'Nothing to do: the run in {self.opts.outdir} is already at {self.cur_nimg} images '
                          f'>= --duration {self.opts.duration}')
                 return dict(cur_nimg=self.cur_nimg, stopped=False)
-            return self._steps(step_callback)
+            with runtime.running(self.run_settings()):
+                return self._steps(step_callback)
         except Exception as e:
             error = self._as_training_error(e)
             if error.report != 'none':
@@ -212,6 +213,12 @@ class _Session:
         finally:
             self.stop.restore()
             self.log.close()
+
+    def run_settings(self):
+        """How the U-Net runs (edm2.runtime): --precision on every device, or the published rule (--fp16:
+        CUDA only); --compile. The loss, EMA, optimiser state and σ-conditioning stay float32."""
+        precision = self.opts.precision if self.opts.precision_scope == 'all' else None
+        return runtime.RunSettings(precision=precision, compile=self.opts.compile)
 
     def _as_training_error(self, error):
         """A one-line TrainingError for any failure; the traceback of unexpected ones goes to log.txt."""
@@ -232,9 +239,12 @@ class _Session:
     def _describe(self):
         opts, prep, ds = self.opts, self.prep, self.prep.dataset
         kind = f'conditional, {ds.label_dim} classes' if opts.cond else 'unconditional'
+        cuda_only = ' on CUDA (float32 here)' if opts.precision_scope == 'cuda' and self.device.type != 'cuda' \
+            and opts.precision != 'fp32' else ''
         self.log(f'Training {prep.num_params / 1e6:.2f}M parameters on {len(ds)} images {ds.image_shape} ({kind}); '
                  f'{self.world} process(es) on {self.device.type}, batch {opts.batch} = {self.world} x '
-                 f'{prep.batch_gpu} x {prep.rounds} round(s), precision {opts.precision}; duration '
+                 f'{prep.batch_gpu} x {prep.rounds} round(s), precision {opts.precision}{cuda_only}'
+                 f'{", compiled" if opts.compile else ""}; duration '
                  f'{format_nimg(opts.duration)} images')
 
     def _steps(self, step_callback):
@@ -252,7 +262,11 @@ class _Session:
         first, stopped = True, False
         try:
             while True:
+                started = time.perf_counter()
                 lr = self._step(ddp, data_iter)
+                if first and self.opts.compile:
+                    self.log(f'torch.compile: the first step took {time.perf_counter() - started:.1f} s '
+                             f'(compilation of forward and backward included)')
                 prev_nimg = self.cur_nimg - opts.batch
                 if bar is not None:
                     bar.update(opts.batch)

@@ -113,7 +113,9 @@ class TrainingOptions:
     lr: float = 0.0100
     decay: float = 70000
     rampup: int = 10_000_000
-    precision: str = 'fp16'             # U-Net precision on CUDA; the CPU computes in float32
+    precision: str = 'fp16'             # U-Net precision on CUDA (and on every device with precision_scope 'all')
+    precision_scope: str = 'cuda'       # 'cuda': the published rule (--fp16), float32 elsewhere; 'all': --precision
+    compile: bool = False               # torch.compile the U-Net (forward and backward); not a setting of the result
     ls: float = 1.0
     bench: bool = True
     status: int = 128 << 10
@@ -163,6 +165,7 @@ class TrainingOptions:
         _check(len(self.network.get('channel_mult', [1])) in range(1, MAX_LEVELS + 1),
                f'--channel-mult: needs 1 to {MAX_LEVELS} levels, got {self.network.get("channel_mult")}')
         _check(self.precision in ('fp32', 'fp16', 'bf16'), '--precision must be fp32, fp16 or bf16')
+        _check(self.precision_scope in ('cuda', 'all'), "precision_scope must be 'cuda' or 'all'")
         _check(self.snapshot_dtype in ('fp16', 'fp32'), '--snapshot-dtype must be fp16 or fp32')
         self._check_ema_stds()
 
@@ -331,7 +334,9 @@ def check_network_size(net_kwargs):
 # may change between sessions of the same run.
 
 SETTING_KEYS = ('data', 'cond', 'batch', 'lr', 'decay', 'rampup', 'P_mean', 'P_std', 'dropout', 'channels',
-                'precision', 'ls', 'seed', 'ema_stds', 'network_kwargs')
+                'precision', 'precision_scope', 'ls', 'seed', 'ema_stds', 'network_kwargs')
+# Settings added after runs were recorded without them: a record that lacks one had this value.
+SETTING_DEFAULTS = {'precision_scope': 'cuda'}
 
 
 def settings(opts, net_kwargs):
@@ -353,6 +358,6 @@ def compare_settings(old, new):
         elif key == 'network_kwargs' and old[key] != new[key]:
             diffs += [f'network.{k}: {old[key].get(k)!r} -> {new[key].get(k)!r}'
                       for k in sorted(set(old[key]) | set(new[key])) if old[key].get(k) != new[key].get(k)]
-        elif key != 'network_kwargs' and old.get(key) != new.get(key):
-            diffs.append(f'{key}: {old.get(key)!r} -> {new.get(key)!r}')
+        elif key != 'network_kwargs' and old.get(key, SETTING_DEFAULTS.get(key)) != new.get(key):
+            diffs.append(f'{key}: {old.get(key, SETTING_DEFAULTS.get(key))!r} -> {new.get(key)!r}')
     return '; '.join(diffs)

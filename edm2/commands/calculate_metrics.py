@@ -17,7 +17,7 @@ import os
 import click
 import numpy as np
 
-from edm2 import distributed, generation, sampling, self_guides
+from edm2 import distributed, generation, runtime, sampling, self_guides
 from edm2.commands import cli as edm2_cli
 from edm2.commands import guidance_setup
 from edm2.commands.cli import one_line_errors, parse_number_list
@@ -259,9 +259,10 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
 @click.option('--save-npz', help='Also write the images as an ADM sample batch (arr_0 NHWC uint8, arr_1 labels); '
               'with --repeats, FILE-0.npz, FILE-1.npz, ...', metavar='FILE', default=None)
 @common_options
+@edm2_cli.network_run_options
 @one_line_errors
 def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_interval_steps, guidance_rule, ref_path,
-        metrics, num, seed, repeats, steps, label_rule, out, save_npz, **opts):
+        metrics, num, seed, repeats, steps, label_rule, out, save_npz, precision, compile_unet, **opts):
     """Calculate metrics of a network, generating images on the fly.
 
     \b
@@ -289,9 +290,25 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
     if report.is_adm(metrics):
         reference = inputs.load_adm_reference(ref_path, metrics, detectors, opts['batch'], device)
     main_net, encoder, guides = guidance_setup.load_networks(setup, device)
-    keep, extra = report.kept_features(metrics, opts['pr_features'])
 
     runs, names, records = [], [], []
+    with runtime.running(edm2_cli.run_settings(precision, compile_unet)):
+        _gen_repeats(main_net, encoder, guides, detectors, reference, metrics, device, opts, seed, num, repeats, sigmas,
+                     label_rule, save_npz, (runs, names, records))
+    if distributed.is_main():
+        summary = report.report(runs, metrics, 'network', names)
+        report.write_json(out, report.record(
+            'gen', detectors, opts, metrics=metrics, **setup.describe(), steps=steps, labels=label_rule,
+            ref=str(ref_path), num=num, repeats=repeats, save_npz=save_npz, precision=precision, runs=records,
+            summary=summary))
+    distributed.barrier()
+
+
+def _gen_repeats(main_net, encoder, guides, detectors, reference, metrics, device, opts, seed, num, repeats, sigmas,
+                 label_rule, save_npz, results):
+    """gen's evaluations of disjoint seed ranges, appended to results = (runs, names, records)."""
+    runs, names, records = results
+    keep, extra = report.kept_features(metrics, opts['pr_features'])
     for r in range(repeats):
         first, last = seed + r * num, seed + (r + 1) * num - 1
         distributed.print0(f'Generating and evaluating {num} images, seeds {first}-{last}')
@@ -303,12 +320,6 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
             runs.append(_evaluate(stats, reference, metrics, opts, seed, device))
             names.append(f'seeds {first}-{last}')
             records.append(dict(seeds=[first, last], **runs[-1], labels=labels))
-    if distributed.is_main():
-        summary = report.report(runs, metrics, 'network', names)
-        report.write_json(out, report.record(
-            'gen', detectors, opts, metrics=metrics, **setup.describe(), steps=steps, labels=label_rule,
-            ref=str(ref_path), num=num, repeats=repeats, save_npz=save_npz, runs=records, summary=summary))
-    distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,10 +384,11 @@ def _sweep_source(folder, kimg, stds, file, flag):
 @click.option('--save-best', help='Write the best main and guide networks and print the commands that use them',
               is_flag=True)
 @common_options
+@edm2_cli.network_run_options
 @one_line_errors
 def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, guidance, rules, guidance_interval,
           guidance_interval_steps, ref_path, metrics, num, seed, steps, search, phema_batch, gnet_batch, outdir,
-          save_best, **opts):
+          save_best, precision, compile_unet, **opts):
     """Tune autoguidance: metrics over main EMA length x guide EMA length x guidance weight (x guidance rule
     x guidance interval, when those flags are repeated).
 
@@ -414,11 +426,13 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
         rules=rules or ('lerp',), batch=opts['batch'], phema_batch=phema_batch,
         guide_batch=gnet_batch, search=search, pr_features=opts['pr_features'], ref_name=str(ref_path),
         extra_fixed={'--inception-weights/--dinov2-weights': report.detector_info(detectors),
-                     '--dinov2-resize': opts['dinov2_resize'], '--pr-features': opts['pr_features']})
+                     '--dinov2-resize': opts['dinov2_resize'], '--pr-features': opts['pr_features'],
+                     **({'--precision': precision} if precision else {})})
     sweep_lib.check_resume(outdir, config)
     sweep_lib.preflight(config, device)
     distributed.print0('\n'.join(sweep_report.plan_lines(config)))
-    result = sweep_lib.run_sweep(config, outdir, detectors=detectors, reference=reference, device=device)
+    with runtime.running(edm2_cli.run_settings(precision, compile_unet)):
+        result = sweep_lib.run_sweep(config, outdir, detectors=detectors, reference=reference, device=device)
     sweep_report.finish(config, outdir, result, device, save_best=save_best)
     distributed.barrier()
 

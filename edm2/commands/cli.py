@@ -211,3 +211,22 @@ def hold_for_command(folder, flag='--outdir'):
         return click.get_current_context().with_resource(hold_run_folder(folder, flag))
     except FolderInUseError as e:
         fail_once(e)
+
+
+def network_run_options(fn):
+    """The click options --precision and --compile of a command that evaluates EDM2 networks; the command
+    gets them as `precision` and `compile_unet` and passes both to `run_settings`."""
+    fn = click.option('--compile', 'compile_unet', is_flag=True,
+                      help='torch.compile the U-Net (the first call compiles; its time is reported once).')(fn)
+    return click.option('--precision', type=click.Choice(['fp32', 'bf16', 'fp16']), default=None,
+                        help="Arithmetic of the U-Net on every device (CPU included).  [default: the network's "
+                             "own: float16 on CUDA for published networks, float32 elsewhere]")(fn)
+
+
+def run_settings(precision, compile_unet):
+    """`edm2.runtime.RunSettings` of --precision and --compile, reporting the compile time on rank 0."""
+    from edm2 import distributed, runtime
+
+    def report(seconds):
+        distributed.print0(f'torch.compile: the first U-Net call took {seconds:.1f} s (compilation included)')
+    return runtime.RunSettings(precision=precision, compile=compile_unet, report=report)

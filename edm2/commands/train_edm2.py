@@ -126,8 +126,10 @@ Every number is checked before anything is written; an error is one line naming 
               show_default=True)
 @click.option('-n', '--dry-run', help='Show the resolved settings and parameter count, write nothing', is_flag=True)
 # Additions of this project.
-@click.option('--precision', help='Arithmetic of the U-Net on CUDA, overriding --fp16 (the CPU uses fp32)',
+@click.option('--precision', help='Arithmetic of the U-Net on every device (CPU included), overriding --fp16',
               type=click.Choice(['fp32', 'fp16', 'bf16']))
+@click.option('--compile', 'compile_unet', help='torch.compile the U-Net, forward and backward (the first step '
+              'compiles; its time is logged)', is_flag=True)
 @click.option('--device', help='Where to train, e.g. cpu or cuda:1 (default: CUDA if present)', metavar='STR')
 @click.option('--ema-stds', help='Relative lengths sigma_rel of the tracked EMAs', metavar='LIST',
               callback=_ema_lengths, default='0.050,0.100', show_default=True)
@@ -144,8 +146,8 @@ Every number is checked before anything is written; an error is one line naming 
 @click.option('--attn-res', help='Resolutions that get self-attention ("" for none) [default: 16,8]',
               metavar='LIST', callback=_integer_list('attn_res', allow_empty=True))
 def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean, P_std, lr, decay, batch_gpu,
-         fp16, ls, bench, status, snapshot, checkpoint, seed, dry_run, precision, device, ema_stds, rampup,
-         workers, snapshot_dtype, channel_mult, num_blocks, attn_res):
+         fp16, ls, bench, status, snapshot, checkpoint, seed, dry_run, precision, compile_unet, device, ema_stds,
+         rampup, workers, snapshot_dtype, channel_mult, num_blocks, attn_res):
     """Train an EDM2 model, writing power-function EMA snapshots and resumable checkpoints.
 
     Hyper-parameters come from --preset when given, else from the EDM2-S ImageNet-512 recipe
@@ -168,6 +170,7 @@ def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean,
             outdir=outdir, data=data, cond=cond, batch_gpu=batch_gpu, ls=ls, bench=bench, status=status,
             snapshot=snapshot, checkpoint=checkpoint, seed=seed, device=device, ema_stds=ema_stds, rampup=rampup,
             workers=workers, snapshot_dtype=snapshot_dtype, precision=precision or ('fp16' if fp16 else 'fp32'),
+            precision_scope='cuda' if precision is None else 'all', compile=compile_unet,
             network={k: v for k, v in network.items() if v is not None}, **values)
         training_loop(opts, dry_run=dry_run)
     except EDM2Error as e:
