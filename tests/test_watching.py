@@ -286,3 +286,25 @@ def test_wandb_offline_mode_resumes_the_same_run(tmp_path, monkeypatch):
     sessions = sorted((run / 'wandb').glob('offline-run-*'))
     assert len(sessions) == 2 and all(s.name.endswith('-' + run_id) for s in sessions)
     assert all((s / f'run-{run_id}.wandb').stat().st_size > 0 for s in sessions)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The progress bar: on an interactive console only; log.txt keeps the status lines alone.
+
+@pytest.mark.parametrize('interactive', [True, False])
+def test_progress_bar_with_eta_only_when_interactive(tmp_path, capsys, monkeypatch, interactive):
+    from edm2.training import loop
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: interactive)
+    opts = TrainingOptions(outdir=str(tmp_path / 'run'), data=str(_images(tmp_path / 'data')), cond=False,
+                           duration=32, batch=8, channels=8, decay=0, rampup=0, status=16, snapshot=0, checkpoint=0,
+                           workers=0, device='cpu', network=dict(channel_mult=[1], num_blocks=1, attn_resolutions=[]))
+    loop.training_loop(opts)
+    captured = capsys.readouterr()
+    bar = [line for line in captured.err.replace('\r', '\n').splitlines() if line.startswith('train:')]
+    assert bool(bar) == interactive, captured.err
+    if interactive:
+        assert '32.0/32.0' in bar[-1] and '<00:00' in bar[-1]  # count and the remaining time (ETA)
+    log = (tmp_path / 'run' / 'log.txt').read_text().splitlines()
+    assert [line.split()[:2] for line in log if line.startswith('kimg')] == [['kimg', '0.016'], ['kimg', '0.032']]
+    assert not any('train:' in line or '\r' in line for line in log)
+    assert sum(line.startswith('kimg') for line in captured.out.splitlines()) == 2  # the console keeps them too

@@ -22,7 +22,7 @@ from test_train_e2e import REPO, make_shapes, net_args, subprocess_env, train_in
 pytestmark = pytest.mark.slow
 STDS = (0.05, 0.15)        # --eval-stds: 0.05 tracked, 0.15 reconstructed
 SEEDS, STEPS = 4, 4        # grid columns and Heun steps
-EVAL_NUM = 6
+EVAL_NUM, EVAL_STEPS = 6, 8
 
 
 def _detectors(root):
@@ -82,6 +82,7 @@ def test_watched_run_survives_kill9_and_matches_calculate_metrics(tmp_path, one_
             '--checkpoint', 1000, '--snapshot-dtype', 'fp32', '--workers', 0, '--lr', 0.02, *net_args(),
             '--grid', 1000, '--grid-seeds', f'0-{SEEDS - 1}', '--grid-steps', STEPS, '--grid-gnet', guide,
             '--eval', 1000, '--eval-ref', ref, '--eval-metrics', 'fid,fd_dinov2', '--eval-num', EVAL_NUM,
+            '--eval-steps', EVAL_STEPS,
             '--eval-batch', EVAL_NUM, '--eval-stds', ','.join(map(str, STDS)), '--logger', 'tensorboard', *weights]
     args = [str(a) for a in args]
 
@@ -137,7 +138,7 @@ def test_watched_run_survives_kill9_and_matches_calculate_metrics(tmp_path, one_
     nets = {0.05: run / 'network-snapshot-0000002-0.050.safetensors', 0.15: next(rec_dir.iterdir())}
     for std, path in nets.items():
         _metrics_cli(['gen', '--net', path, '--ref', ref, '--metrics', 'fid,fd_dinov2', '--num', EVAL_NUM,
-                      '--batch', EVAL_NUM, '--out', tmp_path / f'gen-{std}.json'], weights)
+                      '--steps', EVAL_STEPS, '--batch', EVAL_NUM, '--out', tmp_path / f'gen-{std}.json'], weights)
         gen = json.loads((tmp_path / f'gen-{std}.json').read_text())['runs'][0]
         for metric in ('fid', 'fd_dinov2'):
             assert final[(2000, std, metric)]['value'] == pytest.approx(gen[metric], rel=1e-6, abs=0), (std, metric)
@@ -153,13 +154,13 @@ def test_watched_run_survives_kill9_and_matches_calculate_metrics(tmp_path, one_
     acc.Reload()
     tags = acc.Tags()
     assert tags['images'] == ['grid'] and len(tags['scalars']) == 6 + 8 + 1 + 4  # stats, per-σ, share, metrics
+    pairs = _raw_events(run)
     for tag in ('loss', 'lr', 'loss_sigma/-1<ln_sigma<=0', 'metrics/fid/ema_0.050', 'metrics/fd_dinov2/ema_0.150'):
         steps = [e.step for e in acc.Scalars(tag)]
         assert steps == sorted(set(steps)) and steps, (tag, steps)
-    assert [e.step for e in acc.Scalars('metrics/fid/ema_0.150')] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars('metrics/fid/ema_0.150')] == [1, 2, 3], (events_before, pairs, out)
     assert [e.value for e in acc.Scalars('metrics/fid/ema_0.050')] == pytest.approx(
         [final[(t, 0.05, 'fid')]['value'] for t in times[1:]], rel=1e-6)
     assert [e.step for e in acc.Images('grid')] == [0, 1, 2, 3]
-    pairs = _raw_events(run)
     assert len(pairs) == len(set(pairs)), [p for p in pairs if pairs.count(p) > 1][:5]
     assert len(events_before) > 0 and len(list(run.glob('*tfevents*'))) == 2  # one file per session

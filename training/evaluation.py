@@ -4,7 +4,7 @@ lengths, computed every `--eval` images and appended to metrics.jsonl.
 At an evaluation time the run has just written its snapshots (`--eval` is a multiple of `--snapshot`):
 a tracked length is evaluated from its snapshot file, any other length is reconstructed post hoc from
 the snapshots written so far (EDM2 paper, Sec. 3.2; `edm2.phema_reconstruct`). The images and their
-statistics are those of `calculate_metrics.py gen --net SNAPSHOT --seeds 0..N-1 --steps 32`: the same
+statistics are those of `calculate_metrics.py gen --net SNAPSHOT --num N --steps S` (seeds 0..N-1): the same
 library calls (`edm2.metrics`), detectors, reference and cache, spread over the ranks in the same way.
 Each line of metrics.jsonl: kimg, nimg, ema_std, metric, value, images, seconds, reconstructed.
 """
@@ -22,7 +22,6 @@ from edm2.phema_reconstruct import find_snapshots, reconstruct
 from .options import TrainingError
 
 SNAPSHOT_PREFIX = 'network-snapshot'
-STEPS = 32          # Heun steps, as calculate_metrics.py gen by default
 PR_FEATURES = 'dinov2'
 
 
@@ -74,7 +73,7 @@ class Evaluator:
         """{metric: value} on rank 0 (None elsewhere) of `net`'s images of seeds 0 .. --eval-num - 1."""
         stats, _ = network_features.generated_stats(
             net, range(self.opts.eval_num), self.detectors, self.device, guidance=sampling.Guidance(),
-            sigmas=sampling.edm_schedule(STEPS), classes='random', encoder=encoder, batch_size=self.opts.eval_batch,
+            sigmas=sampling.edm_schedule(self.opts.eval_steps), classes='random', encoder=encoder, batch_size=self.opts.eval_batch,
             keep=self.keep, extra=self.extra)
         if not distributed.is_main():
             return None

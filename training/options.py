@@ -55,7 +55,7 @@ FLOAT_RANGES = {
 INT_RANGES = {
     'channels': (1, 4096), 'num_blocks': (1, 64), 'channel_mult': (1, 64), 'attn_res': (1, 1 << 16),
     'workers': (0, 256), 'seed': (0, (1 << 63) - 1),
-    'grid_steps': (1, 10000), 'eval_num': (2, 10 ** 8), 'eval_batch': (1, 1 << 16),
+    'grid_steps': (1, 10000), 'eval_steps': (1, 10000), 'eval_num': (2, 10 ** 8), 'eval_batch': (1, 1 << 16),
 }
 NIMG_RANGES = {
     'duration': (1, MAX_NIMG), 'batch': (1, 1 << 24), 'batch_gpu': (1, 1 << 24), 'rampup': (0, MAX_NIMG),
@@ -140,6 +140,7 @@ class TrainingOptions:
     eval_ref: str | None = None
     eval_metrics: list = dataclasses.field(default_factory=lambda: ['fid'])
     eval_num: int = 5000
+    eval_steps: int = 32
     eval_stds: list | None = None       # EMA lengths evaluated; default: the tracked ones
     eval_batch: int = 32
     inception_weights: str | None = None
@@ -175,8 +176,8 @@ class TrainingOptions:
         for name, bounds in FLOAT_RANGES.items():
             error = check_range(float(getattr(self, name)), *bounds)
             _check(error is None, f'{flag(name)}: {error}')
-        ints = {name: getattr(self, name) for name in ('channels', 'workers', 'seed', 'grid_steps', 'eval_num',
-                                                       'eval_batch')}
+        ints = {name: getattr(self, name) for name in ('channels', 'workers', 'seed', 'grid_steps', 'eval_steps',
+                                                       'eval_num', 'eval_batch')}
         ints.update({name: value for name, value in self.network.items() if name == 'num_blocks'})
         counts = {name: getattr(self, name) for name in NIMG_RANGES if getattr(self, name) is not None}
         for name, value in [*ints.items(), *counts.items()]:

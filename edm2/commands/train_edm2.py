@@ -189,6 +189,8 @@ Every number is checked before anything is written; an error is one line naming 
               callback=_metric_names, default='fid', show_default=True)
 @click.option('--eval-num', help='Images generated per EMA length and evaluation (seeds 0..N-1)', metavar='INT',
               type=_int('eval_num'), default=5000, show_default=True)
+@click.option('--eval-steps', help='Heun steps of the evaluated images', metavar='INT', type=_int('eval_steps'),
+              default=32, show_default=True)
 @click.option('--eval-stds', help='EMA lengths evaluated; untracked ones are reconstructed post hoc  '
               '[default: --ema-stds]', metavar='LIST', callback=_ema_lengths)
 @click.option('--eval-batch', help='Images per sampling and detector batch per process', metavar='INT',
