@@ -125,6 +125,9 @@ def test_wandb_adapter_resumes_the_run_and_never_logs_a_step_twice(tmp_path, mon
     loggers.scalars({'loss': 5.0}, 1500)
     loggers.scalars({'loss': 6.0}, 2500)
     assert fake.inits[1]['id'] == run_id and fake.logged[-1] == (2, {'loss': 6.0}) and len(fake.logged) == 4
+    # A fresh start in the same folder (no checkpoint) is a new W&B run.
+    Loggers(opts, {}, 0, log.append).scalars({'loss': 7.0}, 0)
+    assert fake.inits[2]['id'] != run_id and fake.logged[-1] == (0, {'loss': 7.0})
 
 
 def test_a_logger_failing_mid_run_warns_once_and_goes_quiet(tmp_path, monkeypatch):
@@ -166,6 +169,9 @@ def test_tensorboard_event_files_are_cut_back_to_the_resumed_step(tmp_path):
              for e in EventFileLoader(str(path)).Load() for v in e.summary.value if v.tag == 'loss']
     assert steps == [('loss', k, float(k)) for k in range(3)]
     assert [p.name for p in tmp_path.iterdir() if 'tfevents' in p.name] == [path.name]  # replaced in place
+    Loggers(opts, {}, 0, print).close()  # a fresh start: the events of the earlier start are gone
+    (new,) = [p for p in tmp_path.iterdir() if 'tfevents' in p.name]
+    assert new != path and not any(v.tag == 'loss' for e in EventFileLoader(str(new)).Load() for v in e.summary.value)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -164,3 +164,29 @@ def test_watched_run_survives_kill9_and_matches_calculate_metrics(tmp_path, one_
     assert [e.step for e in acc.Images('grid')] == [0, 1, 2, 3]
     assert len(pairs) == len(set(pairs)), [p for p in pairs if pairs.count(p) > 1][:5]
     assert len(events_before) > 0 and len(list(run.glob('*tfevents*'))) == 2  # one file per session
+
+
+def test_two_processes_evaluate_like_one_calculate_metrics_gen(tmp_path, one_thread):
+    """Under torchrun the images of an evaluation are split over the ranks (grid and logger on rank 0)."""
+    data = make_shapes(tmp_path / 'shapes', n=24)
+    weights = _detectors(tmp_path)
+    ref = tmp_path / 'ref.pkl'
+    _metrics_cli(['ref', '--data', data, '--dest', ref, '--metrics', 'fd_dinov2', '--batch', 8], weights)
+    run = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(REPO / 'train_edm2.py'), '--outdir', str(run), '--data', str(data), '--duration', '1000', '--batch', '16',
+           '--status', '1000', '--snapshot', '1000', '--checkpoint', '0', '--workers', '0', '--grid', '1000',
+           '--grid-seeds', '0-2', '--grid-steps', '2', '--eval', '1000', '--eval-ref', str(ref),
+           '--eval-metrics', 'fd_dinov2', '--eval-num', '5',
+           '--eval-steps', '4', '--eval-batch', '2', '--eval-stds', '0.05,0.15', *[str(a) for a in net_args()],
+           *weights]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = _lines(run / 'metrics.jsonl')
+    assert [(line['ema_std'], line['reconstructed']) for line in lines] == [(0.05, False), (0.15, True)]
+    assert sorted(p.name for p in run.glob('grid-*.png')) == ['grid-0000000.png', 'grid-0000001.png']
+    _metrics_cli(['gen', '--net', run / 'network-snapshot-0000001-0.050.safetensors', '--ref', ref,
+                  '--metrics', 'fd_dinov2', '--num', 5, '--steps', 4, '--batch', 2, '--out', tmp_path / 'gen.json'], weights)
+    gen = json.loads((tmp_path / 'gen.json').read_text())['runs'][0]['fd_dinov2']
+    # The same images; the statistics are summed over the ranks in another order (float32 features).
+    assert lines[0]['value'] == pytest.approx(gen, rel=1e-5)

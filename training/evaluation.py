@@ -52,22 +52,19 @@ class Evaluator:
         return any(abs(std - t) < 5e-4 for t in self.tracked)
 
     def networks(self, outdir, nimg):
-        """Yield (std, net, encoder, reconstructed) at the snapshot time `nimg`, in the order of --eval-stds."""
+        """Yield (std, net, encoder, reconstructed) at the snapshot time `nimg`: the tracked lengths of --eval-stds
+        from their snapshots, then the others reconstructed one at a time (one network in memory at once)."""
         kimg = nimg // 1000
         others = [s for s in self.stds if not self._is_tracked(s)]
-        rebuilt = {}
-        if others:
-            snapshots = [s for s in find_snapshots(outdir, SNAPSHOT_PREFIX) if s.nimg <= nimg]
-            for rec in reconstruct(snapshots, others, kimg, batch=1, device='cpu'):
-                rebuilt[rec.std] = (rec.net, rec.encoder)
         for std in self.stds:
-            if std in rebuilt:
-                net, encoder = rebuilt.pop(std)
-                yield std, net.to(self.device), encoder, True
-            else:
+            if std not in others:
                 path = os.path.join(outdir, checkpoint.snapshot_file_name(SNAPSHOT_PREFIX, kimg, std))
                 net, encoder, _ = checkpoint.load_snapshot(path, device=self.device)
                 yield std, net, encoder, False
+        if others:
+            snapshots = [s for s in find_snapshots(outdir, SNAPSHOT_PREFIX) if s.nimg <= nimg]
+            for rec in reconstruct(snapshots, others, kimg, batch=1, device='cpu'):
+                yield rec.std, rec.net.to(self.device), rec.encoder, True
 
     def evaluate(self, net, encoder):
         """{metric: value} on rank 0 (None elsewhere) of `net`'s images of seeds 0 .. --eval-num - 1."""

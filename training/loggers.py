@@ -4,10 +4,11 @@ the training time in thousands of images (kimg) as the step.
 What is logged: the scalars of every stats.jsonl line (loss, per-σ loss, learning rate, speed, memory), every
 metrics.jsonl value, the sample grids as images, and the resolved options as the run's configuration. A
 resumed run continues the same steps: TensorBoard event files are cut back to the checkpoint's kimg before
-the new session writes (each file replaced atomically), W&B resumes the same run id (wandb-run-id.txt), and
-a tag is logged only at steps after the last one it has, so no step is logged twice or goes back. A logger
-that cannot start stops the run before its first step (one line); one that fails later is switched off with
-one warning and training goes on.
+the new session writes (each file replaced atomically; a fresh start removes those of an earlier start),
+W&B resumes the same run id (wandb-run-id.txt; a fresh start makes a new one), and a tag is logged only at
+steps after the last one it has, so no step is logged twice or goes back. A logger that cannot start stops
+the run before its first step (one line); one that fails later is switched off with one warning and
+training goes on.
 """
 
 import contextlib
@@ -29,7 +30,7 @@ def is_event_file(name):
 
 def cut_event_files(folder, last_step):
     """Drop the events after `last_step` from the TensorBoard event files in `folder` (read and written
-    with TensorBoard's own record reader and writer)."""
+    with TensorBoard's own record reader and writer); a file left with no event is removed."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.summary.writer.record_writer import RecordWriter
     for name in sorted(os.listdir(folder)):
@@ -38,7 +39,9 @@ def cut_event_files(folder, last_step):
             continue
         events = list(EventFileLoader(path).Load())
         kept = [e for e in events if e.step <= last_step]
-        if len(kept) < len(events):
+        if not kept:
+            os.unlink(path)
+        elif len(kept) < len(events):
             with atomic_write(path) as f:
                 writer = RecordWriter(f)
                 for event in kept:
@@ -55,8 +58,7 @@ class TensorBoard:
         except ImportError:
             raise TrainingError('--logger tensorboard needs the tensorboard package: pip install "edm2[tensorboard]"'
                                 ) from None
-        if resume_kimg is not None:
-            cut_event_files(outdir, resume_kimg)
+        cut_event_files(outdir, -1 if resume_kimg is None else resume_kimg)  # a fresh start keeps none
         self.writer = SummaryWriter(log_dir=outdir)
         if resume_kimg is None:
             self.writer.add_text('options', '```\n' + json.dumps(config, indent=2) + '\n```', 0)
@@ -85,7 +87,7 @@ class WandB:
             raise TrainingError('--logger wandb needs the wandb package: pip install "edm2[wandb]"') from None
         self.wandb = wandb
         id_path = os.path.join(outdir, WANDB_ID_FILE)
-        if os.path.isfile(id_path):
+        if resume_kimg is not None and os.path.isfile(id_path):
             with open(id_path, encoding='utf-8') as f:
                 run_id = f.read().strip()
         else:

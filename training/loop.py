@@ -202,14 +202,14 @@ class _Session:
             self._resume(state_path, state)
             del state
             check_snapshot_names(self.opts, self.cur_nimg, self.snapshot_nimgs)
-            if watching.wanted(self.opts):
-                self.watch = watching.Watch(self.opts, dict(dataclasses.asdict(self.opts), **self.record),
-                                            self.cur_nimg, self.net, self.encoder, self.device, self.log)
             self._describe()
             if self.cur_nimg >= self.opts.duration:
                 self.log(f'Nothing to do: the run in {self.opts.outdir} is already at {self.cur_nimg} images '
                          f'>= --duration {self.opts.duration}')
                 return dict(cur_nimg=self.cur_nimg, stopped=False)
+            if watching.wanted(self.opts):
+                self.watch = watching.Watch(self.opts, dict(dataclasses.asdict(self.opts), **self.record),
+                                            self.cur_nimg, self.net, self.encoder, self.device, self.log)
             return self._steps(step_callback)
         except Exception as e:
             error = self._as_training_error(e)

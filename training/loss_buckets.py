@@ -25,9 +25,15 @@ def new_sums(device):
     return torch.zeros(2 * NUM_BUCKETS, dtype=torch.float64, device=device)
 
 
+_edges = {}  # (device, dtype) -> EDGES as a tensor, made once (no host-to-device copy per step)
+
+
 def add(sums, image_losses, log_sigma):
     """Add the mean losses of a batch's images [N] (float64) at noise levels ln σ [N] to `sums`."""
-    edges = torch.tensor(EDGES, dtype=log_sigma.dtype, device=log_sigma.device)
+    key = (log_sigma.device, log_sigma.dtype)
+    if key not in _edges:
+        _edges[key] = torch.tensor(EDGES, dtype=log_sigma.dtype, device=log_sigma.device)
+    edges = _edges[key]
     bucket = torch.bucketize(log_sigma.reshape(-1), edges)  # bucket b holds EDGES[b-1] < ln σ <= EDGES[b]
     sums[:NUM_BUCKETS].index_add_(0, bucket, image_losses)
     sums[NUM_BUCKETS:].index_add_(0, bucket, torch.ones_like(image_losses))

@@ -38,8 +38,8 @@ class Watch:
         self.seconds, self.started = 0.0, time.time()
         self.grids = GridMaker(opts, net, encoder, device) if opts.grid and self.main else None
         self.evaluator = Evaluator(opts, opts.ema_stds, device) if opts.eval else None
-        if self.main and resume_nimg:
-            run_state.truncate_stats(metrics_path(opts.outdir), resume_nimg)  # they will be computed again
+        if self.main:  # lines after the checkpoint (all of them on a fresh start) will be computed again
+            run_state.truncate_stats(metrics_path(opts.outdir), resume_nimg)
         self.loggers = Loggers(opts, config, resume_nimg, log) if opts.logger and self.main else None
 
     def due(self, prev_nimg, cur_nimg):
