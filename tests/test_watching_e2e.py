@@ -188,5 +188,4 @@ def test_two_processes_evaluate_like_one_calculate_metrics_gen(tmp_path, one_thr
     _metrics_cli(['gen', '--net', run / 'network-snapshot-0000001-0.050.safetensors', '--ref', ref,
                   '--metrics', 'fd_dinov2', '--num', 5, '--steps', 4, '--batch', 2, '--out', tmp_path / 'gen.json'], weights)
     gen = json.loads((tmp_path / 'gen.json').read_text())['runs'][0]['fd_dinov2']
-    # The same images; the statistics are summed over the ranks in another order (float32 features).
-    assert lines[0]['value'] == pytest.approx(gen, rel=1e-5)
+    assert lines[0]['value'] == pytest.approx(gen, rel=1e-6)  # the same images, split over the ranks the same way
