@@ -94,6 +94,12 @@ def format_nimg(n):
     return str(n)
 
 
+def _names(value):
+    """'a,b' or ['a', 'b'] -> ['a', 'b'] (order kept, duplicates dropped)."""
+    items = value.split(',') if isinstance(value, str) else value
+    return list(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+
+
 def _check(cond, message):
     if not cond:
         raise TrainingError(message)
@@ -165,9 +171,9 @@ class TrainingOptions:
         self.ema_stds = [float(s) for s in self.ema_stds]
         self.network = dict(self.network or {})
         self.grid_seeds = [int(v) for v in self.grid_seeds]
-        self.eval_metrics = [str(m) for m in self.eval_metrics]
+        self.eval_metrics = _names(self.eval_metrics)  # a list, or a string like 'fid,fd_dinov2'
         self.eval_stds = None if self.eval_stds is None else [float(s) for s in self.eval_stds]
-        self.logger = list(dict.fromkeys(str(name) for name in self.logger))
+        self.logger = _names(self.logger)
         if float(self.decay).is_integer():
             self.decay = int(self.decay)
 
