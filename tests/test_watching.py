@@ -169,6 +169,11 @@ def test_tensorboard_event_files_are_cut_back_to_the_resumed_step(tmp_path):
              for e in EventFileLoader(str(path)).Load() for v in e.summary.value if v.tag == 'loss']
     assert steps == [('loss', k, float(k)) for k in range(3)]
     assert [p.name for p in tmp_path.iterdir() if 'tfevents' in p.name] == [path.name]  # replaced in place
+    # TensorBoard's accumulator still sees them as scalars (the records are kept as they were written).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars('loss')] == [(k, float(k)) for k in range(3)]
     Loggers(opts, {}, 0, print).close()  # a fresh start: the events of the earlier start are gone
     (new,) = [p for p in tmp_path.iterdir() if 'tfevents' in p.name]
     assert new != path and not any(v.tag == 'loss' for e in EventFileLoader(str(new)).Load() for v in e.summary.value)

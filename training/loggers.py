@@ -30,22 +30,24 @@ def is_event_file(name):
 
 def cut_event_files(folder, last_step):
     """Drop the events after `last_step` from the TensorBoard event files in `folder` (read and written
-    with TensorBoard's own record reader and writer); a file left with no event is removed."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    with TensorBoard's own record reader and writer, the kept records byte for byte); a file left with no
+    event is removed."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not is_event_file(name) or not os.path.isfile(path):
             continue
-        events = list(EventFileLoader(path).Load())
-        kept = [e for e in events if e.step <= last_step]
+        records = list(RawEventFileLoader(path).Load())
+        kept = [r for r in records if Event.FromString(r).step <= last_step]
         if not kept:
             os.unlink(path)
-        elif len(kept) < len(events):
+        elif len(kept) < len(records):
             with atomic_write(path) as f:
                 writer = RecordWriter(f)
-                for event in kept:
-                    writer.write(event.SerializeToString())
+                for record in kept:
+                    writer.write(record)
 
 
 class TensorBoard:
