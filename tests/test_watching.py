@@ -319,3 +319,27 @@ def test_progress_bar_with_eta_only_when_interactive(tmp_path, capsys, monkeypat
     assert [line.split()[:2] for line in log if line.startswith('kimg')] == [['kimg', '0.016'], ['kimg', '0.032']]
     assert not any('train:' in line or '\r' in line for line in log)
     assert sum(line.startswith('kimg') for line in captured.out.splitlines()) == 2  # the console keeps them too
+
+
+def test_stats_lines_hold_the_gradient_norm_and_images_per_second(tmp_path, monkeypatch):
+    from edm2.training import loop
+    norms, make = [], loop.adam
+
+    def recording_adam(params, **kwargs):
+        params = list(params)
+        optimizer = make(params, **kwargs)
+        step = optimizer.step
+
+        def recorded_step(*a, **kw):  # the norm of the gradient the optimiser applies, computed directly
+            norms.append(float(sum(p.grad.double().square().sum() for p in params if p.grad is not None) ** 0.5))
+            return step(*a, **kw)
+        optimizer.step = recorded_step
+        return optimizer
+    monkeypatch.setattr(loop, 'adam', recording_adam)
+    r = _train(tmp_path, '--status', '16', duration=48)
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in (tmp_path / 'run' / 'stats.jsonl').read_text().splitlines()]
+    assert len(norms) == 6 and [line['nimg'] for line in lines] == [16, 32, 48]
+    for k, line in enumerate(lines):
+        assert line['grad_norm'] == pytest.approx(np.mean(norms[2 * k:2 * k + 2]), rel=1e-5)
+        assert line['images_per_s'] == pytest.approx(1000 / line['sec_per_kimg'], rel=1e-12)

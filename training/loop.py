@@ -160,8 +160,8 @@ class _Session:
         self.encoder = encoders.StabilityVAEEncoder() if prep.dataset.is_latent else encoders.StandardRGBEncoder()
         self.cur_nimg, self.snapshot_nimgs = 0, []
         self.checked_nimg = 0  # image count at the last check of the loss
-        # loss sum, element count, non-finite count, then the per-σ bucket sums (`training.loss_buckets`)
-        self.stats = torch.cat([torch.zeros(3, dtype=torch.float64, device=device), loss_buckets.new_sums(device)])
+        # loss sum, element count, non-finite count, gradient-norm sum, steps, then the per-σ bucket sums
+        self.stats = torch.cat([torch.zeros(5, dtype=torch.float64, device=device), loss_buckets.new_sums(device)])
         self.watch = None  # grids, metrics and loggers (training.watching), when asked for
         self.noise_gen = torch.Generator(device=device)
         self.stop = StopFlag()
@@ -322,7 +322,7 @@ class _Session:
             self.stats[0] += image_losses.sum() * loss[0].numel()
             self.stats[1] += loss.numel()
             log_sigma = self.loss_fn.P_mean + self.loss_fn.P_std * rnd_normal[rows]
-            loss_buckets.add(self.stats[3:], image_losses, log_sigma)
+            loss_buckets.add(self.stats[5:], image_losses, log_sigma)
         self._apply_gradients()
         self.cur_nimg += batch
         if self.ema is not None:
@@ -334,10 +334,14 @@ class _Session:
         if self.opts.ls != 1:
             torch._foreach_mul_(grads, 1 / self.opts.ls)
         # Non-finite gradient elements are replaced by zero and counted; the fast check is one fused norm.
-        if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+        norms = torch.stack(torch._foreach_norm(grads))
+        if not bool(norms.isfinite().all()):
             for g in grads:
                 self.stats[2] += (~g.isfinite()).sum()
                 torch.nan_to_num_(g, nan=0, posinf=0, neginf=0)
+            norms = torch.stack(torch._foreach_norm(grads))
+        self.stats[3] += norms.double().square().sum().sqrt()  # the norm of the whole gradient, as applied
+        self.stats[4] += 1
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -399,7 +403,8 @@ class _Session:
         gpu_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
         rec = dict(kimg=cur / 1000, nimg=cur, time=now - tick[2], sec_per_kimg=sec_per_kimg, loss=loss, lr=lr,
                    nonfinite=int(self.stats[2]), cpu_mem_gb=psutil.Process().memory_info().rss / 2 ** 30,
-                   gpu_mem_gb=gpu_mem, **loss_buckets.record(self.stats[3:]))
+                   gpu_mem_gb=gpu_mem, grad_norm=float(self.stats[3] / max(float(self.stats[4]), 1)),
+                   images_per_s=1000 / max(sec_per_kimg, 1e-9), **loss_buckets.record(self.stats[5:]))
         self.log(f'kimg {rec["kimg"]:<9.3f} time {_format_time(rec["time"]):<8s} sec/kimg {sec_per_kimg:<8.3f} '
                  f'loss {loss:<8.4f} lr {lr:<9.3g} nonfinite {rec["nonfinite"]:<4d} '
                  f'cpumem {rec["cpu_mem_gb"]:<6.2f} gpumem {gpu_mem:.2f}')

@@ -18,7 +18,7 @@ from .evaluation import Evaluator, metrics_path
 from .grids import GridMaker
 from .loggers import Loggers
 
-STAT_SCALARS = ('loss', 'lr', 'sec_per_kimg', 'nonfinite', 'cpu_mem_gb', 'gpu_mem_gb')
+STAT_SCALARS = ('loss', 'lr', 'grad_norm', 'sec_per_kimg', 'images_per_s', 'nonfinite', 'cpu_mem_gb', 'gpu_mem_gb')
 
 
 def wanted(opts):
