@@ -155,7 +155,8 @@ def test_watched_run_survives_kill9_and_matches_calculate_metrics(tmp_path, one_
     acc.Reload()
     tags = acc.Tags()
     metrics = {f'metrics/{m}/ema_{s:.3f}' for m in ('fid', 'fd_dinov2') for s in STDS}
-    stats = {'loss', 'lr', 'sec_per_kimg', 'nonfinite', 'cpu_mem_gb', 'gpu_mem_gb', 'watch_share'}
+    stats = {'loss', 'lr', 'grad_norm', 'sec_per_kimg', 'images_per_s', 'nonfinite', 'cpu_mem_gb', 'gpu_mem_gb',
+             'watch_share'}
     assert tags['images'] == ['grid'] and metrics | stats <= set(tags['scalars'])
     assert all(t in metrics | stats or t.startswith('loss_sigma/') for t in tags['scalars'])  # empty buckets: none
     pairs = _raw_events(run)
