@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from edm2.checkpoint import save_network
-from edm2.commands import generate_images
+from edm2.commands import generate_images, train_edm2
 from edm2.encoders import StandardRGBEncoder
 from edm2.metrics import detectors as det_lib
 from edm2.metrics.reference import save_reference
@@ -26,9 +26,11 @@ from edm2.phema import PowerFunctionEMA
 from edm2.sweep import run as sweep_lib
 from edm2.sweep import source as sweep_source
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
 # ------------------------------------------------------------------------------------------------
 # Tiny networks for generate_images.py (conftest.nets writes them).
-
 
 def tiny_conditional_net(seed, **overrides):
     """A tiny conditional (4 classes) 8x8 RGB network whose output depends on its input (out_gain 1)."""
@@ -308,3 +310,18 @@ def make_shapes(root, n=96, res=8, seed=0):
         labels.append([name, c])
     (root / 'dataset.json').write_text(json.dumps({'labels': labels}))
     return root
+
+
+def net_args(channels=8):
+    return ['--channels', channels, '--channel-mult', '1,2', '--num-blocks', '1', '--attn-res', '',
+            '--decay', '0', '--rampup', '0', '--device', 'cpu']
+
+
+def train_inprocess(*args):
+    r = CliRunner().invoke(train_edm2.main, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def subprocess_env():
+    return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(REPO))

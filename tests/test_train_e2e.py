@@ -2,7 +2,6 @@
 equivalence, and learning on a synthetic coloured-shapes dataset."""
 
 import json
-import os
 import pathlib
 import random
 import signal
@@ -12,14 +11,11 @@ import time
 
 import numpy as np
 import pytest
-from helpers import make_shapes
+from helpers import REPO, make_shapes, net_args, subprocess_env, train_inprocess
 import torch
-from click.testing import CliRunner
 
-from edm2.commands import train_edm2
 
 pytestmark = pytest.mark.slow
-REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture
 def one_thread():
     """Runs compared bit for bit must use the same thread count (CPU reductions depend on it)."""
@@ -27,21 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def net_args(channels=8):
-    return ['--channels', channels, '--channel-mult', '1,2', '--num-blocks', '1', '--attn-res', '',
-            '--decay', '0', '--rampup', '0', '--device', 'cpu']
-
-
-def train_inprocess(*args):
-    r = CliRunner().invoke(train_edm2.main, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return r.output
-
-
-def subprocess_env():
-    return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(REPO))
 
 
 def load_state(run):

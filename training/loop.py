@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 import traceback
 
@@ -35,7 +36,9 @@ from edm2.fileio import NoSpaceError, reporting_full_disk
 from edm2.networks import build_network
 from edm2.run_lock import FolderInUseError, hold_run_folder
 from edm2.phema import PowerFunctionEMA
+from . import loss_buckets
 from . import state as run_state
+from . import watching
 from .loss import EDM2Loss
 from .optimizer import adam, learning_rate
 from .options import TrainingError, check_snapshot_names, format_nimg, prepare, settings
@@ -157,7 +160,9 @@ class _Session:
         self.encoder = encoders.StabilityVAEEncoder() if prep.dataset.is_latent else encoders.StandardRGBEncoder()
         self.cur_nimg, self.snapshot_nimgs = 0, []
         self.checked_nimg = 0  # image count at the last check of the loss
-        self.stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, element count, non-finite
+        # loss sum, element count, non-finite count, gradient-norm sum, steps, then the per-σ bucket sums
+        self.stats = torch.cat([torch.zeros(5, dtype=torch.float64, device=device), loss_buckets.new_sums(device)])
+        self.watch = None  # grids, metrics and loggers (training.watching), when asked for
         self.noise_gen = torch.Generator(device=device)
         self.stop = StopFlag()
         if device.type == 'cuda':
@@ -202,6 +207,9 @@ class _Session:
                 self.log(f'Nothing to do: the run in {self.opts.outdir} is already at {self.cur_nimg} images '
                          f'>= --duration {self.opts.duration}')
                 return dict(cur_nimg=self.cur_nimg, stopped=False)
+            if watching.wanted(self.opts):
+                self.watch = watching.Watch(self.opts, dict(dataclasses.asdict(self.opts), **self.record),
+                                            self.cur_nimg, self.net, self.encoder, self.device, self.log)
             with runtime.running(self.run_settings()):
                 return self._steps(step_callback)
         except Exception as e:
@@ -211,6 +219,8 @@ class _Session:
                     self.log(f'Error: {error}', console=False)
             raise error from None
         finally:
+            if self.watch is not None:
+                self.watch.close()
             self.stop.restore()
             self.log.close()
 
@@ -254,10 +264,14 @@ class _Session:
             ddp = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device] if self.device.type == 'cuda' else None)
         tick = (self.cur_nimg, time.time(), time.time())  # status interval start: images, time; session start
+        interactive = dist.is_main() and sys.stderr.isatty()  # log.txt and pipes get the status lines only
         bar = tqdm(total=opts.duration, initial=self.cur_nimg, unit='img', unit_scale=True, desc='train',
-                   dynamic_ncols=True, mininterval=1.0) if dist.is_main() else None
+                   dynamic_ncols=True, mininterval=1.0) if interactive else None
         self.log.bar = bar
         self.stop.install()
+        if self.watch is not None:
+            self.watch.at_start(self.cur_nimg, self.ema)
+            tick = (tick[0], time.time(), tick[2])
         data_iter = iter(self._loader())
         first, stopped = True, False
         try:
@@ -318,8 +332,11 @@ class _Session:
             with contextlib.nullcontext() if last else ddp.no_sync():
                 loss = self.loss_fn(ddp, images, labels, rnd_normal=rnd_normal[rows], eps=eps[rows])
                 loss.sum().mul(opts.ls / (batch // world)).backward()
-            self.stats[0] += loss.detach().sum().to(torch.float64)
+            image_losses = loss.detach().flatten(1).mean(1).to(torch.float64)
+            self.stats[0] += image_losses.sum() * loss[0].numel()
             self.stats[1] += loss.numel()
+            log_sigma = self.loss_fn.P_mean + self.loss_fn.P_std * rnd_normal[rows]
+            loss_buckets.add(self.stats[5:], image_losses, log_sigma)
         self._apply_gradients()
         self.cur_nimg += batch
         if self.ema is not None:
@@ -331,10 +348,14 @@ class _Session:
         if self.opts.ls != 1:
             torch._foreach_mul_(grads, 1 / self.opts.ls)
         # Non-finite gradient elements are replaced by zero and counted; the fast check is one fused norm.
-        if not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+        norms = torch.stack(torch._foreach_norm(grads))
+        if not bool(norms.isfinite().all()):
             for g in grads:
                 self.stats[2] += (~g.isfinite()).sum()
                 torch.nan_to_num_(g, nan=0, posinf=0, neginf=0)
+            norms = torch.stack(torch._foreach_norm(grads))
+        self.stats[3] += norms.double().square().sum().sqrt()  # the norm of the whole gradient, as applied
+        self.stats[4] += 1
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -357,7 +378,8 @@ class _Session:
 
         status, snapshot, checkpoint = crossed(opts.status), crossed(opts.snapshot), crossed(opts.checkpoint)
         final = done or stopped
-        if not (first or final or status or snapshot or checkpoint):
+        watch = self.watch is not None and self.watch.due(prev_nimg, cur)
+        if not (first or final or status or snapshot or checkpoint or watch):
             return tick
         self._check_loss_finite()
         if first and dist.is_main():  # settings are recorded once they have produced a successful step
@@ -366,6 +388,8 @@ class _Session:
             tick = self._report(lr, tick)
         if snapshot or done:
             self._save_snapshots()
+        if watch:  # before the checkpoint: a kill during it repeats it after resuming
+            tick = (tick[0], tick[1] + self.watch.after_step(prev_nimg, cur, self.ema), tick[2])
         if checkpoint or final:
             if dist.is_main():
                 run_state.save_state(opts.outdir, cur, self.net, self.optimizer, self.ema, self.record,
@@ -393,7 +417,8 @@ class _Session:
         gpu_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
         rec = dict(kimg=cur / 1000, nimg=cur, time=now - tick[2], sec_per_kimg=sec_per_kimg, loss=loss, lr=lr,
                    nonfinite=int(self.stats[2]), cpu_mem_gb=psutil.Process().memory_info().rss / 2 ** 30,
-                   gpu_mem_gb=gpu_mem)
+                   gpu_mem_gb=gpu_mem, grad_norm=float(self.stats[3] / max(float(self.stats[4]), 1)),
+                   images_per_s=1000 / max(sec_per_kimg, 1e-9), **loss_buckets.record(self.stats[5:]))
         self.log(f'kimg {rec["kimg"]:<9.3f} time {_format_time(rec["time"]):<8s} sec/kimg {sec_per_kimg:<8.3f} '
                  f'loss {loss:<8.4f} lr {lr:<9.3g} nonfinite {rec["nonfinite"]:<4d} '
                  f'cpumem {rec["cpu_mem_gb"]:<6.2f} gpumem {gpu_mem:.2f}')
@@ -401,6 +426,8 @@ class _Session:
             path = os.path.join(self.opts.outdir, 'stats.jsonl')
             with reporting_full_disk(path), open(path, 'a', encoding='utf-8') as f:
                 f.write(json.dumps(rec) + '\n')  # a line cut short is dropped on resume
+            if self.watch is not None:
+                self.watch.status(rec)
         self.stats.zero_()
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)

@@ -50,15 +50,20 @@ FLOAT_RANGES = {
     'P_mean': (-10, 10, False, False),     # mean of ln(sigma)
     'P_std': (0, 5, True, False),          # standard deviation of ln(sigma)
     'ls': (0, 1e6, True, False),           # loss scaling
+    'grid_guidance': (0, 100, False, False),  # guidance weight w of the grid's autoguided rows
 }
 INT_RANGES = {
     'channels': (1, 4096), 'num_blocks': (1, 64), 'channel_mult': (1, 64), 'attn_res': (1, 1 << 16),
     'workers': (0, 256), 'seed': (0, (1 << 63) - 1),
+    'grid_steps': (1, 10000), 'eval_steps': (1, 10000), 'eval_num': (2, 10 ** 8), 'eval_batch': (1, 1 << 16),
 }
 NIMG_RANGES = {
     'duration': (1, MAX_NIMG), 'batch': (1, 1 << 24), 'batch_gpu': (1, 1 << 24), 'rampup': (0, MAX_NIMG),
     'status': (0, MAX_NIMG), 'snapshot': (0, MAX_NIMG), 'checkpoint': (0, MAX_NIMG),
+    'grid': (0, MAX_NIMG), 'eval': (0, MAX_NIMG),
 }
+LOGGERS = ('tensorboard', 'wandb')
+MAX_GRID_SEEDS = 1024
 MAX_LEVELS = 16          # U-Net levels (entries of --channel-mult)
 MAX_PARAMS = 4 * 10 ** 9  # parameters; EDM2-XXL has 1.5 billion
 MAX_SNAPSHOTS = 10 ** 6   # snapshot times in one run
@@ -87,6 +92,12 @@ def format_nimg(n):
         if n and n % _NIMG_UNITS[unit] == 0:
             return f'{n // _NIMG_UNITS[unit]}{unit}'
     return str(n)
+
+
+def _names(value):
+    """'a,b' or ['a', 'b'] -> ['a', 'b'] (order kept, duplicates dropped)."""
+    items = value.split(',') if isinstance(value, str) else value
+    return list(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
 
 
 def _check(cond, message):
@@ -127,6 +138,25 @@ class TrainingOptions:
     workers: int = 2
     snapshot_dtype: str = 'fp16'
     network: dict = dataclasses.field(default_factory=dict)  # overrides of configs/networks.toml [unet]
+    # Watching the run (all off by default; see training.watching): sample grids, metrics, loggers.
+    grid: int = 0                       # images between sample grids (0 = none)
+    grid_seeds: list = dataclasses.field(default_factory=lambda: list(range(8)))
+    grid_steps: int = 32
+    grid_gnet: str | None = None        # guide of the autoguided rows: a snapshot file or a run folder
+    grid_guidance: float = 2.0
+    eval: int = 0                       # images between evaluations (0 = none); a multiple of --snapshot
+    eval_ref: str | None = None
+    eval_metrics: list = dataclasses.field(default_factory=lambda: ['fid'])
+    eval_num: int = 5000
+    eval_steps: int = 32
+    eval_stds: list | None = None       # EMA lengths evaluated; default: the tracked ones
+    eval_batch: int = 32
+    inception_weights: str | None = None
+    dinov2_weights: str | None = None
+    logger: list = dataclasses.field(default_factory=list)  # 'tensorboard', 'wandb'
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+    wandb_group: str | None = None
 
     def __post_init__(self):
         for name in NIMG_RANGES:
@@ -142,6 +172,10 @@ class TrainingOptions:
         self.data = os.path.abspath(str(self.data))
         self.ema_stds = [float(s) for s in self.ema_stds]
         self.network = dict(self.network or {})
+        self.grid_seeds = [int(v) for v in self.grid_seeds]
+        self.eval_metrics = _names(self.eval_metrics)  # a list, or a string like 'fid,fd_dinov2'
+        self.eval_stds = None if self.eval_stds is None else [float(s) for s in self.eval_stds]
+        self.logger = _names(self.logger)
         if float(self.decay).is_integer():
             self.decay = int(self.decay)
 
@@ -150,7 +184,8 @@ class TrainingOptions:
         for name, bounds in FLOAT_RANGES.items():
             error = check_range(float(getattr(self, name)), *bounds)
             _check(error is None, f'{flag(name)}: {error}')
-        ints = {name: getattr(self, name) for name in ('channels', 'workers', 'seed')}
+        ints = {name: getattr(self, name) for name in ('channels', 'workers', 'seed', 'grid_steps', 'eval_steps',
+                                                       'eval_num', 'eval_batch')}
         ints.update({name: value for name, value in self.network.items() if name == 'num_blocks'})
         counts = {name: getattr(self, name) for name in NIMG_RANGES if getattr(self, name) is not None}
         for name, value in [*ints.items(), *counts.items()]:
@@ -168,7 +203,32 @@ class TrainingOptions:
         _check(self.precision_scope in ('cuda', 'all'), "precision_scope must be 'cuda' or 'all'")
         _check(self.snapshot_dtype in ('fp16', 'fp32'), '--snapshot-dtype must be fp16 or fp32')
         self._check_ema_stds()
+        self._check_watching()
 
+    def _check_watching(self):
+        """The flags of grids, metrics and loggers (training.watching), before any work."""
+        _check(0 < len(self.grid_seeds) <= MAX_GRID_SEEDS and all(s >= 0 for s in self.grid_seeds),
+               f'--grid-seeds: needs 1 to {MAX_GRID_SEEDS} non-negative seeds, got {len(self.grid_seeds)}')
+        for name in ('grid', 'eval'):  # grid file names and logger steps count thousands of images
+            value = getattr(self, name)
+            _check(value == 0 or value >= 1000, f'{flag(name)} {value}: must be 0 (off) or at least 1000 images '
+                   f'(grids and logged steps are named by thousands of images)')
+        _check(self.grid_gnet is None or os.path.exists(self.grid_gnet),
+               f'--grid-gnet {self.grid_gnet}: no such file or folder')
+        for name in self.logger:
+            _check(name in LOGGERS, f'--logger {name}: choose from {", ".join(LOGGERS)}')
+        if not self.eval:
+            return
+        _check(self.eval_ref is not None, '--eval needs --eval-ref (reference statistics, see calculate_metrics.py ref)')
+        _check(self.snapshot > 0 and self.eval % self.snapshot == 0,
+               f'--eval {self.eval}: must be a multiple of --snapshot {self.snapshot} (the networks evaluated are '
+               f'the snapshots of that time, and lengths not tracked are reconstructed from them)')
+        for std in self.eval_stds or []:
+            try:
+                std_to_exp(std)
+            except ValueError as e:
+                raise TrainingError(f'--eval-stds: {e}') from None
+        _check(self.eval_stds is None or len(self.eval_stds) > 0, '--eval-stds needs at least one value')
     def _check_ema_stds(self):
         _check(len(self.ema_stds) > 0, '--ema-stds needs at least one value')
         for std in self.ema_stds:

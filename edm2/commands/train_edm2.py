@@ -12,10 +12,11 @@ from edm2 import distributed as dist
 from edm2 import presets
 from edm2.commands.cli import Float, Int, fail, parse_number_list
 from edm2.errors import EDM2Error
+from edm2.metrics import evaluate
 from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 from edm2.training.loop import training_loop
-from edm2.training.options import (FLOAT_RANGES, INT_RANGES, NIMG_RANGES, TrainingError, TrainingOptions,
-                              parse_nimg)
+from edm2.training.options import (FLOAT_RANGES, INT_RANGES, LOGGERS, MAX_GRID_SEEDS, NIMG_RANGES, TrainingError,
+                                  TrainingOptions, parse_nimg)
 
 
 class ImageCount(click.ParamType):
@@ -59,7 +60,30 @@ def _integer_list(field, allow_empty):
 
 
 def _ema_lengths(ctx, param, value):
-    return parse_number_list(value, '--ema-stds', lo=SIGMA_REL_MIN, hi=SIGMA_REL_MAX, hi_open=True)
+    if value is None:
+        return None
+    return parse_number_list(value, param.opts[0], lo=SIGMA_REL_MIN, hi=SIGMA_REL_MAX, hi_open=True)
+
+
+def _seeds(ctx, param, value):
+    """'0-7' or '0,5,9-11' -> a list of seeds (at most MAX_GRID_SEEDS)."""
+    from edm2.commands.generate_images import parse_seeds
+    try:
+        seeds = parse_seeds(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=param.opts[0]) from None
+    if len(seeds) > MAX_GRID_SEEDS:
+        raise click.BadParameter(f'at most {MAX_GRID_SEEDS} seeds, got {len(seeds)}', param_hint=param.opts[0])
+    return list(seeds)
+
+
+def _metric_names(ctx, param, value):
+    names = [s.strip() for s in value.split(',') if s.strip()]
+    allowed = (*evaluate.FD_METRICS, *evaluate.PR_METRICS)
+    bad = [n for n in names if n not in allowed] or ([] if names else [value])
+    if bad:
+        raise click.BadParameter(f'unknown metric {bad[0]!r}; choose from {", ".join(allowed)}', param_hint='--eval-metrics')
+    return list(dict.fromkeys(names))
 
 
 EPILOG = """\b
@@ -75,6 +99,10 @@ Examples:
       --status=16Ki --snapshot=64Ki --checkpoint=64Ki --device=cpu
   # The same on two CPU processes (gloo backend):
   torchrun --standalone --nproc_per_node=2 train_edm2.py --outdir=runs/tiny2 ...
+  # Watching it: a sample grid every 16Ki images, FID of two EMA lengths (0.15 reconstructed
+  # post hoc) every 64Ki, TensorBoard event files in the run folder:
+  python train_edm2.py --outdir=runs/tiny ... --grid=16Ki --eval=64Ki --eval-ref=refs/shapes16.pkl \
+      --eval-num=1000 --eval-stds=0.10,0.15 --logger=tensorboard
 
 \b
 Image counts take the suffixes Ki/Mi/Gi (powers of 1024) or k/M/G (powers of 1000).
@@ -145,9 +173,40 @@ Every number is checked before anything is written; an error is one line naming 
               type=_int('num_blocks'))
 @click.option('--attn-res', help='Resolutions that get self-attention ("" for none) [default: 16,8]',
               metavar='LIST', callback=_integer_list('attn_res', allow_empty=True))
+# Watching the run (training.watching): grids, metrics, loggers. All off by default.
+@click.option('--grid', help='Images between sample grids grid-KIMG.png (0 = none; the first at the start)',
+              metavar='NIMG', type=ImageCount('grid'), default='0', show_default=True)
+@click.option('--grid-seeds', help='Seeds of the grid columns (classes spread over the labels)', metavar='LIST',
+              callback=_seeds, default='0-7', show_default=True)
+@click.option('--grid-steps', help='Heun steps of the grid images', metavar='INT', type=_int('grid_steps'),
+              default=32, show_default=True)
+@click.option('--grid-gnet', help='Guide for a second, autoguided row per EMA length: a snapshot file or a run '
+              "folder (its newest snapshot)", metavar='PATH')
+@click.option('--grid-guidance', help='Guidance weight of the autoguided rows', metavar='FLOAT',
+              type=_float('grid_guidance'), default=2.0, show_default=True)
+@click.option('--eval', 'eval_', help='Images between metric evaluations (0 = none; a multiple of --snapshot)',
+              metavar='NIMG', type=ImageCount('eval'), default='0', show_default=True)
+@click.option('--eval-ref', help='Reference statistics of the metrics (calculate_metrics.py ref)', metavar='PKL|NPZ|URL')
+@click.option('--eval-metrics', help='Metrics: fid, fd_dinov2, precision, recall', metavar='LIST',
+              callback=_metric_names, default='fid', show_default=True)
+@click.option('--eval-num', help='Images generated per EMA length and evaluation (seeds 0..N-1)', metavar='INT',
+              type=_int('eval_num'), default=5000, show_default=True)
+@click.option('--eval-steps', help='Heun steps of the evaluated images', metavar='INT', type=_int('eval_steps'),
+              default=32, show_default=True)
+@click.option('--eval-stds', help='EMA lengths evaluated; untracked ones are reconstructed post hoc  '
+              '[default: --ema-stds]', metavar='LIST', callback=_ema_lengths)
+@click.option('--eval-batch', help='Images per sampling and detector batch per process', metavar='INT',
+              type=_int('eval_batch'), default=32, show_default=True)
+@click.option('--inception-weights', help='Inception-v3 FID weights (as calculate_metrics.py)', metavar='PATH')
+@click.option('--dinov2-weights', help='DINOv2 ViT-L/14 weights (as calculate_metrics.py)', metavar='PATH')
+@click.option('--logger', help='Experiment tracker; repeat for both (extras: tensorboard, wandb)',
+              type=click.Choice(LOGGERS), multiple=True)
+@click.option('--wandb-project', help='W&B project  [default: edm2]', metavar='STR')
+@click.option('--wandb-name', help='W&B run name  [default: the run folder name]', metavar='STR')
+@click.option('--wandb-group', help='W&B group', metavar='STR')
 def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean, P_std, lr, decay, batch_gpu,
          fp16, ls, bench, status, snapshot, checkpoint, seed, dry_run, precision, compile_unet, device, ema_stds,
-         rampup, workers, snapshot_dtype, channel_mult, num_blocks, attn_res):
+         rampup, workers, snapshot_dtype, channel_mult, num_blocks, attn_res, eval_, **watch):
     """Train an EDM2 model, writing power-function EMA snapshots and resumable checkpoints.
 
     Hyper-parameters come from --preset when given, else from the EDM2-S ImageNet-512 recipe
@@ -171,7 +230,7 @@ def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean,
             snapshot=snapshot, checkpoint=checkpoint, seed=seed, device=device, ema_stds=ema_stds, rampup=rampup,
             workers=workers, snapshot_dtype=snapshot_dtype, precision=precision or ('fp16' if fp16 else 'fp32'),
             precision_scope='cuda' if precision is None else 'all', compile=compile_unet,
-            network={k: v for k, v in network.items() if v is not None}, **values)
+            network={k: v for k, v in network.items() if v is not None}, eval=eval_, **watch, **values)
         training_loop(opts, dry_run=dry_run)
     except EDM2Error as e:
         report = e.report if isinstance(e, TrainingError) else 'rank0'
