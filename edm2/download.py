@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from edm2 import distributed
 from edm2.errors import EDM2Error, one_line
-from edm2.fileio import atomic_path, remove_stale_temporaries
+from edm2.fileio import atomic_path, open_temporary, remove_stale_temporaries
 
 __all__ = ['DownloadError', 'cache_root', 'fetch', 'sha256_of', 'is_url']
 
@@ -110,7 +110,7 @@ def _download(url, dest, label) -> str:
     """Stream `url` into the file `dest`; return its hex SHA-256."""
     digest = hashlib.sha256()
     try:
-        with requests.get(url, stream=True, timeout=60) as response, open(dest, 'wb') as f:
+        with requests.get(url, stream=True, timeout=60) as response, open_temporary(dest) as f:
             if response.status_code != 200:
                 raise DownloadError(f'{url}: download failed with HTTP status {response.status_code}')
             total = int(response.headers.get('content-length', 0)) or None

@@ -31,7 +31,7 @@ from edm2 import distributed as dist
 from edm2 import encoders
 from edm2.checkpoint import save_network, snapshot_file_name
 from edm2.errors import one_line
-from edm2.fileio import NoSpaceError, reporting_full_disk
+from edm2.fileio import NoSpaceError, open_append, reporting_full_disk
 from edm2.networks import build_network
 from edm2.run_lock import FolderInUseError, hold_run_folder
 from edm2.phema import PowerFunctionEMA
@@ -49,7 +49,7 @@ class _Logger:
     def __init__(self, path):
         self.path = path
         with reporting_full_disk(path):
-            self.file = open(path, 'a', encoding='utf-8') if dist.is_main() else None
+            self.file = open_append(path) if dist.is_main() else None
         self.bar = None
 
     def __call__(self, msg, console=True):
@@ -385,7 +385,7 @@ class _Session:
                  f'cpumem {rec["cpu_mem_gb"]:<6.2f} gpumem {gpu_mem:.2f}')
         if dist.is_main():
             path = os.path.join(self.opts.outdir, 'stats.jsonl')
-            with reporting_full_disk(path), open(path, 'a', encoding='utf-8') as f:
+            with reporting_full_disk(path), open_append(path) as f:
                 f.write(json.dumps(rec) + '\n')  # a line cut short is dropped on resume
         self.stats.zero_()
         if device.type == 'cuda':

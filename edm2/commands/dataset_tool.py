@@ -127,15 +127,17 @@ class _Destination:
         self.is_zip = self.dest.suffix.lower() == '.zip'
         _check_destination(self.dest)
         self.tmp = fileio.temporary_name(self.dest)
-        self._zip = None
+        self._zip = self._dir = None
+        self._folders = set()
         self._made = [p for p in self.dest.parents if not p.exists()]  # folders to remove again on abort
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             fileio.remove_stale_temporaries(self.dest.parent)
-            if self.is_zip:
+            if self.is_zip:  # mode 'x': O_EXCL, so never through a link planted under the temporary's name
                 self._zip = zipfile.ZipFile(self.tmp, 'x', compression=zipfile.ZIP_STORED)
-            else:
-                os.mkdir(self.tmp)  # mode 0777 less the umask, like every folder below it
+            else:  # private until commit(), and written through its descriptor: nobody can redirect a write
+                os.mkdir(self.tmp, 0o700)
+                self._dir = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             self.abort()
             fail(f'--dest {dest}: cannot write there: {e.strerror or one_line(e)}')
@@ -145,18 +147,28 @@ class _Destination:
             if self.is_zip:
                 self._zip.writestr(name, data)
             else:
-                path = self.tmp / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
+                folder = os.path.dirname(name)
+                if folder and folder not in self._folders:
+                    os.mkdir(folder, dir_fd=self._dir)  # mode 0777 less the umask
+                    self._folders.add(folder)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                             dir_fd=self._dir)
+                with os.fdopen(fd, 'wb') as f:
+                    f.write(data)
 
     def commit(self):
         if self.is_zip:
             with self._full_disk():
                 self._zip.close()
+        else:
+            os.fchmod(self._dir, 0o777 & ~fileio.umask())  # the permissions of a plain mkdir
         try:
             os.replace(self.tmp, self.dest)
         except OSError as e:
             fail(f'--dest {self.dest}: cannot move the finished output into place: {e.strerror or one_line(e)}')
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
 
     @contextlib.contextmanager
     def _full_disk(self):
@@ -173,7 +185,10 @@ class _Destination:
                 self._zip.close()
             except (OSError, ValueError):
                 pass
-        if self.tmp.is_dir():
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
+        if self.tmp.is_dir() and not self.tmp.is_symlink():
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
             self.tmp.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ import torch
 from edm2 import distributed
 from edm2.download import local_file
 from edm2.errors import EDM2Error, one_line
-from edm2.fileio import atomic_path, temporary_name
+from edm2.fileio import atomic_path, create_new, open_temporary, temporary_name
 
 IMAGES, LABELS = 'arr_0', 'arr_1'
 STAT_KEYS = {'fid': ('mu', 'sigma'), 'sfid': ('mu_s', 'sigma_s')}
@@ -135,7 +135,8 @@ class _NpzStream:
     """Members of an uncompressed .npz written one after another; arrays may be streamed in row chunks."""
 
     def __init__(self, path):
-        self.zip = zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._file = open_temporary(path)  # never through a link put in the temporary's place
+        self.zip = zipfile.ZipFile(self._file, 'w', compression=zipfile.ZIP_STORED, allowZip64=True)
 
     def begin(self, key, shape, dtype):
         f = self.zip.open(key + '.npy', 'w', force_zip64=True)
@@ -153,7 +154,10 @@ class _NpzStream:
             f.write(array.tobytes())
 
     def close(self):
-        self.zip.close()
+        try:
+            self.zip.close()
+        finally:
+            self._file.close()
 
 
 class NpzImageWriter:
@@ -235,7 +239,7 @@ class SampleBatchSink:
                 self._writer.__enter__()
             else:
                 self._raw_path = str(temporary_name(self.path))
-                self._raw = open(self._raw_path, 'wb')
+                self._raw = create_new(self._raw_path)
         if self._writer is not None:
             if [int(s) for s in seeds] != self.seeds[len(self._seen):len(self._seen) + len(seeds)]:
                 raise ValueError('a single process must generate the seeds in order')

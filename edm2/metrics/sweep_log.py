@@ -7,7 +7,7 @@ import os
 
 from edm2 import distributed
 from edm2.errors import EDM2Error
-from edm2.fileio import atomic_write, atomic_write_text, reporting_full_disk
+from edm2.fileio import atomic_write, atomic_write_text, open_append, reporting_full_disk
 
 from .sweep_axes import LEGACY_FIXED, interval_spec
 
@@ -70,7 +70,7 @@ class CellLog:
     def append(self, record):
         self.cells[record_key(record, self.defaults)] = record
         if distributed.is_main():
-            with reporting_full_disk(self.path), open(self.path, 'a') as f:  # a line cut short is dropped on resume
+            with reporting_full_disk(self.path), open_append(self.path) as f:  # a line cut short is dropped on resume
                 f.write(json.dumps(record) + '\n')
                 f.flush()
                 os.fsync(f.fileno())
