@@ -17,7 +17,6 @@
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -35,6 +34,7 @@ from edm2.fileio import NoSpaceError, open_append, reporting_full_disk
 from edm2.networks import build_network
 from edm2.run_lock import FolderInUseError, hold_run_folder
 from edm2.phema import PowerFunctionEMA
+from edm2 import jsontext
 from . import state as run_state
 from .loss import EDM2Loss
 from .optimizer import adam, learning_rate
@@ -95,7 +95,7 @@ def training_loop(opts, dry_run=False, step_callback=None):
     try:
         record = settings(opts, prep.net_kwargs)
         if dry_run:
-            dist.print0(json.dumps(dict(dataclasses.asdict(opts), batch_gpu=prep.batch_gpu,
+            dist.print0(jsontext.dumps(dict(dataclasses.asdict(opts), batch_gpu=prep.batch_gpu,
                                         network_kwargs=prep.net_kwargs, parameters=prep.num_params,
                                         dataset_size=len(prep.dataset)), indent=2))
             return dict(dry_run=True, parameters=prep.num_params)
@@ -386,7 +386,7 @@ class _Session:
         if dist.is_main():
             path = os.path.join(self.opts.outdir, 'stats.jsonl')
             with reporting_full_disk(path), open_append(path) as f:
-                f.write(json.dumps(rec) + '\n')  # a line cut short is dropped on resume
+                f.write(jsontext.dumps(rec) + '\n')  # a line cut short is dropped on resume
         self.stats.zero_()
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)

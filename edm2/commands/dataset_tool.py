@@ -12,7 +12,6 @@ are removed when the next run starts. Files get the permissions the umask allows
 
 import contextlib
 import io
-import json
 import os
 import pathlib
 import shutil
@@ -29,6 +28,7 @@ from edm2.dataset_convert import converted, dataset_images
 from edm2.dataset_transforms import TRANSFORMS
 from edm2.errors import EDM2Error, one_line
 from edm2.worker_pool import usable_cores
+from edm2 import jsontext
 
 MAX_RESOLUTION = 8192  # output side; a typo such as 51200x51200 would otherwise try to allocate gigabytes
 
@@ -204,7 +204,7 @@ def _archive_name(idx, stem='img', ext='png'):
 
 
 def _write_labels(out, labels):
-    out.write('dataset.json', json.dumps({'labels': labels}).encode())
+    out.write('dataset.json', jsontext.dumps({'labels': labels}).encode())
 
 
 # ----------------------------------------------------------------------------------------------

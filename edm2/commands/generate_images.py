@@ -6,7 +6,6 @@ the published release writes for those seeds. Runs on CPU, one GPU, or `torchrun
 generate_images.py ...` (the seeds are split over the processes as the published tool splits them).
 """
 
-import json
 import math
 import os
 import re
@@ -20,6 +19,7 @@ from edm2 import distributed, generation, sampling
 from edm2.commands import cli, guidance_setup
 from edm2.fileio import atomic_write, atomic_write_text
 from edm2.metrics.adm_npz import SampleBatchSink
+from edm2 import jsontext
 
 EXAMPLES = """
 \b
@@ -310,7 +310,7 @@ def _write_labels(path, labels, subdirs):
         return
     rows = sorted(row for part in parts for row in part)
     entries = [[image_path('', seed, subdirs).replace(os.sep, '/'), label] for _, seed, label in rows]
-    atomic_write_text(path, json.dumps({'labels': entries}))
+    atomic_write_text(path, jsontext.dumps({'labels': entries}))
     print(f'Wrote the classes of {len(entries)} images to "{path}"')
 
 

@@ -30,6 +30,7 @@ import sys
 import time
 
 import click
+import torch
 
 from edm2 import toy
 from edm2.commands.cli import Float, Group, Int, check_file_name, check_output, fail, parse_number_list
@@ -41,6 +42,7 @@ from edm2.guidance_rules import Lerp
 from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 from edm2.toy.figure import draw_figure, draw_rules_figure, pyplot
 from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
+from edm2 import jsontext
 
 MODEL_FILES = {'net': 'main', 'autoguide': 'autoguide', 'cfg_guide': 'cfg-guide'}
 # Guidance weights of the paper's Figure 1 (autoguidance, CFG, naive truncation).
@@ -145,10 +147,21 @@ def format_table(results, weights):
     return '\n'.join(lines)
 
 
+def check_finite(samples, what):
+    """Refuse, in one line, samples that are not all finite (a rule or weight that makes sampling diverge):
+    their metrics would be meaningless (100% outliers, NaN likelihoods)."""
+    for name, x in samples.items():
+        bad = int((~torch.isfinite(x).all(dim=-1)).sum())
+        if bad:
+            fail(f'{what} {name}: {bad} of {len(x)} samples are not finite (sampling diverged); lower the '
+                 f'guidance weight or choose another rule')
+
+
 def run_eval(models, num, seed, steps, weights, device, rule=None):
     samples = toy.sample_methods(models['net'], models['autoguide'], models['cfg_guide'], num=num, seed=seed,
                                  ag_weight=weights['ag'], cfg_weight=weights['cfg'], trunc_weight=weights['trunc'],
                                  num_steps=steps, device=device, rule=rule)
+    check_finite(samples, f'weights {", ".join(f"{k}={v:g}" for k, v in weights.items())}, method')
     mixture = toy.gt('A')
     level = toy.outlier_level(mixture)
     results = {name: toy.evaluate(x, mixture, level) for name, x in samples.items()}
@@ -157,7 +170,7 @@ def run_eval(models, num, seed, steps, weights, device, rule=None):
 
 def write_json(path, results, level, settings, **extra):
     data = dict(settings=settings, outlier_logp_level=level, results=results, **extra)
-    atomic_write_text(path, json.dumps(data, indent=2) + '\n')
+    atomic_write_text(path, jsontext.dumps(data, f'{path}', indent=2) + '\n')
 
 
 IDEAL_LABEL = (f'idealised models: ground truth blurred by {toy.IDEAL_MAIN_BLUR:g} (main), '
@@ -463,6 +476,7 @@ def rules_rows(trained, release, ideal, rules, weight, num, seed, steps, device)
     for label, models in sets:
         samples = toy.sample_rules(models['net'], models['autoguide'], rules, w=weight, num=num, seed=seed,
                                    num_steps=steps, device=device)
+        check_finite(samples, f'{label}, --ag-weight {weight:g}, --guidance-rule')
         rows.append((label, samples, {spec: toy.evaluate(x, mixture, level) for spec, x in samples.items()}))
     return rows, level
 
