@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edm2 import fileio
-from edm2.commands.cli import Group, Int, fail, memory_error, path_problem
+from edm2.commands.cli import Group, Int, check_memory, fail, memory_error, path_problem
 from edm2.data import IMAGE_EXTENSIONS, DatasetError, FileTree, ImageFolderDataset, read_labels
 from edm2.dataset_convert import converted, dataset_images
 from edm2.dataset_transforms import TRANSFORMS
@@ -64,11 +64,11 @@ class _Source:
 
 
 # Memory (lower estimates) per output pixel while an image is converted (source, scaled and encoded copies, RGB
-# bytes and float32 resampling), per listed image (its name and label in dataset.json), and per image of a
-# VAE batch (a 256x256 RGB image in float32 and the encoder's first 128-channel activation at that size).
+# bytes and float32 resampling), and per pixel of an image of a VAE batch (RGB in float32 and the encoder's
+# first 128-channel activation). --max-images costs nothing of its own (the source's names are listed
+# anyway); a VAE batch is checked once the source's resolution is known, for the images it will hold.
 PIXEL_BYTES = 3 * 4 * 3
-LABEL_BYTES = 256
-VAE_IMAGE_BYTES = 256 * 256 * (3 + 128) * 4
+VAE_PIXEL_BYTES = (3 + 128) * 4
 
 
 class Resolution(click.ParamType):
@@ -276,7 +276,7 @@ def _workers_option(what):
 @click.option('--dest', help='Dataset to create: a folder, or a .zip (stored uncompressed)', metavar='PATH',
               required=True)
 @click.option('--max-images', help='Convert at most this many images', metavar='INT',
-              type=Int(1, item_bytes=LABEL_BYTES, item='image'))
+              type=Int(1))
 @click.option('--transform', help='How images are cropped and scaled to --resolution',
               type=click.Choice(sorted(TRANSFORMS)))
 @click.option('--resolution', help='Output size, width x height (e.g. 64x64)', metavar='WxH', type=Resolution())
@@ -361,9 +361,9 @@ def _encode_images(vae, ds, labels_all, out, count, batch, device, workers):
 @click.option('--dest', help='Latent dataset to create: a folder, or a .zip (stored uncompressed)', metavar='PATH',
               required=True)
 @click.option('--max-images', help='Encode at most this many images', metavar='INT',
-              type=Int(1, item_bytes=LABEL_BYTES, item='image'))
+              type=Int(1))
 @click.option('--batch', help='Images the VAE encodes at once', metavar='INT', default=8, show_default=True,
-              type=Int(1, 65536, item_bytes=VAE_IMAGE_BYTES, item='image'))
+              type=Int(1, 65536))
 @click.option('--device', help='Where the VAE runs (default: CUDA when present, else the CPU)', metavar='STR')
 @_workers_option('decode the PNGs while the VAE encodes')
 def encode(model_url, source, dest, max_images, batch, device, workers):
@@ -377,6 +377,7 @@ def encode(model_url, source, dest, max_images, batch, device, workers):
     from edm2 import distributed  # imports torch
     ds, labels_all = _open_pixel_dataset(source)
     count = min(len(ds.names), max_images or len(ds.names))
+    check_memory('--batch', min(batch, count), VAE_PIXEL_BYTES * ds.resolution ** 2, 'image')
     try:
         dev = distributed.default_device(device)
         from edm2.encoders import StabilityVAEEncoder

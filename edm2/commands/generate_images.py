@@ -18,6 +18,7 @@ import torch
 from edm2 import distributed, generation, sampling
 from edm2.commands import cli, guidance_setup
 from edm2.fileio import atomic_write, atomic_write_text
+from edm2.limits import SEED_MAX
 from edm2.metrics.adm_npz import SampleBatchSink
 from edm2 import jsontext
 
@@ -82,7 +83,11 @@ def parse_seeds(text) -> generation.SeedRanges:
         last = int(m[2]) if m[2] is not None else first
         if last < first:
             raise ValueError(f'empty range {part.strip()!r} (end before start)')
+        if last > SEED_MAX:
+            raise ValueError(f'seed {last} in {part.strip()!r} is too large; seeds lie in [0, {SEED_MAX}]')
         ranges.append(range(first, last + 1))
+    if sum((r.stop - r.start for r in ranges)) > SEED_MAX:  # len() of a longer list overflows
+        raise ValueError(f'{text!r} holds more than {SEED_MAX} seeds')
     return generation.SeedRanges(ranges)
 
 
