@@ -64,6 +64,8 @@ def local_file(path_or_url, error=DownloadError, what='file') -> str:
             raise error(f'cannot fetch {what} {text}: {one_line(e)}') from None
     if not os.path.isfile(text):
         raise error(f'{what} not found: {text}')
+    if os.path.getsize(text) == 0:
+        raise error(f'{what} {text}: empty file (0 bytes), e.g. left by an interrupted copy or download')
     return text
 
 

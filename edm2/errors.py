@@ -17,3 +17,12 @@ def one_line(error) -> str:
     if not text:
         return type(error).__name__ if isinstance(error, BaseException) else 'error'
     return text.splitlines()[-1].strip()
+
+
+def numpy_reason(error):
+    """Why numpy could not read an .npy/.npz file, in a few words of ours: never its advice to load the file
+    'unsafely' with allow_pickle (that would run code from the file)."""
+    text = one_line(error)
+    if 'pickle' in text.lower():
+        return 'not a valid .npz file (damaged, or it holds pickled Python objects, which are never loaded)'
+    return text

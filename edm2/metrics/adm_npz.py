@@ -28,7 +28,7 @@ import torch
 
 from edm2 import distributed
 from edm2.download import local_file
-from edm2.errors import EDM2Error, one_line
+from edm2.errors import EDM2Error, numpy_reason, one_line
 from edm2.fileio import atomic_path, create_new, open_temporary, temporary_name
 
 IMAGES, LABELS = 'arr_0', 'arr_1'
@@ -45,10 +45,16 @@ class AdmBatch:
     def __init__(self, path_or_url):
         self.path = local_file(path_or_url, AdmFileError, 'ADM batch file')
         try:
+            with open(self.path, 'rb') as f:
+                signature = f.read(4)
+            if signature != b'PK\x03\x04':  # numpy would try it as a pickle, and advise loading it "unsafely"
+                raise AdmFileError(f'{self.path} is not a valid .npz file (it does not start as a ZIP archive does)')
             with np.load(self.path, allow_pickle=False) as z:
                 self.keys = list(z.files)
+        except AdmFileError:
+            raise
         except Exception as e:
-            raise AdmFileError(f'{self.path} is not a NumPy .npz file: {one_line(e)}') from None
+            raise AdmFileError(f'{self.path} is not a valid .npz file: {numpy_reason(e)}') from None
         self.image_shape = self._image_header() if IMAGES in self.keys else None
 
     def error(self, key, what) -> AdmFileError:
@@ -61,8 +67,8 @@ class AdmBatch:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 a = z[key]
-        except Exception as e:  # object arrays: "Object arrays cannot be loaded when allow_pickle=False"
-            raise self.error(key, f'cannot be read: {one_line(e)}') from None
+        except Exception as e:  # object arrays: numpy's text suggests allow_pickle, which we never give
+            raise self.error(key, f'cannot be read: {numpy_reason(e)}') from None
         if ndim is not None and a.ndim != ndim:
             raise self.error(key, f'has shape {list(a.shape)}; expected {ndim} dimensions')
         if dtype_kind is not None and a.dtype.kind not in dtype_kind:
