@@ -22,12 +22,12 @@ import numpy as np
 from tqdm import tqdm
 
 from edm2 import fileio
-from edm2.commands.cli import Group, Int, check_memory, fail, memory_error, path_problem
+from edm2.commands.cli import Group, Int, check_memory, fail, memory_error, one_line_errors, path_problem
 from edm2.data import IMAGE_EXTENSIONS, DatasetError, FileTree, ImageFolderDataset, read_labels
 from edm2.dataset_convert import converted, dataset_images
 from edm2.dataset_transforms import TRANSFORMS
 from edm2.errors import EDM2Error, one_line
-from edm2.worker_pool import usable_cores
+from edm2.worker_pool import CHUNK, MAX_WORKERS_PER_CORE, WORKER_BYTES, usable_cores, worker_count
 from edm2 import jsontext
 
 MAX_RESOLUTION = 8192  # output side; a typo such as 51200x51200 would otherwise try to allocate gigabytes
@@ -268,7 +268,16 @@ def _convert_images(src, out, transform, size, max_images, skip_bad, workers):
 
 def _workers_option(what):
     return click.option('--workers', help=f'Processes that {what} (default: the usable CPU cores; 1: this '
-                        f'process only)', metavar='INT', type=Int(1, 1024), default=usable_cores)
+                        f'process only). At most {MAX_WORKERS_PER_CORE} per usable core and one per '
+                        f'{CHUNK} images are started', metavar='INT', type=Int(1, 1024), default=usable_cores)
+
+
+def _started_workers(workers, items):
+    """The workers worth starting for `items` images (`worker_count`), their memory checked."""
+    count = worker_count(workers, items)
+    if count > 1:
+        check_memory('--workers', count, WORKER_BYTES, 'worker process')
+    return count
 
 
 @cli.command()
@@ -282,6 +291,7 @@ def _workers_option(what):
 @click.option('--resolution', help='Output size, width x height (e.g. 64x64)', metavar='WxH', type=Resolution())
 @click.option('--skip-bad', help='Count and skip images that cannot be decoded instead of stopping', is_flag=True)
 @_workers_option('decode, crop, scale and encode the images; the output is the same for any number')
+@one_line_errors
 def convert(source, dest, max_images, transform, resolution, skip_bad, workers):
     """Make a dataset of square, power-of-two PNGs and dataset.json from a folder or ZIP of images.
 
@@ -299,6 +309,7 @@ def convert(source, dest, max_images, transform, resolution, skip_bad, workers):
     out = _Destination(dest)  # checks --dest before the source is listed
     try:
         src = _Source(source)
+        workers = _started_workers(workers, len(src.names))
         count, shape, labels, skipped = _convert_images(src, out, transform, size, max_images, skip_bad, workers)
         if count == 0:
             fail(f'--source {source}: no image could be converted')
@@ -366,6 +377,7 @@ def _encode_images(vae, ds, labels_all, out, count, batch, device, workers):
               type=Int(1, 65536))
 @click.option('--device', help='Where the VAE runs (default: CUDA when present, else the CPU)', metavar='STR')
 @_workers_option('decode the PNGs while the VAE encodes')
+@one_line_errors
 def encode(model_url, source, dest, max_images, batch, device, workers):
     """Encode a PNG dataset into raw Stability VAE latents: 8 channels, posterior mean then std.
 
@@ -378,6 +390,7 @@ def encode(model_url, source, dest, max_images, batch, device, workers):
     ds, labels_all = _open_pixel_dataset(source)
     count = min(len(ds.names), max_images or len(ds.names))
     check_memory('--batch', min(batch, count), VAE_PIXEL_BYTES * ds.resolution ** 2, 'image')
+    workers = _started_workers(workers, count)
     try:
         dev = distributed.default_device(device)
         from edm2.encoders import StabilityVAEEncoder
