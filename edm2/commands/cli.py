@@ -11,8 +11,10 @@ be allocated (`check_memory`). Both compare with the memory available (`edm2.lim
 which honours a cgroup limit), so a value whose cost does not depend on it is never refused.
 """
 
+import contextlib
 import functools
 import os
+import sys
 from decimal import Decimal, InvalidOperation
 
 import click
@@ -36,6 +38,16 @@ def fail_once(error, prefix=None):
     if int(os.environ.get('RANK', 0)) == 0:
         fail(error, prefix)
     raise SystemExit(1)
+
+
+def report_rank_error(error):
+    """Print this torchrun process's one-line error at once, on a line of its own: before the process group is
+    shut down (which may wait for, or be killed with, the other ranks, and the line would be lost) and after
+    a newline, since rank 0's progress bar may be mid-line on the same console. The caller exits with 1."""
+    rank = int(os.environ.get('RANK', 0))
+    click.echo(f'{chr(10) if rank != 0 else ""}Error: {one_line(error)}', err=True)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
 
 
 def one_line_errors(command):
