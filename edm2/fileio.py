@@ -79,44 +79,45 @@ def temporary_name(path) -> pathlib.Path:
     return path.with_name(f'.{name}{suffix}')
 
 
-_NEW = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+def opener(extra, dir_fd=None):
+    """An `opener` for the built-in `open` that adds the flags `extra` (e.g. O_NOFOLLOW), optionally relative
+    to the folder descriptor `dir_fd`. Files are opened through `open`, never os.fdopen, so that every
+    writer can be watched the same way (the tests' full-disk simulation patches `open`)."""
+    return lambda path, flags: os.open(path, flags | extra | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
 
 
-def create_new(path, mode='wb'):
+def create_new(path, mode='wb', dir_fd=None):
     """Open a new file `path` for writing; fails (FileExistsError) when anything exists there, a symbolic
     link included, so that nothing is written through a link planted by someone else."""
-    fd = os.open(path, os.O_WRONLY | _NEW, 0o666)
-    return os.fdopen(fd, mode)
+    return open(path, mode, opener=opener(os.O_EXCL | os.O_NOFOLLOW, dir_fd))
 
 
 def open_append(path, encoding='utf-8'):
     """Open the text file `path` for appending (created when missing), refusing a symbolic link or anything
     but a regular file there (UnsafePathError): logs kept in an output folder others may write into."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     0o666)
+        f = open(path, 'a', encoding=encoding, opener=opener(os.O_NOFOLLOW | os.O_NONBLOCK))
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafePathError(f'{path}: is a symbolic link; refusing to write through it') from None
         if e.errno == errno.ENXIO:  # a FIFO without a reader
             raise UnsafePathError(f'{path}: is not a regular file; refusing to write to it') from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
         raise UnsafePathError(f'{path}: is not a regular file; refusing to write to it')
-    return os.fdopen(fd, 'a', encoding=encoding)
+    return f
 
 
 def open_temporary(tmp, mode='wb'):
     """Open the temporary yielded by `atomic_path` for writing (truncated), without following a symbolic
     link put in its place: a writer that can take a file object opens it through here."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open(tmp, mode, opener=opener(os.O_NOFOLLOW))
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafePathError(f'{tmp}: was replaced by a symbolic link; nothing was written through it') from None
         raise
-    return os.fdopen(fd, mode)
 
 
 def _regular_file_fd(path):

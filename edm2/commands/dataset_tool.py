@@ -151,9 +151,7 @@ class _Destination:
                 if folder and folder not in self._folders:
                     os.mkdir(folder, dir_fd=self._dir)  # mode 0777 less the umask
                     self._folders.add(folder)
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
-                             dir_fd=self._dir)
-                with os.fdopen(fd, 'wb') as f:
+                with fileio.create_new(name, dir_fd=self._dir) as f:
                     f.write(data)
 
     def commit(self):
