@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 import PIL.Image
 
-from .errors import EDM2Error, one_line
+from .errors import EDM2Error, numpy_reason, one_line
 
 IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.jfif', '.bmp', '.webp', '.ppm', '.pgm', '.tif', '.tiff'})
 ARRAY_EXTENSIONS = frozenset({'.npy'})
@@ -241,7 +241,7 @@ def decode_array(data: bytes, where: str) -> np.ndarray:
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # empty or truncated file, bad header, pickled objects
-        raise DatasetError(f'cannot read {where}: not a readable NPY array: {one_line(e)}') from None
+        raise DatasetError(f'cannot read {where}: not a readable NPY array: {numpy_reason(e)}') from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind != 'f' or arr.ndim != 3:
         raise DatasetError(f'{where}: expected a floating-point [C,H,W] array, got '
                            f'{getattr(arr, "dtype", type(arr).__name__)} of shape {getattr(arr, "shape", "?")}')

@@ -54,21 +54,29 @@ def _read(files, names):
             yield name, e
 
 
+def _describe(context, item):
+    return context[2].describe(item[0])
+
+
 def converted(files, names, transform, size, workers):
     """Context manager yielding an iterator of `convert_image` results (or the `DatasetError` of an image
     that cannot be read or decoded) for `names` of `files` (an `edm2.data.FileTree`), in order.
     Leaving it early stops the workers."""
     reader = copy.copy(files)  # what a worker needs to read and name files: not the list of names
     reader.names = []
-    return ordered_map(_convert, _read(files, names), workers, context=(transform, size, reader))
+    return ordered_map(_convert, _read(files, names), workers, context=(transform, size, reader), describe=_describe)
 
 
 def _image(ds, i):
     return ds[i][0]
 
 
+def _image_name(ds, i):
+    return f'image {ds.names[i]}'
+
+
 def dataset_images(ds, count, workers, batch):
     """Context manager yielding an iterator of the uint8 [C, H, W] images ds[0], ..., ds[count - 1] of an
     `edm2.data.ImageFolderDataset`, read `batch` or more ahead; its `DatasetError` arrives in order."""
     in_flight = max(IN_FLIGHT, -(-batch // (max(workers, 1) * CHUNK)))  # a batch ahead at least
-    return ordered_map(_image, range(count), workers, context=ds, in_flight=in_flight)
+    return ordered_map(_image, range(count), workers, context=ds, in_flight=in_flight, describe=_image_name)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from edm2 import distributed
 from edm2.errors import EDM2Error, one_line
-from edm2.fileio import atomic_path, remove_stale_temporaries
+from edm2.fileio import atomic_path, open_temporary, remove_stale_temporaries
 
 __all__ = ['DownloadError', 'cache_root', 'fetch', 'sha256_of', 'is_url']
 
@@ -64,6 +64,8 @@ def local_file(path_or_url, error=DownloadError, what='file') -> str:
             raise error(f'cannot fetch {what} {text}: {one_line(e)}') from None
     if not os.path.isfile(text):
         raise error(f'{what} not found: {text}')
+    if os.path.getsize(text) == 0:
+        raise error(f'{what} {text}: empty file (0 bytes), e.g. left by an interrupted copy or download')
     return text
 
 
@@ -110,7 +112,7 @@ def _download(url, dest, label) -> str:
     """Stream `url` into the file `dest`; return its hex SHA-256."""
     digest = hashlib.sha256()
     try:
-        with requests.get(url, stream=True, timeout=60) as response, open(dest, 'wb') as f:
+        with requests.get(url, stream=True, timeout=60) as response, open_temporary(dest) as f:
             if response.status_code != 200:
                 raise DownloadError(f'{url}: download failed with HTTP status {response.status_code}')
             total = int(response.headers.get('content-length', 0)) or None

@@ -17,3 +17,14 @@ def one_line(error) -> str:
     if not text:
         return type(error).__name__ if isinstance(error, BaseException) else 'error'
     return text.splitlines()[-1].strip()
+
+
+def numpy_reason(error):
+    """Why numpy could not read an .npy/.npz file, in a few words of ours: never its advice to load the file
+    'unsafely' with allow_pickle (that would run code from the file)."""
+    text = one_line(error)
+    if 'Object arrays cannot be loaded' in text:
+        return 'holds Python objects (an object array), which are never loaded'
+    if 'pickle' in text.lower():
+        return 'not a valid .npz file (damaged, or it holds pickled Python objects, which are never loaded)'
+    return text

@@ -7,6 +7,12 @@ that the temporary's name stays within the 255-byte limit of file names), so tha
 recognise and remove those left by a process that was killed (`remove_stale_temporaries`), without
 touching the temporaries of a process that is still running. A full disk is reported as a `NoSpaceError`
 naming the file, after the partial temporary was removed.
+
+Output folders may be writable by others: no file is ever written through a symbolic link planted there.
+Temporaries are created exclusively (O_CREAT | O_EXCL | O_NOFOLLOW), reopened only with O_NOFOLLOW
+(`open_temporary`), and checked to be still the regular file created before they are renamed into place
+(`UnsafePathError` otherwise); a file created outside `atomic_path` goes through `create_new`, a log
+appended to through `open_append`.
 """
 
 import contextlib
@@ -17,6 +23,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import zlib
 
 from .errors import EDM2Error
@@ -31,6 +38,10 @@ _NO_SPACE = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'no spac
 
 class NoSpaceError(EDM2Error):
     """A write failed because the disk (or the user's quota) is full; the message names the file."""
+
+
+class UnsafePathError(EDM2Error):
+    """A path we write was replaced by a symbolic link or another kind of file; nothing was written through it."""
 
 
 def no_space_text(path) -> str:
@@ -50,7 +61,8 @@ def reporting_full_disk(path):
         raise
 
 
-def _umask():
+def umask():
+    """The process's umask (read without changing it for good)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -67,10 +79,70 @@ def temporary_name(path) -> pathlib.Path:
     return path.with_name(f'.{name}{suffix}')
 
 
+def opener(extra, dir_fd=None):
+    """An `opener` for the built-in `open` that adds the flags `extra` (e.g. O_NOFOLLOW), optionally relative
+    to the folder descriptor `dir_fd`. Files are opened through `open`, never os.fdopen, so that every
+    writer can be watched the same way (the tests' full-disk simulation patches `open`)."""
+    return lambda path, flags: os.open(path, flags | extra | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+
+
+def create_new(path, mode='wb', dir_fd=None):
+    """Open a new file `path` for writing; fails (FileExistsError) when anything exists there, a symbolic
+    link included, so that nothing is written through a link planted by someone else."""
+    return open(path, mode, opener=opener(os.O_EXCL | os.O_NOFOLLOW, dir_fd))
+
+
+def open_append(path, encoding='utf-8'):
+    """Open the text file `path` for appending (created when missing), refusing a symbolic link or anything
+    but a regular file there (UnsafePathError): logs kept in an output folder others may write into."""
+    try:
+        f = open(path, 'a', encoding=encoding, opener=opener(os.O_NOFOLLOW | os.O_NONBLOCK))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePathError(f'{path}: is a symbolic link; refusing to write through it') from None
+        if e.errno == errno.ENXIO:  # a FIFO without a reader
+            raise UnsafePathError(f'{path}: is not a regular file; refusing to write to it') from None
+        raise
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise UnsafePathError(f'{path}: is not a regular file; refusing to write to it')
+    return f
+
+
+def open_temporary(tmp, mode='wb'):
+    """Open the temporary yielded by `atomic_path` for writing (truncated), without following a symbolic
+    link put in its place: a writer that can take a file object opens it through here."""
+    try:
+        return open(tmp, mode, opener=opener(os.O_NOFOLLOW))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePathError(f'{tmp}: was replaced by a symbolic link; nothing was written through it') from None
+        raise
+
+
+def _regular_file_fd(path):
+    """A read-only descriptor of `path` when it is a regular file (not a link, not a FIFO), else UnsafePathError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePathError(f'{path}: was replaced by a symbolic link') from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(f'{path}: is no longer a regular file')
+    return fd
+
+
 def fix_permissions(path):
     """Give `path` the permissions a plain `open` would (0666 minus the umask); writers that create
-    their own file under our temporary name (e.g. safetensors) call this before the rename."""
-    os.chmod(path, 0o666 & ~_umask())
+    their own file under our temporary name (e.g. safetensors) call this before the rename. A symbolic
+    link found there is refused (UnsafePathError), never followed."""
+    fd = _regular_file_fd(path)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -86,10 +158,9 @@ def atomic_path(path):
         with reporting_full_disk(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = temporary_name(path)
-            with open(tmp, 'xb'):
-                pass
+            create_new(tmp).close()
             yield str(tmp)
-            fix_permissions(tmp)
+            fix_permissions(tmp)  # also refuses a temporary replaced by a link
             os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
@@ -103,7 +174,7 @@ def atomic_write(path, mode='wb', fsync=False):
     """open()-like context manager writing `path` atomically (see atomic_path); `fsync` forces the
     data to disk before the rename (for checkpoints that must survive a crash)."""
     with atomic_path(path) as tmp:
-        with open(tmp, mode) as f:
+        with open_temporary(tmp, mode) as f:
             yield f
             if fsync:
                 f.flush()

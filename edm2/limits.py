@@ -7,6 +7,8 @@ import os
 
 from .fileio import NAME_MAX
 
+SEED_MAX = 2 ** 63 - 1  # the largest seed, and the most seeds one list may hold (a signed 64-bit count)
+
 
 def _bounds_text(lo, hi, lo_open, hi_open):
     left = '(' if lo_open else '['
@@ -24,11 +26,57 @@ def check_range(value, lo=None, hi=None, lo_open=False, hi_open=False):
     return None
 
 
+def _read_number(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # 'max' (v2): no limit
+
+
+def cgroup_memory_room(root='/sys/fs/cgroup', proc_cgroup='/proc/self/cgroup'):
+    """Bytes this process's control group may still allocate (its memory limit less its usage, the
+    smallest over the group and the groups above it), or None when no limit applies. Reads cgroup v2
+    (memory.max, memory.current) and v1 (memory.limit_in_bytes, memory.usage_in_bytes); psutil does not
+    see these limits, so in a container it would promise memory the kernel will not give."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    candidates = []  # (folder, limit file, usage file)
+    for line in lines:
+        _, controllers, path = (line.split(':', 2) + ['', ''])[:3]
+        path = path.strip('/')
+        if controllers == '':  # v2: "0::/path"
+            candidates += [(os.path.join(root, path), 'memory.max', 'memory.current')]
+        elif 'memory' in controllers.split(','):
+            candidates += [(os.path.join(root, 'memory', path), 'memory.limit_in_bytes', 'memory.usage_in_bytes')]
+    candidates += [(root, 'memory.max', 'memory.current'),  # a container sees its own group as the root
+                   (os.path.join(root, 'memory'), 'memory.limit_in_bytes', 'memory.usage_in_bytes')]
+    room = None
+    for folder, limit_file, usage_file in candidates:
+        while True:
+            limit = _read_number(os.path.join(folder, limit_file))
+            if limit is not None and limit < 2 ** 60:  # v1 writes a huge number for "no limit"
+                usage = _read_number(os.path.join(folder, usage_file)) or 0
+                room = max(limit - usage, 0) if room is None else min(room, max(limit - usage, 0))
+            if os.path.normpath(folder) == os.path.normpath(root) or len(folder) <= len(root):
+                break
+            folder = os.path.dirname(folder)
+    return room
+
+
 def available_memory(device=None):
-    """Bytes that new allocations can take now: the host's available memory (psutil), and for a CUDA
-    `device` the smaller of that and the device's free memory."""
+    """Bytes that new allocations can take now: the host's available memory (psutil), at most what the
+    process's cgroup still allows (`cgroup_memory_room`), and for a CUDA `device` at most the device's free
+    memory."""
     import psutil
     free = psutil.virtual_memory().available
+    room = cgroup_memory_room()
+    if room is not None:
+        free = min(free, room)
     if device is not None and getattr(device, 'type', str(device).split(':')[0]) == 'cuda':
         import torch
         free = min(free, torch.cuda.mem_get_info(device)[0])

@@ -1,7 +1,10 @@
 """One run per output folder: an exclusive lock on the folder, held for the whole run.
 
 `hold_run_folder(folder, flag)` takes an advisory `flock` on the file `.edm2-run.lock` inside the folder
-(creating the folder when needed) and writes its process id there. The kernel drops the lock when the
+(creating the folder when needed) and writes its process id and host name there (a process id alone is
+ambiguous on a shared file system). The folder may be writable by others: the lock file is opened
+without following a symbolic link, and refused in one line when it is a link or anything but a regular
+file of ours with a single name, so that nothing outside the folder is ever written through it. The kernel drops the lock when the
 process ends, however it ends, so a run killed with SIGKILL never leaves a stale lock: the file may
 remain, but the next run takes its lock again. A second run on the same folder is refused at once with
 one line naming the folder and the holder's process id. Under torchrun only rank 0 takes the lock and
@@ -10,8 +13,11 @@ The folder's stale temporaries (`edm2.fileio`) are removed once the lock is held
 """
 
 import contextlib
+import errno
 import fcntl
 import os
+import socket
+import stat
 
 from . import distributed
 from .errors import EDM2Error
@@ -25,42 +31,69 @@ class FolderInUseError(EDM2Error):
 
 
 def _holder(fd):
+    """'process PID on HOST' (or 'process PID', as older versions wrote) of the lock file's content."""
     try:
-        text = os.pread(fd, 32, 0).decode('ascii', 'replace').strip()
+        words = os.pread(fd, 300, 0).decode('utf-8', 'replace').split()
     except OSError:
-        return 'unknown'
-    return text if text.isdigit() else 'unknown'
+        words = []
+    if not words or not words[0].isdigit():
+        return 'process unknown'
+    return f'process {words[0]}' + (f' on {words[1]}' if len(words) > 1 else '')
+
+
+def _open_lock(path, flag, folder):
+    """A read-write descriptor of the lock file, created when missing; never through a symbolic link."""
+    unsafe = (f'{flag} {folder}: {LOCK_NAME} there is {{}}; refusing to write through it (remove it if the '
+              f'folder is yours)')
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FolderInUseError(unsafe.format(f'a symbolic link to {_link_target(path)}')) from None
+        raise FolderInUseError(f'{flag} {folder}: cannot create the run lock {LOCK_NAME} there: '
+                               f'{e.strerror or e}') from None
+    info = os.fstat(fd)
+    problem = ('not a regular file' if not stat.S_ISREG(info.st_mode) else
+               f'a file with {info.st_nlink} names (a hard link)' if info.st_nlink != 1 else
+               f'owned by another user (uid {info.st_uid})' if info.st_uid != os.geteuid() else None)
+    if problem:
+        os.close(fd)
+        raise FolderInUseError(unsafe.format(problem))
+    return fd
+
+
+def _link_target(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return 'somewhere'
 
 
 def _acquire(folder, flag):
     """The open, locked descriptor of the lock file; raises FolderInUseError."""
     path = os.path.join(folder, LOCK_NAME)
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise FolderInUseError(f'{flag} {folder}: cannot create the run lock {LOCK_NAME} there: '
-                                   f'{e.strerror or e}') from None
+        fd = _open_lock(path, flag, folder)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = _holder(fd)
+            holder = _holder(fd)
             os.close(fd)
-            raise FolderInUseError(f'{flag} {folder} is in use by another run (process {pid}); wait for it to '
+            raise FolderInUseError(f'{flag} {folder} is in use by another run ({holder}); wait for it to '
                                    f'finish or choose another folder') from None
         except OSError as e:  # a file system without locks
             os.close(fd)
             raise FolderInUseError(f'{flag} {folder}: cannot lock {LOCK_NAME}: {e.strerror or e}') from None
         # The previous holder unlinks the file when it finishes: the lock must be on the file still there.
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            same = os.lstat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
             break
         os.close(fd)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+    os.pwrite(fd, f'{os.getpid()} {socket.gethostname()}\n'.encode(), 0)
     return fd
 
 

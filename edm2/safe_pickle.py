@@ -13,6 +13,7 @@ at, the caller rebuilds its own classes from the recorded constructor arguments 
 
 import collections
 import io
+import os
 import pickle
 
 import numpy as np
@@ -83,6 +84,8 @@ def _torch_reason(error):
 def load_tensor_archive(source):
     """torch.load(source, weights_only=True) on the CPU: tensors and plain containers only, never code.
     Any failure is an `UnsafePickleError` whose message says why in our words (callers prefix the file)."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) and os.path.getsize(source) == 0:
+        raise UnsafePickleError('empty file (0 bytes), e.g. left by an interrupted copy or download')
     try:
         return torch.load(source, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch raises many types for refused or corrupt archives

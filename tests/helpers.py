@@ -143,6 +143,14 @@ def sweep_args(assets, outdir, extra=()):
             '--outdir', str(outdir), *extra, *detector_flags(assets)]
 
 
+def self_sweep_args(sweep_assets, outdir, extra=()):
+    """sweep_args with the self guide self:pag of the attention network and two rules."""
+    return ['sweep', '--net-dir', sweep_assets['attn'], '--net-std', '0.06,0.09', '--gnet', 'self:pag',
+            '--guidance', '1.5,2.5', '--guidance-rule', 'lerp', '--guidance-rule', 'apg:eta=0', '--ref', sweep_assets['ref'],
+            '--metrics', 'fid,fd_dinov2', '--num-images', '4', '--steps', '6', '--batch', '2',
+            '--outdir', str(outdir), *extra, *detector_flags(sweep_assets)]
+
+
 def sweep_cells(outdir):
     """The records of `outdir`/cells.jsonl."""
     with open(os.path.join(outdir, 'cells.jsonl')) as f:

@@ -1,18 +1,22 @@
 """dataset_tool.py convert --workers: the same output as one process, bad images, no hang (edm2.worker_pool)."""
 
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
 import PIL.Image
+import psutil
 import pytest
 from click.testing import CliRunner
 
 from edm2.commands import dataset_tool
-from edm2.worker_pool import ordered_map
+from edm2.worker_pool import MAX_WORKERS_PER_CORE, WorkerError, ordered_map, usable_cores, worker_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,3 +133,86 @@ def test_ordered_map_keeps_order_bounds_reading_and_raises():
         with ordered_map(_square_or_fail, range(20), workers=2, context=7) as results:
             assert [next(results) for _ in range(7)] == [i * i for i in range(7)]
             next(results)
+
+
+class _Stubborn(Exception):
+    """An exception whose class does not survive pickling (its constructor needs two arguments)."""
+
+    def __init__(self, name, why):
+        super().__init__(f'{name} is {why}')
+
+
+def _raise_stubborn(context, x):
+    if x == context:
+        raise _Stubborn(f'item {x}', 'broken in an unusual way')
+    return x
+
+
+def _name_item(context, x):
+    return f'file{x:03d}.png'
+
+
+def test_an_exception_that_does_not_pickle_is_reported_as_text_naming_the_item():
+    with pytest.raises(WorkerError) as e:
+        with ordered_map(_raise_stubborn, range(12), workers=2, context=5, describe=_name_item) as results:
+            list(results)
+    assert str(e.value) == 'file005.png: _Stubborn: item 5 is broken in an unusual way'
+
+
+def test_worker_count_is_priced():
+    cores = usable_cores()
+    assert worker_count(1024, 10) == 3 and worker_count(1024, 10 ** 6) == MAX_WORKERS_PER_CORE * cores
+    assert worker_count(2, 10 ** 6) == min(2, MAX_WORKERS_PER_CORE * cores) and worker_count(8, 0) == 1
+
+
+def test_convert_starts_no_more_workers_than_chunks(tmp_path, monkeypatch):
+    src = _mixed_folder(tmp_path / 'src', 6)
+    started = []
+    real = dataset_tool.converted
+
+    def recording(files, names, transform, size, workers):
+        started.append(workers)
+        return real(files, names, transform, size, 1)
+    monkeypatch.setattr(dataset_tool, 'converted', recording)
+    _convert(src, tmp_path / 'out.zip', 1024, '--resolution', '8x8', '--transform', 'center-crop')
+    assert started == [2]  # 6 images: two chunks of 4
+
+
+def _descendants_gone(procs, timeout):
+    gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [f'{p.pid} {p.name()}' for p in alive]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_no_worker_outlives_a_killed_parent(tmp_path, sig):
+    """A real `dataset_tool.py convert --workers 2`, killed while its workers convert: within a few seconds
+    no process it started (workers, multiprocessing's resource tracker) is left."""
+    src = tmp_path / 'src'
+    src.mkdir()
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.random.RandomState(0).randint(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, 'png')
+    for i in range(6000):
+        (src / f'{i:05d}.png').write_bytes(buf.getvalue())
+    proc = subprocess.Popen([sys.executable, 'dataset_tool.py', 'convert', '--source', str(src), '--dest',
+                             str(tmp_path / 'out.zip'), '--resolution', '16x16', '--transform', 'center-crop',
+                             '--workers', '2'], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.time() + 120
+        children = []
+        while time.time() < deadline and proc.poll() is None:  # until the workers are converting
+            children = parent.children(recursive=True)
+            temporaries = [p for p in tmp_path.iterdir() if p.name.startswith('.out.zip')]
+            if len(children) >= 3 and temporaries and temporaries[0].stat().st_size > 100_000:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and len(children) >= 3, 'the conversion ended before it could be killed'
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        assert _descendants_gone(children, timeout=10) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -111,15 +111,52 @@ def test_reference_factor_is_computed_once(monkeypatch):
     assert len(built) == before + frechet.CACHED_REFERENCES + 1
 
 
-def test_negative_eigenvalues_are_clipped_and_warned_about():
-    frechet._recent.clear()  # a cached reference warns once, when it is factored
-    eye = np.eye(2)
-    for args in ((np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), eye),   # the side not factored
-                 (np.zeros(2), eye, np.zeros(2), np.diag([1.0, -1.0]))):  # the factored side
-        with pytest.warns(RuntimeWarning, match=r'(negative eigenvalue|not positive semi-definite.*trace) -1 .*'
-                                                r'treated as zero'):
-            fd = frechet_distance(*args)
-        assert fd == pytest.approx(1 - 1 + 2 - 2 * 1)  # tr S1 + tr S2 - 2 tr diag(1, 0)^1/2
+def _refused(match, *args):
+    frechet._recent.clear()
+    with pytest.raises(frechet.FrechetError, match=match):
+        frechet_distance(*args)
+
+
+def test_matrices_that_are_not_covariances_are_refused_on_either_side():
+    """Symmetry within the rounding level, positive semi-definiteness beyond it: refused in one line naming the
+    side, never a silent choice of triangle or a negative distance."""
+    rng = np.random.RandomState(5)
+    mu, sigma = _samples(rng, 50, 6)
+    mu2, sigma2 = _samples(rng, 50, 6, shift=0.1)
+    z2 = np.zeros(2)
+    cases = {  # name: (sigma, the part of the message)
+        'triangular': (np.tril(sigma), 'not symmetric'),
+        'non-symmetric': (sigma + 1e-3 * rng.randn(6, 6), 'not symmetric'),
+        'indefinite': (np.array([[1.0, 2.0], [2.0, 1.0]]), 'not positive semi-definite'),
+        'indefinite, zero diagonal': (np.array([[0.0, 1.0], [1.0, 0.0]]), 'not positive semi-definite'),
+        'negative variance': (np.diag([1.0, -1.0]), 'not positive semi-definite'),
+    }
+    for name, (bad, message) in cases.items():
+        m, good = (mu, sigma2) if bad.shape == sigma.shape else (z2, np.eye(2))
+        _refused(f'sigma1 is {message}.*not a covariance matrix', m, bad, m + 0.1, good)   # the side not factored
+        _refused(f'sigma2 is {message}.*not a covariance matrix', m + 0.1, good, m, bad)   # the reference
+    # Asymmetry and negative eigenvalues within the rounding level are rounding: accepted, same value.
+    _, level = frechet._rounding_level(mu, sigma)
+    noise = np.triu(rng.uniform(-1, 1, (6, 6)), 1) * level / 2
+    frechet._recent.clear()
+    exact = frechet_distance(mu, sigma, mu2, sigma2)
+    assert frechet_distance(mu, sigma + noise, mu2, sigma2 - noise) == pytest.approx(exact, rel=1e-9)
+    singular = np.diag([1.0, 0.0]) - level * 1e-3 * np.eye(2) * [0, 1]  # eigenvalue -1e-3 level
+    assert frechet_distance(z2, singular, z2, np.eye(2)) == pytest.approx(1 + 2 - 2, abs=1e-9)
+
+
+def test_reference_files_with_a_broken_covariance_are_refused_naming_the_file(tmp_path):
+    from edm2.metrics import inputs
+    from edm2.metrics.reference import save_reference
+    rng = np.random.RandomState(6)
+    mu, sigma = _samples(rng, 50, 6)
+    for name, bad in (('triangular', np.tril(sigma)), ('indefinite', sigma - 2 * np.eye(6) * sigma.max())):
+        path = tmp_path / f'{name}.pkl'
+        save_reference(path, {'fid': {'mu': mu, 'sigma': bad}})
+        frechet._recent.clear()
+        with pytest.raises(frechet.FrechetError) as e:
+            inputs.load_checked_reference(str(path), ['fid'], 'dinov2')
+        assert str(e.value).startswith(f'{path}: fid.sigma is not') and '\n' not in str(e.value), str(e.value)
 
 
 def test_one_pass_statistics_with_large_means_are_not_warned_about():

@@ -414,3 +414,28 @@ def test_bad_image_under_torchrun_ends_the_run(tmp_path):
     assert seconds < 90, seconds
     assert not list(run.glob('training-state-*')) and not list(run.glob('network-snapshot-*'))
     assert_no_process_left(str(run))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damaged', [[17], list(range(1, 32))], ids=['one rank, mid-run', 'both ranks, first step'])
+def test_every_rank_that_meets_a_damaged_image_prints_its_own_line(tmp_path, damaged):
+    """A 2-process torchrun (gloo) job: each rank that reads a damaged image prints its own one-line error naming
+    its file, on a line of its own (not after rank 0's progress bar, whose next redraw would erase it on a
+    terminal), before the process group is shut down; no process is left."""
+    data = make_images(tmp_path / 'data', n=32)
+    good = (data / '000.png').read_bytes()
+    for i in damaged:
+        (data / f'{i:03d}.png').write_bytes(good[:60])
+    run = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           REPO / 'train_edm2.py', *_bad_image_args(data, run), '--workers', 0]
+    code, out, seconds = run_subprocess(cmd, timeout=180)
+    assert code not in (0, None), out
+    lines = out.replace('\r', '\n').splitlines()
+    errors = [line for line in lines if line.startswith('Error: ')]
+    named = {m for line in errors for m in re.findall(r'\d{3}\.png', line)}
+    expected = 1 if len(damaged) == 1 else 2
+    assert len(errors) == expected and len(named) == expected and all('truncated' in e for e in errors), out
+    assert not [line for line in lines if 'Error: --data' in line and not line.startswith('Error: ')], out
+    assert not re.search(r'File ".*(train_edm2\.py|training/|edm2/)', out), out
+    assert_no_process_left(str(run))

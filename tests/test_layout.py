@@ -210,7 +210,8 @@ def test_importing_every_library_module_imports_no_click():
 # a dataset folder (edm2.data) for the modules that read one, a network's generated images
 # (edm2.generation, seeds -> images) for network_features.py. Nothing that builds, reconstructs or samples
 # networks directly, and nothing of the sweep, the training loop or the commands: those use the metrics.
-METRICS_PLUMBING = {'edm2.distributed', 'edm2.download', 'edm2.errors', 'edm2.fileio', 'edm2.safe_pickle'}
+METRICS_PLUMBING = {'edm2.distributed', 'edm2.download', 'edm2.errors', 'edm2.fileio', 'edm2.jsontext', 'edm2.limits',
+                    'edm2.safe_pickle'}
 METRICS_IMAGE_SOURCES = {'edm2.metrics.dataset_features': {'edm2.data'}, 'edm2.metrics.dataset_reference': {'edm2.data'},
                          'edm2.metrics.network_features': {'edm2.generation'}}
 

@@ -217,10 +217,9 @@ def test_frechet_checks():
         frechet_distance(np.zeros(2), np.array([[np.nan, 0], [0, 1]]), np.zeros(2), eye)
     with pytest.raises(FrechetError, match='do not match'):
         frechet_distance(np.zeros(2), eye, np.zeros(3), np.eye(3))
-    # A non-PSD input: its negative eigenvalue is warned about with its magnitude and treated as zero.
-    with pytest.warns(RuntimeWarning, match='not a covariance matrix'):
-        fd = frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), eye)
-    assert fd == pytest.approx(1 - 1 + 2 - 2 * 1)  # tr S1 + tr S2 - 2 tr diag(1, 0)^1/2
+    # A non-PSD input is refused naming it (tests/test_frechet.py covers the class).
+    with pytest.raises(FrechetError, match='sigma1 is not positive semi-definite.*not a covariance matrix'):
+        frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), eye)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         frechet_distance(np.zeros(2), eye, np.ones(2), 2 * eye)  # a clean case warns about nothing

@@ -4,6 +4,7 @@ naming the folder and the holder's process id; a killed holder (SIGKILL) never l
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 
@@ -108,7 +109,7 @@ def test_a_killed_holder_leaves_no_stale_lock_and_the_folder_is_released_after_a
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with hold_run_folder(out):  # the kernel dropped the dead process's lock
-        assert open(out / '.edm2-run.lock').read().strip() == str(os.getpid())
+        assert open(out / '.edm2-run.lock').read().split() == [str(os.getpid()), socket.gethostname()]
         (out / 'result.txt').write_text('done')
     assert os.listdir(out) == ['result.txt']  # a finished run leaves no lock file
     # A folder created by the lock and left empty (the run refused its input) is removed again.

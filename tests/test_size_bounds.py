@@ -1,6 +1,8 @@
-"""Bounds on every size flag: a count whose items cannot fit in the memory available now is refused before
-any work, in one line naming the flag (edm2.commands.cli.Int's item_bytes, edm2.commands.cli.check_memory); text that is not an
-integer is one line too."""
+"""Bounds on every size flag: a count whose items cannot fit in the memory available is refused before any
+work, in one line naming the flag, where the allocation is known: once every flag is parsed for a cost the
+flags fix (edm2.commands.cli.Int's item_bytes, Command), once the input is open for a count the input caps
+(edm2.commands.cli.check_memory); a value whose cost does not depend on it is never refused; the available
+memory honours a cgroup limit. Text that is not an integer is one line too."""
 
 import pathlib
 
@@ -60,10 +62,7 @@ CASES = [  # (command, arguments, flag): HUGE items of that flag cannot fit anyw
     (toy_example.cli, ['demo', '--batch', HUGE], '--batch'),
     (toy_example.cli, ['demo', '--num', HUGE], '--num'),
     (toy_example.cli, ['demo', '--main-iterations', HUGE], '--main-iterations'),
-    (calculate_metrics.cli, ['ref', '--data', 'd', '--dest', 'r.pkl', '--keep-num', HUGE], '--keep-num'),
-    (calculate_metrics.cli, ['ref', '--data', 'd', '--dest', 'r.npz', '--ref-images', HUGE], '--ref-images'),
     (calculate_metrics.cli, ['calc', '--images', 'd', '--ref', 'r.pkl', '--num', HUGE], '--num'),
-    (calculate_metrics.cli, ['calc', '--images', 'd', '--ref', 'r.pkl', '--batch', HUGE], '--batch'),
     (calculate_metrics.cli, ['calc', '--images', 'd', '--ref', 'r.pkl', '--num', '1000000', '--repeats', HUGE],
      '--repeats'),
     (calculate_metrics.cli, ['gen', '--net', 'n', '--ref', 'r.pkl', '--num', HUGE], '--num'),
@@ -72,9 +71,6 @@ CASES = [  # (command, arguments, flag): HUGE items of that flag cannot fit anyw
                              '--num', HUGE], '--num'),
     (calculate_metrics.cli, ['sweep', '--net', 'n', '--gnet', 'g', '--guidance', '2', '--ref', 'r', '--outdir', 'o',
                              '--steps', HUGE], '--steps'),
-    (dataset_tool.cli, ['convert', '--source', 's', '--dest', 'd.zip', '--max-images', HUGE], '--max-images'),
-    (dataset_tool.cli, ['encode', '--source', 's', '--dest', 'd.zip', '--max-images', HUGE], '--max-images'),
-    (dataset_tool.cli, ['encode', '--source', 's', '--dest', 'd.zip', '--batch', '60000'], '--batch'),
 ]
 
 
@@ -85,7 +81,7 @@ def test_counts_beyond_memory_are_refused_before_work(command, args, flag, no_wo
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize('command, args, flag', CASES[:1] + CASES[6:7] + CASES[12:13] + CASES[20:21])
+@pytest.mark.parametrize('command, args, flag', CASES[:1] + CASES[6:7] + CASES[12:13] + CASES[17:18])
 def test_non_integer_text_is_one_line(command, args, flag, no_work, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for text in ['1e11', '12.5', '9' * 5000, '0x10']:
@@ -158,3 +154,63 @@ def test_sweep_networks_held_at_once_are_checked_before_any_cell(sweep_assets, t
     with pytest.raises(AssertionError, match='work started'):  # one main network at a time fits
         CliRunner().invoke(calculate_metrics.cli, sweep_args(sweep_assets, tmp_path / 'o', ['--phema-batch', '1']),
                            catch_exceptions=False)
+
+
+def test_counts_capped_by_the_input_are_checked_once_it_is_open(tmp_path, monkeypatch):
+    """--max-images, --keep-num, --ref-images and a batch cost at most what the input holds: a huge value for a
+    small input is not refused (it was priced as if that many images existed); a batch that does not fit, with
+    the images there are, is refused in one line before any work."""
+    data = make_images(tmp_path / 'data', n=3, res=8)
+    result = CliRunner().invoke(dataset_tool.cli, ['convert', '--source', str(data), '--dest', str(tmp_path / 'd.zip'),
+                                                   '--max-images', '1000000000', '--workers', '1'])
+    assert result.exit_code == 0 and 'Wrote 3 images' in result.output, result.output
+
+    def work(*args, **kwargs):
+        raise AssertionError('work started')
+    monkeypatch.setattr(calculate_metrics, '_load_detectors', work)
+    for extra in (['--keep-features', '--keep-num', HUGE, '--batch', HUGE], ['--protocol', 'adm', '--ref-images', HUGE]):
+        with pytest.raises(AssertionError, match='work started'):
+            CliRunner().invoke(calculate_metrics.cli, ['ref', '--data', str(data), '--dest', str(tmp_path / 'r.pkl'),
+                                                       *extra], catch_exceptions=False)
+    _memory(monkeypatch, 2 * calculate_metrics.DETECTOR_IMAGE_BYTES)
+    result = CliRunner().invoke(calculate_metrics.cli, ['ref', '--data', str(data), '--dest', str(tmp_path / 'r.pkl'),
+                                                        '--batch', '64', '--workers', '0'])
+    _refused(result, '--batch', '3 needs about', 'per image')  # the 3 images there are, not 64
+    _memory(monkeypatch, 3 * 8 * 8 * dataset_tool.VAE_PIXEL_BYTES - 1)
+    result = CliRunner().invoke(dataset_tool.cli, ['encode', '--source', str(tmp_path / 'd.zip'),
+                                                   '--dest', str(tmp_path / 'e.zip'), '--batch', '60000'])
+    _refused(result, '--batch', '3 needs about')
+    assert not (tmp_path / 'e.zip').exists() and not (tmp_path / 'r.pkl').exists()
+
+
+def test_no_value_is_refused_while_it_is_parsed_from_the_free_memory(monkeypatch):
+    """Parsing checks the fixed bounds only; the memory check runs once every flag is known."""
+    _memory(monkeypatch, 1)
+    from edm2.commands.cli import Int
+    assert Int(1, item_bytes=10 ** 9).convert('1000', None, None) == 1000
+    with pytest.raises(Exception, match=r'must lie in \[1, 10\]'):
+        Int(1, 10, item_bytes=1).convert('11', None, None)
+
+
+def test_the_available_memory_honours_a_cgroup_limit(tmp_path):
+    """cgroup v2 (the process's own group and the groups above it) and v1; 'max' and v1's huge number mean none."""
+    root = tmp_path / 'cg'
+    (root / 'user' / 'job').mkdir(parents=True)
+    proc = tmp_path / 'cgroup'
+    proc.write_text('0::/user/job\n')
+    assert limits.cgroup_memory_room(str(root), str(proc)) is None
+    (root / 'user' / 'job' / 'memory.max').write_text('max\n')
+    (root / 'user' / 'memory.max').write_text(f'{8 << 30}\n')
+    (root / 'user' / 'memory.current').write_text(f'{3 << 30}\n')
+    assert limits.cgroup_memory_room(str(root), str(proc)) == 5 << 30
+    (root / 'user' / 'job' / 'memory.max').write_text(f'{2 << 30}\n')
+    (root / 'user' / 'job' / 'memory.current').write_text(f'{1 << 30}\n')
+    assert limits.cgroup_memory_room(str(root), str(proc)) == 1 << 30
+    v1 = tmp_path / 'v1'
+    (v1 / 'memory' / 'docker' / 'abc').mkdir(parents=True)
+    proc.write_text('4:memory:/docker/abc\n0::/\n')
+    (v1 / 'memory' / 'docker' / 'abc' / 'memory.limit_in_bytes').write_text(f'{2 ** 63 - 4096}\n')
+    assert limits.cgroup_memory_room(str(v1), str(proc)) is None
+    (v1 / 'memory' / 'docker' / 'abc' / 'memory.limit_in_bytes').write_text(f'{4 << 30}\n')
+    (v1 / 'memory' / 'docker' / 'abc' / 'memory.usage_in_bytes').write_text(f'{1 << 30}\n')
+    assert limits.cgroup_memory_room(str(v1), str(proc)) == 3 << 30

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import (cells_by_key, detector_flags, sweep_args, sweep_cells, sweep_config, synthetic_surface,
+from helpers import (cells_by_key, detector_flags, self_sweep_args, sweep_args, sweep_cells, sweep_config, synthetic_surface,
                      tiny_sweep_net)
 
 from edm2.commands import calculate_metrics
@@ -439,13 +439,6 @@ def test_torchrun_two_processes_give_same_cells(sweep_assets, tmp_path):
             assert y == pytest.approx(x, rel=1e-5, abs=1e-6), k
 
 
-def _self_args(sweep_assets, outdir, extra=()):
-    return ['sweep', '--net-dir', sweep_assets['attn'], '--net-std', '0.06,0.09', '--gnet', 'self:pag',
-            '--guidance', '1.5,2.5', '--guidance-rule', 'lerp', '--guidance-rule', 'apg:eta=0', '--ref', sweep_assets['ref'],
-            '--metrics', 'fid,fd_dinov2', '--num-images', '4', '--steps', '6', '--batch', '2',
-            '--outdir', str(outdir), *extra, *detector_flags(sweep_assets)]
-
-
 def test_rule_and_self_guide_flags_refused_in_one_line(sweep_assets, tmp_path):
     out = tmp_path / 'out'
     for flag, value, fragment in (('--guidance-rule', 'apg:foo=1', 'unknown key'),
@@ -453,12 +446,12 @@ def test_rule_and_self_guide_flags_refused_in_one_line(sweep_assets, tmp_path):
                                   ('--guidance-rule', 'rescale', 'needs phi'),
                                   ('--gnet', 'self:bogus', 'unknown self guide'),
                                   ('--gnet', 'self:skip=dec.8x8_nope', 'dec.8x8_nope')):
-        args = _self_args(sweep_assets, out)
+        args = self_sweep_args(sweep_assets, out)
         args[args.index(flag) + 1] = value
         res = _invoke(calculate_metrics.cli, args)
         _one_line_error(res, flag if flag == '--guidance-rule' else '--gnet', fragment)
         assert res.exit_code in (1, 2) and (flag != '--guidance-rule' or res.exit_code == 2)
-    res = _invoke(calculate_metrics.cli, _self_args(sweep_assets, out, ['--guidance-interval-steps', '2,9']))
+    res = _invoke(calculate_metrics.cli, self_sweep_args(sweep_assets, out, ['--guidance-interval-steps', '2,9']))
     _one_line_error(res, '--guidance-interval-steps', '2,9')
     assert not out.exists()
 
@@ -470,15 +463,15 @@ def test_kill9_two_rules_and_a_self_guide(sweep_assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     whole, cut = tmp_path / 'whole', tmp_path / 'cut'
     cmd = [sys.executable, os.path.join(REPO, 'calculate_metrics.py')]
-    proc = subprocess.run(cmd + _self_args(sweep_assets, whole), env=env, capture_output=True, text=True, cwd=REPO,
+    proc = subprocess.run(cmd + self_sweep_args(sweep_assets, whole), env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'self:pag, a perturbation of each main network' in proc.stdout and '2 rules' in proc.stdout
     cells = sweep_cells(whole)
     assert len(cells) == 8 and {c['rule'] for c in cells} == {'lerp', 'apg:eta=0,momentum=0,threshold=0'}
     assert all(c['gnet'] == {'self': 'self:pag'} for c in cells)
-    done = _killed_after_three_cells(cmd + _self_args(sweep_assets, cut), cut, env)
-    proc = subprocess.run(cmd + _self_args(sweep_assets, cut), env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    done = _killed_after_three_cells(cmd + self_sweep_args(sweep_assets, cut), cut, env)
+    proc = subprocess.run(cmd + self_sweep_args(sweep_assets, cut), env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = (cut / 'cells.jsonl').read_text().splitlines(keepends=True)
     assert after[:len(done)] == done and len(after) == 8

@@ -9,13 +9,12 @@ library calls (`edm2.metrics`), detectors, reference and cache, spread over the 
 Each line of metrics.jsonl: kimg, nimg, ema_std, metric, value, images, seconds, reconstructed.
 """
 
-import json
 import os
 import time
 
-from edm2 import checkpoint, distributed, sampling
+from edm2 import checkpoint, distributed, jsontext, sampling
 from edm2.errors import EDM2Error, one_line
-from edm2.fileio import reporting_full_disk
+from edm2.fileio import open_append, reporting_full_disk
 from edm2.metrics import evaluate, inputs, network_features, report
 from edm2.phema_reconstruct import find_snapshots, reconstruct
 
@@ -90,6 +89,7 @@ class Evaluator:
                           for name, value in values.items()]
         if distributed.is_main():
             path = metrics_path(outdir)
-            with reporting_full_disk(path), open(path, 'a', encoding='utf-8') as f:
-                f.write(''.join(json.dumps(line) + '\n' for line in lines))  # a line cut short is dropped on resume
+            text = ''.join(jsontext.dumps(line, 'metrics.jsonl') + '\n' for line in lines)
+            with reporting_full_disk(path), open_append(path) as f:
+                f.write(text)  # a line cut short is dropped on resume
         return lines

@@ -12,10 +12,10 @@ training goes on.
 """
 
 import contextlib
-import json
 import os
 import secrets
 
+from edm2 import jsontext
 from edm2.errors import one_line
 from edm2.fileio import atomic_write, atomic_write_text
 
@@ -63,7 +63,7 @@ class TensorBoard:
         cut_event_files(outdir, -1 if resume_kimg is None else resume_kimg)  # a fresh start keeps none
         self.writer = SummaryWriter(log_dir=outdir)
         if resume_kimg is None:
-            self.writer.add_text('options', '```\n' + json.dumps(config, indent=2) + '\n```', 0)
+            self.writer.add_text('options', '```\n' + jsontext.dumps(config, indent=2) + '\n```', 0)
 
     def scalars(self, values, step):
         for tag, value in values.items():

@@ -17,7 +17,6 @@
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -32,11 +31,12 @@ from edm2 import distributed as dist
 from edm2 import encoders, runtime
 from edm2.checkpoint import save_network, snapshot_file_name
 from edm2.errors import one_line
-from edm2.fileio import NoSpaceError, reporting_full_disk
+from edm2.fileio import NoSpaceError, open_append, reporting_full_disk
 from edm2.networks import build_network
 from edm2.run_lock import FolderInUseError, hold_run_folder
 from edm2.phema import PowerFunctionEMA
 from . import loss_buckets
+from edm2 import jsontext
 from . import state as run_state
 from . import watching
 from .loss import EDM2Loss
@@ -52,7 +52,7 @@ class _Logger:
     def __init__(self, path):
         self.path = path
         with reporting_full_disk(path):
-            self.file = open(path, 'a', encoding='utf-8') if dist.is_main() else None
+            self.file = open_append(path) if dist.is_main() else None
         self.bar = None
 
     def __call__(self, msg, console=True):
@@ -98,7 +98,7 @@ def training_loop(opts, dry_run=False, step_callback=None):
     try:
         record = settings(opts, prep.net_kwargs)
         if dry_run:
-            dist.print0(json.dumps(dict(dataclasses.asdict(opts), batch_gpu=prep.batch_gpu,
+            dist.print0(jsontext.dumps(dict(dataclasses.asdict(opts), batch_gpu=prep.batch_gpu,
                                         network_kwargs=prep.net_kwargs, parameters=prep.num_params,
                                         dataset_size=len(prep.dataset)), indent=2))
             return dict(dry_run=True, parameters=prep.num_params)
@@ -424,8 +424,8 @@ class _Session:
                  f'cpumem {rec["cpu_mem_gb"]:<6.2f} gpumem {gpu_mem:.2f}')
         if dist.is_main():
             path = os.path.join(self.opts.outdir, 'stats.jsonl')
-            with reporting_full_disk(path), open(path, 'a', encoding='utf-8') as f:
-                f.write(json.dumps(rec) + '\n')  # a line cut short is dropped on resume
+            with reporting_full_disk(path), open_append(path) as f:
+                f.write(jsontext.dumps(rec) + '\n')  # a line cut short is dropped on resume
             if self.watch is not None:
                 self.watch.status(rec)
         self.stats.zero_()

@@ -16,6 +16,7 @@ import torch
 
 from edm2.fileio import atomic_write, atomic_write_text
 from edm2.safe_pickle import load_tensor_archive
+from edm2 import jsontext
 from .options import TrainingError, compare_settings
 
 OPTIONS_FILE = 'training_options.json'
@@ -52,7 +53,7 @@ def save_state(outdir, cur_nimg, net, optimizer, ema, settings, snapshot_nimgs, 
         rng['cuda'] = torch.cuda.get_rng_state(device)
     state = dict(
         format='edm2-training-state', version=2, cur_nimg=cur_nimg, step=cur_nimg // settings['batch'],
-        options=json.dumps(settings),
+        options=jsontext.dumps(settings),
         net={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         optimizer=_to_cpu(optimizer.state_dict()),
         ema=_to_cpu(ema.state_dict()),
@@ -183,7 +184,7 @@ def record_settings(outdir, new_settings):
     recorded, _note = _recorded_settings(outdir)
     if recorded is not None and not compare_settings(recorded, new_settings):
         return
-    atomic_write_text(path, json.dumps(new_settings, indent=2))
+    atomic_write_text(path, jsontext.dumps(new_settings, indent=2))
 
 
 def restore(state, net, optimizer, ema, device):

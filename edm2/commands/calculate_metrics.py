@@ -54,15 +54,20 @@ def _accumulate(dataset, positions, detectors, opts, device, desc, **kwargs):
                                                workers=opts['workers'], desc=desc, **kwargs)
 
 
+def _check_batch(opts, count):
+    """--batch against memory, for the images a batch will hold: never more than the `count` there are."""
+    edm2_cli.check_memory('--batch', min(opts['batch'], count), DETECTOR_IMAGE_BYTES, 'image')
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
 # Memory (lower estimates) per image of a detector batch (Inception's 299x299 RGB input in float32, twice), per
-# kept feature vector (Inception 2048 + DINOv2 1024 float32 values), per stored ADM reference image (64x64 RGB
-# at least), per evaluated image (its position, its class, its precision/recall features when asked for).
+# kept feature vector (Inception 2048 + DINOv2 1024 float32 values), per evaluated image (its position, its
+# class, its precision/recall features when asked for). A detector batch, the kept features and the ADM
+# reference images are checked once the dataset is open, for the count there will be (at most its size).
 DETECTOR_IMAGE_BYTES = 2 * 3 * 299 * 299 * 4
 FEATURE_BYTES = (2048 + 1024) * 4
-ADM_IMAGE_BYTES = 64 * 64 * 3
 WORKER_BYTES = 64 << 20  # a data loader worker: a process of its own (lower estimate of its private memory)
 
 
@@ -77,7 +82,7 @@ def _count(lo, item_bytes=None, item='image', hi=None):
 
 def common_options(fn):
     opts = [
-        click.option('--batch', help='Batch size per process', metavar='INT', type=_count(1, DETECTOR_IMAGE_BYTES),
+        click.option('--batch', help='Batch size per process', metavar='INT', type=_count(1),
                      default=64, show_default=True),
         click.option('--workers', help='Data loader worker processes', metavar='INT', type=_count(0, WORKER_BYTES, 'worker process'),
                      default=2, show_default=True),
@@ -126,11 +131,11 @@ def cli():
               f'[default: {DEFAULT_METRICS}]', metavar='LIST', default=None)
 @click.option('--keep-features', help='Also store features (needed for precision/recall)', is_flag=True)
 @click.option('--keep-num', help='Store at most this many features (seeded random subset)', metavar='INT',
-              type=_count(1, FEATURE_BYTES, 'feature vector'), default=50000, show_default=True)
+              type=_count(1), default=50000, show_default=True)
 @click.option('--seed', help='Seed of the stored feature subset (and of the ADM reference images)', metavar='INT',
               type=int, default=0, show_default=True)
 @click.option('--ref-images', help='--protocol adm: images stored as arr_0 (seeded random subset)', metavar='INT',
-              type=_count(4, ADM_IMAGE_BYTES), default=10000, show_default=True)
+              type=_count(4), default=10000, show_default=True)
 @common_options
 @one_line_errors
 def ref(data, dest, metrics, keep_features, keep_num, seed, ref_images, **opts):
@@ -153,8 +158,11 @@ def ref(data, dest, metrics, keep_features, keep_num, seed, ref_images, **opts):
     keep = set(names) if keep_features else set()
     if any(m in evaluate.PR_METRICS for m in metrics):
         keep.add(opts['pr_features'])
-    detectors = _load_detectors(names, opts, device)
     n = len(dataset)
+    _check_batch(opts, n)
+    if keep:
+        edm2_cli.check_memory('--keep-num', min(keep_num, n), FEATURE_BYTES, 'feature vector')
+    detectors = _load_detectors(names, opts, device)
     distributed.print0(f'Computing reference statistics of {n} images in {data} ({", ".join(names)})...')
     stats = _accumulate(dataset, np.arange(n), detectors, opts, device, 'Reference', keep=keep,
                         keep_slots=dataset_features.kept_slots(n, keep_num, seed) if keep else None)
@@ -169,8 +177,10 @@ def _adm_ref(data, dest, seed, ref_images, opts):
     `seed` as arr_0, and mu, sigma, mu_s, sigma_s of the whole dataset."""
     device = distributed.init(opts['device'])
     dataset = dataset_features.open_dataset(data, 'dataset')
-    detectors = _load_detectors(['inception'], opts, device)
     n = len(dataset)
+    _check_batch(opts, n)
+    edm2_cli.check_memory('--ref-images', min(ref_images, n), dataset.resolution ** 2 * dataset.num_channels)
+    detectors = _load_detectors(['inception'], opts, device)
     distributed.print0(f'Computing ADM reference statistics of {n} images in {data}...')
     stats = _accumulate(dataset, np.arange(n), detectors, opts, device, 'Reference', extra=[adm.SPATIAL])
     if distributed.is_main():
@@ -221,6 +231,7 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
         reference = inputs.load_checked_reference(ref_path, metrics, opts['pr_features'])
     dataset = dataset_features.open_dataset(images, 'image folder')
     subsets = dataset_features.subsets(len(dataset), num, repeats, seed, images)
+    _check_batch(opts, num)
     detectors = _load_detectors(evaluate.detectors_for(metrics, opts['pr_features']), opts, device)
     keep, extra = report.kept_features(metrics, opts['pr_features'])
     if report.is_adm(metrics):
@@ -283,6 +294,7 @@ def gen(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance_
     guidance_setup.check_schedule(setup, sigmas)
     if out is not None:
         edm2_cli.check_output(out, '--out')
+    _check_batch(opts, num)
     device = distributed.init(opts['device'])
     if not report.is_adm(metrics):
         reference = inputs.load_checked_reference(ref_path, metrics, opts['pr_features'])
@@ -329,6 +341,11 @@ def _gen_repeats(main_net, encoder, guides, detectors, reference, metrics, devic
 def _sweep_source(folder, kimg, stds, file, flag):
     if (folder is None) == (file is None):
         raise click.UsageError(f'give exactly one of {flag}-dir and {flag}')
+    ignored = [f for f, value in ((f'{flag}-kimg', kimg), (f'{flag}-std', stds)) if value is not None]
+    if file is not None and ignored:  # EMA lengths and training times are axes of a snapshot folder only
+        what = 'a perturbation of the main network' if self_guides.is_self_guide(file) else 'a fixed network file'
+        raise click.UsageError(f'{" and ".join(ignored)} cannot apply to {flag} {file} ({what}); they select '
+                               f'snapshots of {flag}-dir')
     if file is not None and flag == '--gnet' and self_guides.is_self_guide(file):
         return sweep_source.self_source(file, flag)
     if file is not None:
@@ -416,6 +433,7 @@ def sweep(net_dir, net_kimg, net_std, net, gnet_dir, gnet_kimg, gnet_std, gnet, 
         raise click.BadParameter(edm2_cli.path_problem(outdir), param_hint="'--outdir'")
     net_source = _sweep_source(net_dir, net_kimg, net_std, net, '--net')
     gnet_source = _sweep_source(gnet_dir, gnet_kimg, gnet_std, gnet, '--gnet')
+    _check_batch(opts, num)
     device = distributed.init(opts['device'])
     edm2_cli.hold_for_command(outdir)  # one sweep per folder, until the command ends
     reference = inputs.load_checked_reference(ref_path, metrics, opts['pr_features'])

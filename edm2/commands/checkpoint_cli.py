@@ -6,7 +6,6 @@
 (`python -m edm2.checkpoint ...` runs the same commands.)
 """
 
-import json
 import os
 
 import click
@@ -15,6 +14,7 @@ import torch
 from edm2.checkpoint import CheckpointError, load_snapshot, save_network
 from edm2.commands.cli import fail
 from edm2.fileio import NoSpaceError, remove_stale_temporaries
+from edm2 import jsontext
 
 
 @click.group(help='Inspect EDM2 network files (native .safetensors or published .pkl) and convert them '
@@ -37,14 +37,14 @@ def info(file):
     click.echo(f'file:        {file}')
     click.echo(f'kind:        {kind}')
     click.echo(f'class:       {type(net).__name__}')
-    click.echo(f'config:      {json.dumps(net.init_kwargs)}')
+    click.echo(f'config:      {jsontext.dumps(net.init_kwargs)}')
     click.echo(f'parameters:  {sum(p.numel() for p in net.parameters()):,}')
     click.echo(f'training:    {"unknown" if kimg is None else f"{kimg} kimg"}')
     click.echo(f'EMA length:  {"unknown" if std is None else f"sigma_rel = {std:.3f}"}')
-    click.echo(f'encoder:     {json.dumps(encoder.spec()) if encoder is not None else "none"}')
+    click.echo(f'encoder:     {jsontext.dumps(encoder.spec()) if encoder is not None else "none"}')
     extra = {k: v for k, v in meta.items() if k not in ('kimg', 'ema_std', 'format')}
     if extra:
-        click.echo(f'metadata:    {json.dumps(extra)}')
+        click.echo(f'metadata:    {jsontext.dumps(extra)}')
 
 
 @cli.command(help='Rewrite a published pickle or a native file as a native file; DST appears only once '

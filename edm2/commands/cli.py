@@ -1,14 +1,20 @@
 """Shared pieces of the command lines: validated click parameter types, list parsing, one-line errors,
 the run lock held for the length of a command.
 
-Every numeric flag is checked finite and inside its meaningful range by click, before any work
-starts, so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag. A count or
-size flag also declares the memory one unit of it takes (`Int(item_bytes=...)`): a value whose items
-cannot fit in the memory available now is refused the same way (`check_memory`), before work starts.
+Every numeric flag is checked finite and inside its fixed meaningful range by click while it is parsed,
+so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag. Memory is checked
+where the allocation is known, never from the value alone at parse time: a count whose cost the flags fix
+declares the memory one unit takes (`Int(item_bytes=...)`) and is checked once every flag is parsed
+(`Command`); a count whose cost depends on an input (a batch larger than the images there are, a maximum
+above a source's size) is checked by the command after the input is open, with the count that will really
+be allocated (`check_memory`). Both compare with the memory available (`edm2.limits.available_memory`,
+which honours a cgroup limit), so a value whose cost does not depend on it is never refused.
 """
 
+import contextlib
 import functools
 import os
+import sys
 from decimal import Decimal, InvalidOperation
 
 import click
@@ -32,6 +38,16 @@ def fail_once(error, prefix=None):
     if int(os.environ.get('RANK', 0)) == 0:
         fail(error, prefix)
     raise SystemExit(1)
+
+
+def report_rank_error(error):
+    """Print this torchrun process's one-line error at once, on a line of its own: before the process group is
+    shut down (which may wait for, or be killed with, the other ranks, and the line would be lost) and after
+    a newline, since rank 0's progress bar may be mid-line on the same console. The caller exits with 1."""
+    rank = int(os.environ.get('RANK', 0))
+    click.echo(f'{chr(10) if rank != 0 else ""}Error: {one_line(error)}', err=True)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
 
 
 def one_line_errors(command):
@@ -69,7 +85,8 @@ class Float(click.ParamType):
 
 def check_memory(flag, count, item_bytes, item='item', device=None):
     """Refuse, before any work, a count whose items do not fit in the available memory: a one-line usage
-    error naming `flag` (for sizes known only once an input is open, e.g. a network's resolution)."""
+    error naming `flag` (for sizes known only once an input is open, e.g. a network's resolution, or a
+    count capped by the input: pass the count that will be allocated)."""
     error = memory_error(count, item_bytes, item, device)
     if error:
         raise click.BadParameter(error, param_hint=f"'{flag}'")
@@ -78,11 +95,11 @@ def check_memory(flag, count, item_bytes, item='item', device=None):
 class Int(click.ParamType):
     """An integer, optionally bounded (inclusive); refuses '1.5' and values beyond the bounds.
 
-    `item_bytes`: for a count or size flag, the memory one unit of it takes (a lower estimate): a number,
-    or a function of the command's parameter values (a dict) when it depends on other flags. The value
-    is refused when count x item_bytes exceeds the available memory: a number while the flag is parsed,
-    a function once every flag is (commands built with `Command`, or the `command_class` of `Group`).
-    `item` names the unit in the message."""
+    `item_bytes`: for a count or size flag whose cost the flags alone fix, the memory one unit of it takes
+    (a lower estimate): a number, or a function of the command's parameter values (a dict) when it depends
+    on other flags. The value is refused when count x item_bytes exceeds the available memory, once every
+    flag is parsed (commands built with `Command`, or the `command_class` of `Group`), not while this one
+    is: no value is refused from the memory free at the moment it is read. `item` names the unit."""
     name = 'integer'
 
     def __init__(self, lo=None, hi=None, item_bytes=None, item='item'):
@@ -96,16 +113,12 @@ class Int(click.ParamType):
         if (self.lo is not None and number < self.lo) or (self.hi is not None and number > self.hi):
             self.fail(f'must lie in [{"-inf" if self.lo is None else self.lo}, '
                       f'{"inf" if self.hi is None else self.hi}], got {number}', param, ctx)
-        if self.item_bytes is not None and not callable(self.item_bytes):
-            error = memory_error(number, self.item_bytes, self.item)
-            if error:
-                self.fail(error, param, ctx)
         return number
 
 
 class Command(click.Command):
-    """A click command that, once every flag is parsed and before the command runs, checks the `Int` flags
-    whose memory per unit depends on other flags (`item_bytes` a function of the parameter values). When
+    """A click command that, once every flag is parsed and before the command runs, checks the memory of
+    the `Int` flags that declare `item_bytes` (a number, or a function of the parameter values). When
     several flags share the blame (e.g. width, layers and batch of one network), the flag named is one given
     on the command line rather than left at its default, and among those the one furthest above its default."""
 
@@ -113,8 +126,9 @@ class Command(click.Command):
         failed = []
         for param in self.params:
             kind, value = param.type, ctx.params.get(param.name)
-            if isinstance(kind, Int) and callable(kind.item_bytes) and value is not None:
-                error = memory_error(value, kind.item_bytes(ctx.params), kind.item, linear=False)
+            if isinstance(kind, Int) and kind.item_bytes is not None and value is not None:
+                per_item = kind.item_bytes(ctx.params) if callable(kind.item_bytes) else kind.item_bytes
+                error = memory_error(value, per_item, kind.item, linear=not callable(kind.item_bytes))
                 if error:
                     given = ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE
                     default = param.get_default(ctx)

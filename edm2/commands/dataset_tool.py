@@ -12,7 +12,6 @@ are removed when the next run starts. Files get the permissions the umask allows
 
 import contextlib
 import io
-import json
 import os
 import pathlib
 import shutil
@@ -23,12 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from edm2 import fileio
-from edm2.commands.cli import Group, Int, fail, memory_error, path_problem
+from edm2.commands.cli import Group, Int, check_memory, fail, memory_error, one_line_errors, path_problem
 from edm2.data import IMAGE_EXTENSIONS, DatasetError, FileTree, ImageFolderDataset, read_labels
 from edm2.dataset_convert import converted, dataset_images
 from edm2.dataset_transforms import TRANSFORMS
 from edm2.errors import EDM2Error, one_line
-from edm2.worker_pool import usable_cores
+from edm2.worker_pool import CHUNK, MAX_WORKERS_PER_CORE, WORKER_BYTES, usable_cores, worker_count
+from edm2 import jsontext
 
 MAX_RESOLUTION = 8192  # output side; a typo such as 51200x51200 would otherwise try to allocate gigabytes
 
@@ -64,11 +64,11 @@ class _Source:
 
 
 # Memory (lower estimates) per output pixel while an image is converted (source, scaled and encoded copies, RGB
-# bytes and float32 resampling), per listed image (its name and label in dataset.json), and per image of a
-# VAE batch (a 256x256 RGB image in float32 and the encoder's first 128-channel activation at that size).
+# bytes and float32 resampling), and per pixel of an image of a VAE batch (RGB in float32 and the encoder's
+# first 128-channel activation). --max-images costs nothing of its own (the source's names are listed
+# anyway); a VAE batch is checked once the source's resolution is known, for the images it will hold.
 PIXEL_BYTES = 3 * 4 * 3
-LABEL_BYTES = 256
-VAE_IMAGE_BYTES = 256 * 256 * (3 + 128) * 4
+VAE_PIXEL_BYTES = (3 + 128) * 4
 
 
 class Resolution(click.ParamType):
@@ -127,15 +127,17 @@ class _Destination:
         self.is_zip = self.dest.suffix.lower() == '.zip'
         _check_destination(self.dest)
         self.tmp = fileio.temporary_name(self.dest)
-        self._zip = None
+        self._zip = self._dir = None
+        self._folders = set()
         self._made = [p for p in self.dest.parents if not p.exists()]  # folders to remove again on abort
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             fileio.remove_stale_temporaries(self.dest.parent)
-            if self.is_zip:
+            if self.is_zip:  # mode 'x': O_EXCL, so never through a link planted under the temporary's name
                 self._zip = zipfile.ZipFile(self.tmp, 'x', compression=zipfile.ZIP_STORED)
-            else:
-                os.mkdir(self.tmp)  # mode 0777 less the umask, like every folder below it
+            else:  # private until commit(), and written through its descriptor: nobody can redirect a write
+                os.mkdir(self.tmp, 0o700)
+                self._dir = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             self.abort()
             fail(f'--dest {dest}: cannot write there: {e.strerror or one_line(e)}')
@@ -145,18 +147,26 @@ class _Destination:
             if self.is_zip:
                 self._zip.writestr(name, data)
             else:
-                path = self.tmp / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
+                folder = os.path.dirname(name)
+                if folder and folder not in self._folders:
+                    os.mkdir(folder, dir_fd=self._dir)  # mode 0777 less the umask
+                    self._folders.add(folder)
+                with fileio.create_new(name, dir_fd=self._dir) as f:
+                    f.write(data)
 
     def commit(self):
         if self.is_zip:
             with self._full_disk():
                 self._zip.close()
+        else:
+            os.fchmod(self._dir, 0o777 & ~fileio.umask())  # the permissions of a plain mkdir
         try:
             os.replace(self.tmp, self.dest)
         except OSError as e:
             fail(f'--dest {self.dest}: cannot move the finished output into place: {e.strerror or one_line(e)}')
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
 
     @contextlib.contextmanager
     def _full_disk(self):
@@ -173,7 +183,10 @@ class _Destination:
                 self._zip.close()
             except (OSError, ValueError):
                 pass
-        if self.tmp.is_dir():
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
+        if self.tmp.is_dir() and not self.tmp.is_symlink():
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
             self.tmp.unlink(missing_ok=True)
@@ -189,7 +202,7 @@ def _archive_name(idx, stem='img', ext='png'):
 
 
 def _write_labels(out, labels):
-    out.write('dataset.json', json.dumps({'labels': labels}).encode())
+    out.write('dataset.json', jsontext.dumps({'labels': labels}).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +266,16 @@ def _convert_images(src, out, transform, size, max_images, skip_bad, workers):
 
 def _workers_option(what):
     return click.option('--workers', help=f'Processes that {what} (default: the usable CPU cores; 1: this '
-                        f'process only)', metavar='INT', type=Int(1, 1024), default=usable_cores)
+                        f'process only). At most {MAX_WORKERS_PER_CORE} per usable core and one per '
+                        f'{CHUNK} images are started', metavar='INT', type=Int(1, 1024), default=usable_cores)
+
+
+def _started_workers(workers, items):
+    """The workers worth starting for `items` images (`worker_count`), their memory checked."""
+    count = worker_count(workers, items)
+    if count > 1:
+        check_memory('--workers', count, WORKER_BYTES, 'worker process')
+    return count
 
 
 @cli.command()
@@ -261,12 +283,13 @@ def _workers_option(what):
 @click.option('--dest', help='Dataset to create: a folder, or a .zip (stored uncompressed)', metavar='PATH',
               required=True)
 @click.option('--max-images', help='Convert at most this many images', metavar='INT',
-              type=Int(1, item_bytes=LABEL_BYTES, item='image'))
+              type=Int(1))
 @click.option('--transform', help='How images are cropped and scaled to --resolution',
               type=click.Choice(sorted(TRANSFORMS)))
 @click.option('--resolution', help='Output size, width x height (e.g. 64x64)', metavar='WxH', type=Resolution())
 @click.option('--skip-bad', help='Count and skip images that cannot be decoded instead of stopping', is_flag=True)
 @_workers_option('decode, crop, scale and encode the images; the output is the same for any number')
+@one_line_errors
 def convert(source, dest, max_images, transform, resolution, skip_bad, workers):
     """Make a dataset of square, power-of-two PNGs and dataset.json from a folder or ZIP of images.
 
@@ -284,6 +307,7 @@ def convert(source, dest, max_images, transform, resolution, skip_bad, workers):
     out = _Destination(dest)  # checks --dest before the source is listed
     try:
         src = _Source(source)
+        workers = _started_workers(workers, len(src.names))
         count, shape, labels, skipped = _convert_images(src, out, transform, size, max_images, skip_bad, workers)
         if count == 0:
             fail(f'--source {source}: no image could be converted')
@@ -346,11 +370,12 @@ def _encode_images(vae, ds, labels_all, out, count, batch, device, workers):
 @click.option('--dest', help='Latent dataset to create: a folder, or a .zip (stored uncompressed)', metavar='PATH',
               required=True)
 @click.option('--max-images', help='Encode at most this many images', metavar='INT',
-              type=Int(1, item_bytes=LABEL_BYTES, item='image'))
+              type=Int(1))
 @click.option('--batch', help='Images the VAE encodes at once', metavar='INT', default=8, show_default=True,
-              type=Int(1, 65536, item_bytes=VAE_IMAGE_BYTES, item='image'))
+              type=Int(1, 65536))
 @click.option('--device', help='Where the VAE runs (default: CUDA when present, else the CPU)', metavar='STR')
 @_workers_option('decode the PNGs while the VAE encodes')
+@one_line_errors
 def encode(model_url, source, dest, max_images, batch, device, workers):
     """Encode a PNG dataset into raw Stability VAE latents: 8 channels, posterior mean then std.
 
@@ -362,6 +387,8 @@ def encode(model_url, source, dest, max_images, batch, device, workers):
     from edm2 import distributed  # imports torch
     ds, labels_all = _open_pixel_dataset(source)
     count = min(len(ds.names), max_images or len(ds.names))
+    check_memory('--batch', min(batch, count), VAE_PIXEL_BYTES * ds.resolution ** 2, 'image')
+    workers = _started_workers(workers, count)
     try:
         dev = distributed.default_device(device)
         from edm2.encoders import StabilityVAEEncoder

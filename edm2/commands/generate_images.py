@@ -6,7 +6,6 @@ the published release writes for those seeds. Runs on CPU, one GPU, or `torchrun
 generate_images.py ...` (the seeds are split over the processes as the published tool splits them).
 """
 
-import json
 import math
 import os
 import re
@@ -19,7 +18,9 @@ import torch
 from edm2 import distributed, generation, runtime, sampling
 from edm2.commands import cli, guidance_setup, text_images
 from edm2.fileio import atomic_write, atomic_write_text, is_complete_png
+from edm2.limits import SEED_MAX
 from edm2.metrics.adm_npz import SampleBatchSink
+from edm2 import jsontext
 
 EXAMPLES = """
 \b
@@ -88,7 +89,11 @@ def parse_seeds(text) -> generation.SeedRanges:
         last = int(m[2]) if m[2] is not None else first
         if last < first:
             raise ValueError(f'empty range {part.strip()!r} (end before start)')
+        if last > SEED_MAX:
+            raise ValueError(f'seed {last} in {part.strip()!r} is too large; seeds lie in [0, {SEED_MAX}]')
         ranges.append(range(first, last + 1))
+    if sum((r.stop - r.start for r in ranges)) > SEED_MAX:  # len() of a longer list overflows
+        raise ValueError(f'{text!r} holds more than {SEED_MAX} seeds')
     return generation.SeedRanges(ranges)
 
 
@@ -308,7 +313,7 @@ def _write_labels(path, labels, subdirs):
         return
     rows = sorted(row for part in parts for row in part)
     entries = [[image_path('', seed, subdirs).replace(os.sep, '/'), label] for _, seed, label in rows]
-    atomic_write_text(path, json.dumps({'labels': entries}))
+    atomic_write_text(path, jsontext.dumps({'labels': entries}))
     print(f'Wrote the classes of {len(entries)} images to "{path}"')
 
 

@@ -30,6 +30,7 @@ import sys
 import time
 
 import click
+import torch
 
 from edm2 import toy
 from edm2.commands.cli import Float, Group, Int, check_file_name, check_output, fail, parse_number_list
@@ -38,9 +39,11 @@ from edm2.commands.guidance_setup import RuleType
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write_text, remove_stale_temporaries
 from edm2.guidance_rules import Lerp
+from edm2.limits import SEED_MAX
 from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 from edm2.toy.figure import draw_figure, draw_rules_figure, pyplot
 from edm2.toy.reference import GROUND_TRUTH_RESULT, as_row, summarise
+from edm2 import jsontext
 
 MODEL_FILES = {'net': 'main', 'autoguide': 'autoguide', 'cfg_guide': 'cfg-guide'}
 # Guidance weights of the paper's Figure 1 (autoguidance, CFG, naive truncation).
@@ -145,10 +148,21 @@ def format_table(results, weights):
     return '\n'.join(lines)
 
 
+def check_finite(samples, what):
+    """Refuse, in one line, samples that are not all finite (a rule or weight that makes sampling diverge):
+    their metrics would be meaningless (100% outliers, NaN likelihoods)."""
+    for name, x in samples.items():
+        bad = int((~torch.isfinite(x).all(dim=-1)).sum())
+        if bad:
+            fail(f'{what} {name}: {bad} of {len(x)} samples are not finite (sampling diverged); lower the '
+                 f'guidance weight or choose another rule')
+
+
 def run_eval(models, num, seed, steps, weights, device, rule=None):
     samples = toy.sample_methods(models['net'], models['autoguide'], models['cfg_guide'], num=num, seed=seed,
                                  ag_weight=weights['ag'], cfg_weight=weights['cfg'], trunc_weight=weights['trunc'],
                                  num_steps=steps, device=device, rule=rule)
+    check_finite(samples, f'weights {", ".join(f"{k}={v:g}" for k, v in weights.items())}, method')
     mixture = toy.gt('A')
     level = toy.outlier_level(mixture)
     results = {name: toy.evaluate(x, mixture, level) for name, x in samples.items()}
@@ -157,7 +171,7 @@ def run_eval(models, num, seed, steps, weights, device, rule=None):
 
 def write_json(path, results, level, settings, **extra):
     data = dict(settings=settings, outlier_logp_level=level, results=results, **extra)
-    atomic_write_text(path, json.dumps(data, indent=2) + '\n')
+    atomic_write_text(path, jsontext.dumps(data, f'{path}', indent=2) + '\n')
 
 
 IDEAL_LABEL = (f'idealised models: ground truth blurred by {toy.IDEAL_MAIN_BLUR:g} (main), '
@@ -192,7 +206,7 @@ def sampling_options(f):
     f = click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')(f)
     f = click.option('--steps', default=32, show_default=True, type=Int(1, item_bytes=STEP_BYTES, item='step'),
                      help='Heun steps.')(f)
-    f = click.option('--seed', default=0, show_default=True, type=Int(0), help='Seed of the initial noise.')(f)
+    f = click.option('--seed', default=0, show_default=True, type=Int(0, SEED_MAX), help='Seed of the initial noise.')(f)
     f = click.option('--trunc-weight', default=PUBLISHED_WEIGHTS['trunc'], show_default=True, type=Float(),
                      help='Naive truncation: the score is scaled by this.')(f)
     f = click.option('--cfg-weight', default=PUBLISHED_WEIGHTS['cfg'], show_default=True, type=Float(), help='CFG guidance weight w.')(f)
@@ -214,7 +228,7 @@ def sampling_options(f):
 @click.option('--lr', default=0.01, show_default=True, type=Float(0, lo_open=True))
 @click.option('--ema', default=0.010, show_default=True, type=Float(SIGMA_REL_MIN, SIGMA_REL_MAX, hi_open=True),
               help='Power-function EMA length sigma_rel.')
-@click.option('--seed', default=0, show_default=True, type=Int(0))
+@click.option('--seed', default=0, show_default=True, type=Int(0, SEED_MAX))
 @click.option('--outdir', required=True, type=click.Path(file_okay=False), help='Output folder.')
 @click.option('--name', default=None, help='File name stem [default: toy-CLASSES-LAYERSxWIDTH-ITERATIONS].')
 @click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')
@@ -394,7 +408,7 @@ def demo_rows(loaded, seed, num, weights, device):
               type=Int(1, item_bytes=toy.sample_bytes(64, 4), item='sample'))  # the main model is the largest
 @click.option('--num', default=20000, show_default=True, type=Int(1, item_bytes=EVAL_SAMPLE_BYTES, item='sample'),
               help='Samples per method for the evaluation (the figure shows the first 6000).')
-@click.option('--seed', default=0, show_default=True, type=Int(0),
+@click.option('--seed', default=0, show_default=True, type=Int(0, SEED_MAX),
               help='Training seed (main; the guides use seed+1, seed+2) and sampling seed.')
 @click.option('--seeds', default=None, metavar='LIST',
               help='Several seeds, e.g. 0,1,2: train and evaluate each (models in OUTDIR/seed-N) and print mean '
@@ -410,7 +424,7 @@ def demo(outdir, main_iterations, guide_iterations, batch, num, seed, seeds, ret
     t0 = time.time()
     settings = dict(num=num, main_iterations=main_iterations, guide_iterations=guide_iterations, batch=batch)
     if seeds is not None:
-        values = parse_number_list(seeds, '--seeds', lo=0)
+        values = parse_number_list(seeds, '--seeds', lo=0, hi=SEED_MAX - 2)  # the guides use seed + 1, seed + 2
         if any(v != int(v) for v in values):
             raise click.BadParameter(f'expected whole numbers, got {seeds!r}', param_hint='--seeds')
         demo_seeds(outdir, sorted(set(int(v) for v in values)), settings, retrain, device)
@@ -463,6 +477,7 @@ def rules_rows(trained, release, ideal, rules, weight, num, seed, steps, device)
     for label, models in sets:
         samples = toy.sample_rules(models['net'], models['autoguide'], rules, w=weight, num=num, seed=seed,
                                    num_steps=steps, device=device)
+        check_finite(samples, f'{label}, --ag-weight {weight:g}, --guidance-rule')
         rows.append((label, samples, {spec: toy.evaluate(x, mixture, level) for spec, x in samples.items()}))
     return rows, level
 
@@ -489,7 +504,7 @@ def format_rules(rows):
               help='Autoguidance weight w, the same for every rule.')
 @click.option('--num', default=20000, show_default=True, type=Int(1, item_bytes=EVAL_SAMPLE_BYTES, item='sample'),
               help='Samples per rule for the numbers (the figure shows the first 6000).')
-@click.option('--seed', default=0, show_default=True, type=Int(0), help='Seed of the initial noise.')
+@click.option('--seed', default=0, show_default=True, type=Int(0, SEED_MAX), help='Seed of the initial noise.')
 @click.option('--steps', default=32, show_default=True, type=Int(1, item_bytes=STEP_BYTES, item='step'),
               help='Heun steps.')
 @click.option('--out', required=True, type=click.Path(dir_okay=False),

@@ -10,7 +10,7 @@ import click
 
 from edm2 import distributed as dist
 from edm2 import presets
-from edm2.commands.cli import Float, Int, fail, parse_number_list
+from edm2.commands.cli import Float, Int, fail, parse_number_list, report_rank_error
 from edm2.errors import EDM2Error
 from edm2.metrics import evaluate
 from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
@@ -235,7 +235,9 @@ def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean,
     except EDM2Error as e:
         report = e.report if isinstance(e, TrainingError) else 'rank0'
         if report == 'self' or (report == 'rank0' and dist.is_main()):
-            fail(e)
+            if dist.get_world_size() == 1:
+                fail(e)
+            report_rank_error(e)  # every rank that met the cause prints its own line, before the shutdown
         raise SystemExit(1) from None
     finally:
         dist.shutdown()

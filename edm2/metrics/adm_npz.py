@@ -28,8 +28,8 @@ import torch
 
 from edm2 import distributed
 from edm2.download import local_file
-from edm2.errors import EDM2Error, one_line
-from edm2.fileio import atomic_path, temporary_name
+from edm2.errors import EDM2Error, numpy_reason, one_line
+from edm2.fileio import atomic_path, create_new, open_temporary, temporary_name
 
 IMAGES, LABELS = 'arr_0', 'arr_1'
 STAT_KEYS = {'fid': ('mu', 'sigma'), 'sfid': ('mu_s', 'sigma_s')}
@@ -45,10 +45,16 @@ class AdmBatch:
     def __init__(self, path_or_url):
         self.path = local_file(path_or_url, AdmFileError, 'ADM batch file')
         try:
+            with open(self.path, 'rb') as f:
+                signature = f.read(4)
+            if signature != b'PK\x03\x04':  # numpy would try it as a pickle, and advise loading it "unsafely"
+                raise AdmFileError(f'{self.path} is not a valid .npz file (it does not start as a ZIP archive does)')
             with np.load(self.path, allow_pickle=False) as z:
                 self.keys = list(z.files)
+        except AdmFileError:
+            raise
         except Exception as e:
-            raise AdmFileError(f'{self.path} is not a NumPy .npz file: {one_line(e)}') from None
+            raise AdmFileError(f'{self.path} is not a valid .npz file: {numpy_reason(e)}') from None
         self.image_shape = self._image_header() if IMAGES in self.keys else None
 
     def error(self, key, what) -> AdmFileError:
@@ -61,8 +67,8 @@ class AdmBatch:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 a = z[key]
-        except Exception as e:  # object arrays: "Object arrays cannot be loaded when allow_pickle=False"
-            raise self.error(key, f'cannot be read: {one_line(e)}') from None
+        except Exception as e:  # object arrays: numpy's text suggests allow_pickle, which we never give
+            raise self.error(key, f'cannot be read: {numpy_reason(e)}') from None
         if ndim is not None and a.ndim != ndim:
             raise self.error(key, f'has shape {list(a.shape)}; expected {ndim} dimensions')
         if dtype_kind is not None and a.dtype.kind not in dtype_kind:
@@ -135,7 +141,8 @@ class _NpzStream:
     """Members of an uncompressed .npz written one after another; arrays may be streamed in row chunks."""
 
     def __init__(self, path):
-        self.zip = zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._file = open_temporary(path)  # never through a link put in the temporary's place
+        self.zip = zipfile.ZipFile(self._file, 'w', compression=zipfile.ZIP_STORED, allowZip64=True)
 
     def begin(self, key, shape, dtype):
         f = self.zip.open(key + '.npy', 'w', force_zip64=True)
@@ -153,7 +160,10 @@ class _NpzStream:
             f.write(array.tobytes())
 
     def close(self):
-        self.zip.close()
+        try:
+            self.zip.close()
+        finally:
+            self._file.close()
 
 
 class NpzImageWriter:
@@ -235,7 +245,7 @@ class SampleBatchSink:
                 self._writer.__enter__()
             else:
                 self._raw_path = str(temporary_name(self.path))
-                self._raw = open(self._raw_path, 'wb')
+                self._raw = create_new(self._raw_path)
         if self._writer is not None:
             if [int(s) for s in seeds] != self.seeds[len(self._seen):len(self._seen) + len(seeds)]:
                 raise ValueError('a single process must generate the seeds in order')

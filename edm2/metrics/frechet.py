@@ -16,9 +16,14 @@ those of the smaller of K K^T and K^T K. Everything is float64 and exact up to r
 null space (rounding noise) enters, so rank-deficient statistics give the same value whichever side is
 factored, and a few hundred items cost milliseconds.
 
-Negative eigenvalues of the reference, or a negative remainder of the other side after its Cholesky
-factor, that exceed rounding (an input that is not a covariance matrix) are treated as zero with a
-warning stating their size.
+Both covariances are checked before a distance is returned: a matrix that is not symmetric within the
+rounding level, or that has a negative eigenvalue beyond it, is not a covariance matrix and is refused
+with a one-line `FrechetError` naming it (never a silent choice of triangle, never a negative distance).
+For the reference, the eigenvalues show it; for the other side, a pivoted Cholesky factorisation that
+stops at rank r leaves a remainder sigma - G G^T whose entries are all within the rounding level exactly
+when sigma is positive semi-definite up to rounding (a positive semi-definite remainder with diagonal
+entries below the level has off-diagonal entries below it too). Negative eigenvalues within the level are
+rounding and count as zero.
 
 Side 2 is the reference: `FrechetReference` holds its factor, and `frechet_distance` reuses the factor
 of statistics it has seen recently (looked up by content), so a sweep, `--repeats` and `calc` against
@@ -27,7 +32,6 @@ one reference decompose each reference covariance once.
 
 import collections
 import hashlib
-import warnings
 
 import numpy as np
 import scipy.linalg
@@ -61,12 +65,16 @@ def _checked(mu, sigma, names):
     for name, a in zip(names, (mu, sigma)):
         if not np.all(np.isfinite(a)):
             raise FrechetError(f'{name} contains non-finite values')
+    scale, level = _rounding_level(mu, sigma)
+    asymmetry = float(np.max(np.abs(sigma - sigma.T))) if sigma.size else 0.0
+    if asymmetry > level:
+        _refuse(names[1], f'is not symmetric: entries differ from their transposed entries by up to '
+                f'{asymmetry:.3g}', scale, level)
     return mu, sigma  # symmetric up to rounding: the factorisations read its lower triangle
 
 
-def _warn_negative(value, scale, level, what):
-    warnings.warn(f'Fréchet distance: {what} {value:.3g} (scale {scale:.3g}, rounding level {level:.2g}): '
-                  f'not a covariance matrix; treated as zero', RuntimeWarning)
+def _refuse(name, what, scale, level):
+    raise FrechetError(f'{name} {what} (scale {scale:.3g}, rounding level {level:.2g}): not a covariance matrix')
 
 
 def _cholesky_factor(mu, sigma, name):
@@ -86,12 +94,12 @@ def _cholesky_factor(mu, sigma, name):
         raise FrechetError(f'{name}: pivoted Cholesky factorisation failed (LAPACK info {info})')
     g = np.empty((d, rank))
     g[piv - 1] = np.triu(u[:rank]).T  # P^T sigma P = U^T U over the first `rank` rows of U
-    # For a positive semi-definite sigma what the factor leaves out is a remainder of trace in
-    # [0, (d - rank) * level]; a clearly negative one means negative eigenvalues.
-    remainder = float(np.trace(sigma) - np.sum(g * g))
-    if remainder < -(d - rank + 1) * level:
-        _warn_negative(remainder, scale, level, f'{name} is not positive semi-definite: the part beyond its '
-                       f'rank-{rank} Cholesky factor has trace')
+    # What the factor leaves out: within the rounding level everywhere when sigma is positive
+    # semi-definite (see the module docstring); larger entries mean negative eigenvalues.
+    remainder = float(np.max(np.abs(sigma - g @ g.T)))
+    if remainder > 2 * level:
+        _refuse(name, f'is not positive semi-definite: beyond its rank-{rank} Cholesky factor an entry of '
+                f'{remainder:.3g} remains', scale, level)
     return g.T, False
 
 
@@ -116,7 +124,8 @@ class FrechetReference:
         w, v = _eigh(sigma)
         scale, level = _rounding_level(self.mu, sigma)
         if w.size and w.min() < -level:
-            _warn_negative(float(w.min()), scale, level, f'{names[1]} has a negative eigenvalue')
+            _refuse(names[1], f'is not positive semi-definite: it has the eigenvalue {float(w.min()):.3g}', scale,
+                    level)
         keep = w > level
         # F = V_r diag(sqrt(w_r)) (S = F V_r^T), in Fortran order for BLAS.
         self.factor = np.asfortranarray(v[:, keep] * np.sqrt(w[keep]))
@@ -150,9 +159,10 @@ class FrechetReference:
 _recent = collections.OrderedDict()  # content digest of (mu, sigma) -> FrechetReference, most recent last
 
 
-def reference(mu, sigma) -> FrechetReference:
+def reference(mu, sigma, names=('mu2', 'sigma2')) -> FrechetReference:
     """The `FrechetReference` of (mu, sigma), reused while it is among the last CACHED_REFERENCES used
-    (looked up by the arrays' contents, so a copy or a reloaded file finds it too)."""
+    (looked up by the arrays' contents, so a copy or a reloaded file finds it too). A `FrechetError` names
+    the statistics by `names` (e.g. the file and key they were read from)."""
     mu, sigma = np.ascontiguousarray(mu, np.float64), np.ascontiguousarray(sigma, np.float64)
     digest = hashlib.sha1(usedforsecurity=False)
     for a in (mu, sigma):
@@ -162,7 +172,7 @@ def reference(mu, sigma) -> FrechetReference:
     if key in _recent:
         _recent.move_to_end(key)
         return _recent[key]
-    ref = FrechetReference(mu, sigma)
+    ref = FrechetReference(mu, sigma, names)
     _recent[key] = ref
     while len(_recent) > CACHED_REFERENCES:
         _recent.popitem(last=False)

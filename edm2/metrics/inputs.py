@@ -7,7 +7,7 @@ Errors are `EDM2Error` subclasses with one-line messages naming the file.
 from edm2 import distributed
 from edm2.errors import one_line
 
-from . import adm, evaluate
+from . import adm, evaluate, frechet
 from .adm_npz import AdmBatch, AdmFileError
 from .detectors import load_detector
 from .reference import load_reference
@@ -26,7 +26,18 @@ def load_checked_reference(path, metrics, pr_features) -> dict:
     with distributed.rank0_first():
         reference = load_reference(path)
     evaluate.check_reference(reference, metrics, pr_features, ref_name=f'reference {path}')
+    check_covariances(reference, metrics, path)
     return reference
+
+
+def check_covariances(reference, metrics, path):
+    """Refuse, before any work, reference statistics of `metrics` whose sigma is not a covariance matrix
+    (`edm2.metrics.frechet`), in one line naming the file and the key; decomposes each sigma once (the
+    distances reuse the factor)."""
+    for metric in metrics:
+        stats = reference.get(metric)
+        if isinstance(stats, dict) and 'sigma' in stats:
+            frechet.reference(stats['mu'], stats['sigma'], names=(f'{path}: {metric}.mu', f'{path}: {metric}.sigma'))
 
 
 def load_adm_reference(path, metrics, detectors, batch_size, device) -> dict:
@@ -36,6 +47,7 @@ def load_adm_reference(path, metrics, detectors, batch_size, device) -> dict:
     with distributed.rank0_first():
         batch = AdmBatch(path)
     ref, from_images = adm.read_reference(batch, metrics, {s: dims[o] for s, o in adm.STREAMS.items()})
+    check_covariances(ref, metrics, path)
     need_pr = any(m in adm.PR_METRICS for m in metrics)
     if not from_images and not need_pr:
         return ref

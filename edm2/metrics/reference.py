@@ -19,7 +19,7 @@ import numpy as np
 
 from edm2 import safe_pickle
 from edm2.download import local_file
-from edm2.errors import EDM2Error, one_line
+from edm2.errors import EDM2Error, numpy_reason
 from edm2.fileio import atomic_write
 
 METRIC_KEYS = ('fid', 'fd_dinov2')
@@ -73,7 +73,7 @@ def load_reference(path_or_url) -> dict:
                 ref = {'fid': {'mu': z['mu'], 'sigma': z['sigma']}}
         except Exception as e:  # noqa: BLE001 -- numpy raises many types for foreign or damaged archives
             raise ReferenceFileError(f'{path} is not an EDM1 statistics .npz with mu and sigma: '
-                                     f'{one_line(e)}') from None
+                                     f'{numpy_reason(e)}') from None
     else:
         try:
             ref = safe_pickle.load(data)

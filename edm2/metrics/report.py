@@ -4,7 +4,6 @@ evaluation, the printed table (each run, then min and mean over repeats) and the
 Errors are `EDM2Error` subclasses with one-line messages; the command line turns them into click errors.
 """
 
-import json
 import time
 
 import numpy as np
@@ -12,6 +11,7 @@ import numpy as np
 from edm2 import distributed
 from edm2.errors import EDM2Error
 from edm2.fileio import atomic_write_text
+from edm2 import jsontext
 
 from . import adm, evaluate
 
@@ -104,7 +104,7 @@ def write_json(path, obj):
     """Write `obj` as JSON to `path` atomically, on rank 0 (nothing when `path` is None)."""
     if path and distributed.is_main():
         try:
-            atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
+            atomic_write_text(path, jsontext.dumps(obj, f'{path}', indent=2) + '\n')
         except OSError as e:
             raise cannot_write(path, e) from None
         distributed.print0(f'Results written to {path}')

@@ -8,8 +8,9 @@ import os
 
 from edm2 import distributed
 from edm2.errors import EDM2Error
-from edm2.fileio import atomic_write, atomic_write_text, reporting_full_disk
+from edm2.fileio import atomic_write, atomic_write_text, open_append, reporting_full_disk
 from edm2.guidance_rules import RuleError, parse_rule
+from edm2 import jsontext
 
 from .axes import LEGACY_FIXED, interval_spec
 
@@ -76,8 +77,8 @@ class CellLog:
     def append(self, record):
         self.cells[record_key(record, self.defaults)] = record
         if distributed.is_main():
-            with reporting_full_disk(self.path), open(self.path, 'a') as f:  # a line cut short is dropped on resume
-                f.write(json.dumps(record) + '\n')
+            with reporting_full_disk(self.path), open_append(self.path) as f:  # a line cut short is dropped on resume
+                f.write(jsontext.dumps(record, f'{self.path}') + '\n')
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -110,5 +111,5 @@ def write_settings(outdir, config, best=None, extra=None):
                phema_batch=config.phema_batch, guide_batch=config.guide_batch,
                world_size=distributed.get_world_size(), best=best, **(extra or {}))
     if distributed.is_main():
-        atomic_write_text(os.path.join(outdir, 'sweep.json'), json.dumps(doc, indent=2) + '\n')
+        atomic_write_text(os.path.join(outdir, 'sweep.json'), jsontext.dumps(doc, indent=2) + '\n')
     return doc

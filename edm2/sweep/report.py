@@ -16,6 +16,7 @@ import numpy as np
 
 from edm2 import distributed
 from edm2.checkpoint import save_network
+from edm2.fileio import atomic_path, open_temporary
 
 from . import axes as sweep_axes
 from . import plan as sweep_plan
@@ -202,7 +203,8 @@ def figures(outdir, records, metrics, net_stds, gnet_stds, best):
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         paths.append(os.path.join(outdir, FIGURE_NAMES[0].format(metric=m)))
-        fig.savefig(paths[-1])
+        with atomic_path(paths[-1]) as tmp, open_temporary(tmp) as f:  # never through a planted link
+            fig.savefig(f, format='png')
         plt.close(fig)
 
         b = best[m]
@@ -226,7 +228,8 @@ def figures(outdir, records, metrics, net_stds, gnet_stds, best):
                      ('\nbest over intervals' if show_interval else ''), fontsize=9)
         fig.tight_layout()
         paths.append(os.path.join(outdir, FIGURE_NAMES[1].format(metric=m)))
-        fig.savefig(paths[-1])
+        with atomic_path(paths[-1]) as tmp, open_temporary(tmp) as f:  # never through a planted link
+            fig.savefig(f, format='png')
         plt.close(fig)
     return paths
 

@@ -5,7 +5,7 @@ panel's outlier rate and branch TV (needs matplotlib, the `toy` extra)."""
 
 import torch
 
-from edm2.fileio import atomic_path
+from edm2.fileio import atomic_path, open_temporary
 from edm2.toy.mixture import ToyError, gt
 
 
@@ -64,8 +64,8 @@ def save(plt, fig, path, dpi):
     """Write the figure as PNG under a temporary name, then rename (no half-written file)."""
     fig.tight_layout(pad=0.4)
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format='png')
+        with atomic_path(path) as tmp, open_temporary(tmp) as f:
+            fig.savefig(f, dpi=dpi, format='png')
     finally:
         plt.close(fig)
 

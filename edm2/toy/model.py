@@ -11,6 +11,7 @@ import torch
 from edm2 import mp
 from edm2.fileio import save_safetensors
 from edm2.toy.mixture import ToyError
+from edm2 import jsontext
 
 SIGMA_DATA = 0.5
 
@@ -81,7 +82,8 @@ class ToyModelError(ToyError):
 def save_model(path, net, **metadata):
     """Write net's weights and constructor arguments (safetensors + JSON metadata), atomically."""
     path = os.fspath(path)
-    meta = {'format': 'edm2-toy-v1', 'init_kwargs': json.dumps(net.init_kwargs), 'metadata': json.dumps(metadata)}
+    meta = {'format': 'edm2-toy-v1', 'init_kwargs': jsontext.dumps(net.init_kwargs),
+            'metadata': jsontext.dumps(metadata)}
     tensors = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in net.state_dict().items()}
     save_safetensors(path, tensors, metadata=meta)
 
