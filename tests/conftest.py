@@ -1,9 +1,14 @@
-"""Shared test helpers: where the parity fixtures live (tests/fixtures, see its README.md)."""
+"""Shared test helpers: where the parity fixtures live (tests/fixtures, see its README.md); the CPU thread
+policy of the commands (edm2.threads), applied before any test imports torch."""
 
 import pathlib
 import sys
 
 import pytest
+
+from edm2 import threads
+
+threads.configure()  # one thread unless $EDM2_THREADS / $OMP_NUM_THREADS say otherwise; waiting threads sleep
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -40,9 +45,9 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope='module')
 def one_thread():
-    """One intra-op thread for tests of tiny tensors (`pytestmark = pytest.mark.usefixtures('one_thread')`):
-    they gain nothing from two, and OpenMP threads waiting for each other slowed tiny forwards from
-    0.05 s to 2-4 s on a busy 2-core machine."""
+    """One intra-op thread for tests of tiny tensors (`pytestmark = pytest.mark.usefixtures('one_thread')`),
+    whatever $EDM2_THREADS says: they gain nothing from two, and OpenMP threads waiting for each other slowed
+    tiny forwards from 0.05 s to 2-4 s on a busy 2-core machine."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

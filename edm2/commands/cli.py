@@ -1,5 +1,5 @@
 """Shared pieces of the command lines: validated click parameter types, list parsing, one-line errors,
-the run lock held for the length of a command.
+the run lock held for the length of a command, and the flags every command has (`--threads`, `--version`).
 
 Every numeric flag is checked finite and inside its meaningful range by click, before any work
 starts, so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag. A count or
@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 
 import click
 
+from edm2 import __version__, threads
 from edm2.errors import EDM2Error, one_line
 from edm2.fileio import NAME_MAX
 from edm2.limits import available_memory, check_range, format_bytes, memory_error, path_problem  # noqa: F401
@@ -103,7 +104,63 @@ class Int(click.ParamType):
         return number
 
 
-class Command(click.Command):
+class OneLineUsageError(click.UsageError):
+    """A usage error (unknown flag, bad or missing value) shown as one line, `Error: ...` and where to find
+    help, instead of click's three (usage, hint, error); exit status 2 as click's."""
+
+    def __init__(self, error):
+        super().__init__(error.format_message())
+        self.exit_code = error.exit_code
+        self.command_path = error.ctx.command_path if error.ctx is not None else None
+
+    def show(self, file=None):
+        hint = f" (see '{self.command_path} --help')" if self.command_path else ''
+        click.echo(f'Error: {self.format_message().rstrip(".")}{hint}', file=file, err=file is None)
+
+
+def _set_threads(ctx, param, value):
+    if not ctx.resilient_parsing:
+        threads.configure(value)
+    return value
+
+
+def common_options():
+    """The flags of every command: --threads (the CPU thread policy of edm2.threads) and --version."""
+    return [click.Option(['--threads'], type=Int(0), default=None, expose_value=False, callback=_set_threads,
+                         metavar='N', help=f'CPU threads torch computes with [default: $EDM2_THREADS, else '
+                         f'$OMP_NUM_THREADS, else {threads.DEFAULT_THREADS}: more threads stall on a busy machine; '
+                         f'0 = one per core]'),
+            click.Option(['--version'], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_show_version, help='Print the edm2 version and exit.')]
+
+
+def _show_version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(f'{ctx.command_path} (edm2) {__version__}')
+        ctx.exit()
+
+
+class _OneLineUsage:
+    """Mixin of `Command` and `Group`: usage errors become `OneLineUsageError`s."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except OneLineUsageError:
+            raise
+        except click.UsageError as e:
+            raise OneLineUsageError(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OneLineUsageError:
+            raise
+        except click.UsageError as e:
+            raise OneLineUsageError(e) from None
+
+
+class _MemoryChecked(click.Command):
     """A click command that, once every flag is parsed and before the command runs, checks the `Int` flags
     whose memory per unit depends on other flags (`item_bytes` a function of the parameter values). When
     several flags share the blame (e.g. width, layers and batch of one network), the flag named is one given
@@ -126,9 +183,22 @@ class Command(click.Command):
         return super().invoke(ctx)
 
 
-class Group(click.Group):
-    """A click group whose subcommands are `Command`s."""
+class Command(_OneLineUsage, _MemoryChecked):
+    """The project's click command: memory-checked count flags (`Int(item_bytes=function)`), usage errors in
+    one line, and the common flags `--threads` and `--version`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(common_options())
+
+
+class Group(_OneLineUsage, click.Group):
+    """A click group of `Command`s, with `--version` and usage errors in one line."""
     command_class = Command
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(common_options()[1:])
 
 
 def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -211,3 +281,21 @@ def hold_for_command(folder, flag='--outdir'):
         return click.get_current_context().with_resource(hold_run_folder(folder, flag))
     except FolderInUseError as e:
         fail_once(e)
+
+
+def _set_vae(ctx, param, value):
+    if value is not None and not ctx.resilient_parsing:
+        from edm2.encoders import VAE_ENV
+        if not os.path.isdir(os.path.expanduser(value)):
+            raise click.BadParameter(f'{value} is not a folder (expected an AutoencoderKL folder, as '
+                                     f'save_pretrained writes)', ctx, param)
+        os.environ[VAE_ENV] = os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def vae_option(fn):
+    """`--vae PATH`: a local AutoencoderKL folder used instead of the VAE a latent network's file names
+    (edm2.encoders reads it from $EDM2_VAE), e.g. offline."""
+    return click.option('--vae', metavar='PATH', default=None, expose_value=False, callback=_set_vae,
+                        help='Local AutoencoderKL folder (save_pretrained) to decode/encode latents with, instead '
+                             'of the Hugging Face model a latent network names (e.g. offline).')(fn)

@@ -146,6 +146,7 @@ def make_grid(images):
 
 @click.command(cls=cli.Command, epilog=EXAMPLES, context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110))
 @guidance_setup.guidance_options
+@cli.vae_option
 @click.option('--outdir', metavar='DIR', help='Folder that receives one PNG per seed.')
 @click.option('--subdirs', is_flag=True, help='Group the PNGs in folders of 1000 seeds (000000/, 001000/, ...).')
 @click.option('--seeds', metavar='LIST', type=SeedsType(), default='0-63', show_default=True,

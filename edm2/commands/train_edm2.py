@@ -10,7 +10,7 @@ import click
 
 from edm2 import distributed as dist
 from edm2 import presets
-from edm2.commands.cli import Float, Int, fail, parse_number_list
+from edm2.commands.cli import Command, Float, Int, fail, parse_number_list
 from edm2.errors import EDM2Error
 from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
 from edm2.training.loop import training_loop
@@ -82,7 +82,7 @@ Every number is checked before anything is written; an error is one line naming 
 """
 
 
-@click.command(epilog=EPILOG)
+@click.command(cls=Command, epilog=EPILOG)
 # Main options (published names).
 @click.option('--outdir', help='Run folder; created if missing, continued if it holds a run', metavar='DIR',
               required=True)
