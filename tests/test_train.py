@@ -152,7 +152,7 @@ def test_bad_input_is_refused_before_any_output(tmp_path):
         np.save(lat / f'img-mean-std-{i:08d}.npy', np.zeros((5, 8, 8), np.float32))
     _fails(tmp_path, '--data', lat, '--cond', '0', '--batch', '2', *common, match='5 channels')
     _fails(tmp_path, '--data', ds, '--preset', 'edm2-img512-huge', match='unknown train preset')
-    _fails(tmp_path, '--data', ds, '--batch', '4', *TINY, match='--duration')
+    _fails(tmp_path, '--data', ds, '--preset', '', '--batch', '4', *TINY, match='--duration')
     _fails(tmp_path, '--data', ds, '--batch', '4', '--duration', '2Xi', *TINY, match='image count')
     _fails(tmp_path, '--data', ds, '--batch', '4', '--ema-stds', '0.5', *common, match='--ema-stds')
     _fails(tmp_path, '--data', ds, '--batch', '4', *common, '--device', 'blah', match='not a torch device')
@@ -170,6 +170,18 @@ def test_dry_run_shows_preset_and_writes_nothing(tmp_path):
     assert shown['P_mean'] == -0.8 and shown['P_std'] == 1.6 and shown['channels'] == 8 and shown['batch'] == 2048
     assert shown['network_kwargs']['label_dim'] == 2 and shown['precision'] == 'fp16'
     assert not (tmp_path / 'run').exists()
+
+
+def test_without_preset_the_release_default_edm2_img512_s_applies(tmp_path):
+    """The release's train_edm2.py defaults to --preset=edm2-img512-s; so does ours (configs/train.toml's row)."""
+    ds = _png_dataset(tmp_path / 'ds')
+    r = _train('--outdir', tmp_path / 'run', '--data', ds, *TINY, '-n')
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output[r.output.index('{'):])
+    row = presets.get('train', 'edm2-img512-s')
+    assert shown['duration'] == 2048 << 20 and row['duration'] in ('2048Mi', 2048 << 20)
+    assert (shown['lr'], shown['decay'], shown['batch'], shown['P_mean']) == (row['lr'], row['decay'], row['batch'],
+                                                                            row['P_mean'])
 
 
 def test_changed_hyperparameter_on_resume_is_refused(tmp_path):

@@ -234,8 +234,16 @@ class _Session:
         kind = f'conditional, {ds.label_dim} classes' if opts.cond else 'unconditional'
         self.log(f'Training {prep.num_params / 1e6:.2f}M parameters on {len(ds)} images {ds.image_shape} ({kind}); '
                  f'{self.world} process(es) on {self.device.type}, batch {opts.batch} = {self.world} x '
-                 f'{prep.batch_gpu} x {prep.rounds} round(s), precision {opts.precision}; duration '
+                 f'{prep.batch_gpu} x {prep.rounds} round(s), precision {self._precision_shown()}; duration '
                  f'{format_nimg(opts.duration)} images')
+        self.log('(loss: the EDM2 loss weighted by the learned uncertainty u(sigma), error / e^u + u, which goes below '
+                 'zero once u has learned that the error is small: lower is better, the sign means nothing)')
+
+    def _precision_shown(self):
+        """The arithmetic that really runs: --precision on CUDA, float32 elsewhere."""
+        if self.device.type == 'cuda' or self.opts.precision == 'fp32':
+            return self.opts.precision
+        return f'fp32 (--precision {self.opts.precision} applies on CUDA only)'
 
     def _steps(self, step_callback):
         opts = self.opts

@@ -247,7 +247,11 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
         _write_labels(labels_out, labels, subdirs)
     total = torch.tensor([written], dtype=torch.int64, device=device if device.type == 'cuda' else 'cpu')
     distributed.all_reduce_sum(total)
-    distributed.print0(f'Done: {int(total.item())} images written.')
+    outputs = ([f'{int(total.item())} images to "{outdir}"'] if outdir is not None else []) + \
+              ([f'a grid of {len(seeds)} images to "{grid}"'] if grid is not None else []) + \
+              ([f'labels to "{labels_out}"'] if labels_out is not None else []) + \
+              ([f'the sample batch to "{npz}"'] if npz is not None else [])
+    distributed.print0(f'Done: wrote {", ".join(outputs)}.')
     distributed.barrier()
     distributed.shutdown()
 
