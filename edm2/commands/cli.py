@@ -111,6 +111,7 @@ class OneLineUsageError(click.UsageError):
     def __init__(self, error):
         super().__init__(error.format_message())
         self.exit_code = error.exit_code
+        self.original = error  # the click error it stands for (NoSuchOption, BadParameter, ...)
         self.command_path = error.ctx.command_path if error.ctx is not None else None
 
     def show(self, file=None):
@@ -146,7 +147,7 @@ class _OneLineUsage:
     def make_context(self, *args, **kwargs):
         try:
             return super().make_context(*args, **kwargs)
-        except OneLineUsageError:
+        except (OneLineUsageError, click.exceptions.NoArgsIsHelpError):  # the latter shows the help
             raise
         except click.UsageError as e:
             raise OneLineUsageError(e) from None
