@@ -125,14 +125,18 @@ def _set_threads(ctx, param, value):
     return value
 
 
-def common_options():
-    """The flags of every command: --threads (the CPU thread policy of edm2.threads) and --version."""
-    return [click.Option(['--threads'], type=Int(0), default=None, expose_value=False, callback=_set_threads,
-                         metavar='N', help=f'CPU threads torch computes with [default: $EDM2_THREADS, else '
-                         f'$OMP_NUM_THREADS, else {threads.DEFAULT_THREADS}: more threads stall on a busy machine; '
-                         f'0 = one per core]'),
-            click.Option(['--version'], is_flag=True, expose_value=False, is_eager=True,
-                         callback=_show_version, help='Print the edm2 version and exit.')]
+def threads_option():
+    """`--threads N`: the CPU thread policy of edm2.threads, applied as soon as the flag is parsed."""
+    return click.Option(['--threads'], type=Int(0), default=None, expose_value=False, callback=_set_threads,
+                        metavar='N', help=f'CPU threads torch computes with [default: $EDM2_THREADS, else '
+                        f'$OMP_NUM_THREADS, else {threads.DEFAULT_THREADS}: more threads stall on a busy machine; '
+                        f'0 = one per core]')
+
+
+def version_option():
+    """`--version`: the edm2 version, then exit."""
+    return click.Option(['--version'], is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+                        help='Print the edm2 version and exit.')
 
 
 def _show_version(ctx, param, value):
@@ -190,7 +194,7 @@ class Command(_OneLineUsage, _MemoryChecked):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.params.extend(common_options())
+        self.params += [threads_option(), version_option()]
 
 
 class Group(_OneLineUsage, click.Group):
@@ -199,7 +203,7 @@ class Group(_OneLineUsage, click.Group):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.params.extend(common_options()[1:])
+        self.params.append(version_option())
 
 
 def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False):
