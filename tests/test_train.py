@@ -189,6 +189,9 @@ def test_changed_hyperparameter_on_resume_is_refused(tmp_path):
     args = ['--outdir', tmp_path / 'run', '--data', ds, '--duration', '4', '--batch', '4', *TINY]
     r = _train(*args)
     assert r.exit_code == 0, r.output
+    # The banner says what runs on this CPU (--fp16 is on by default) and why the loss may be negative.
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert 'precision fp32 (--precision fp16 applies on CUDA only)' in log and 'goes below zero' in log
     assert (tmp_path / 'run' / 'training-state-0000000.pt').is_file()
     state = torch.load(tmp_path / 'run' / 'training-state-0000000.pt', weights_only=True)
     assert state['cur_nimg'] == 4 and state['data']['position'] == 4
