@@ -70,7 +70,7 @@ def test_a_file_dropped_into_the_cache_is_used_offline(closed_port):
     # The name edm2 0.1.0 used (hash of the URL + file name) is still read.
     url2 = f'http://127.0.0.1:{closed_port}/nets/b.bin'
     legacy = download._legacy_cache_path(url2)
-    legacy.write_bytes(b'old') if legacy.parent.exists() else (legacy.parent.mkdir(parents=True), legacy.write_bytes(b'old'))
+    legacy.write_bytes(b'old')  # in CACHE/downloads, created above
     assert fetch(url2) == legacy
 
 
