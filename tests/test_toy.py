@@ -429,6 +429,8 @@ def test_cli_train_eval_plot(tmp_path):
     res = runner.invoke(cli(), ['eval', '--models', d, '--num', '200', '--steps', '4', '--device', 'cpu'])
     assert res.exit_code == 0, res.output
     assert 'autoguidance' in res.output
+    text = ' '.join(res.output.split())  # the legend below the table is wrapped
+    assert 'leaf coverage: leaf branches' in text and 'branch TV: total variation' in text
     data = json.load(open(os.path.join(d, 'eval.json')))
     assert set(data['results']) == set(toy.METHODS)
     res = runner.invoke(cli(), ['plot', '--models', d, '--num', '200', '--steps', '4', '--device', 'cpu',
