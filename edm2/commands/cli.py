@@ -108,11 +108,12 @@ class OneLineUsageError(click.UsageError):
     """A usage error (unknown flag, bad or missing value) shown as one line, `Error: ...` and where to find
     help, instead of click's three (usage, hint, error); exit status 2 as click's."""
 
-    def __init__(self, error):
+    def __init__(self, error, ctx=None):
         super().__init__(error.format_message())
         self.exit_code = error.exit_code
         self.original = error  # the click error it stands for (NoSuchOption, BadParameter, ...)
-        self.command_path = error.ctx.command_path if error.ctx is not None else None
+        ctx = error.ctx if error.ctx is not None else ctx  # raised in a command's body: the command's context
+        self.command_path = ctx.command_path if ctx is not None else None
 
     def show(self, file=None):
         hint = f" (see '{self.command_path} --help')" if self.command_path else ''
@@ -162,7 +163,7 @@ class _OneLineUsage:
         except OneLineUsageError:
             raise
         except click.UsageError as e:
-            raise OneLineUsageError(e) from None
+            raise OneLineUsageError(e, ctx) from None
 
 
 class _MemoryChecked(click.Command):
