@@ -6,7 +6,8 @@ reports wall seconds, snapshot reads (counted by the library's `reads` counter),
 above the process's own baseline (RSS after imports, torch's meta kernels included), measured by psutil
 sampling every 5 ms and cross-checked with the kernel's ru_maxrss.
 The bound to check: peak - baseline <= (batch + 2) networks (float32 size), i.e. `batch` outputs, the
-input being read and one transient (a loading or serialising buffer).
+input being read and one transient (a loading buffer; outputs are streamed into their files, so writing
+adds none: serialising a whole file in memory first cost one network more and broke the bound).
 
     python bench/phema.py                       # N=8 outputs from M=16 snapshots of a 26 MB network
     python bench/phema.py --channels 64 --outputs 16 --times 8 --batches 1,4,16

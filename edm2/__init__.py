@@ -14,9 +14,16 @@ _LAZY = {
     'save_network': 'edm2.checkpoint',
 }
 
+__all__ = ['__version__', *_LAZY]
+
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+    """The public API (`__all__`) beside the module's own names: `dir(edm2)` shows load_network etc."""
+    return sorted(set(globals()) | set(__all__))

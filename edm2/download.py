@@ -2,9 +2,16 @@
 
 Every file this project downloads (networks, detector weights, reference statistics) goes through
 `fetch`. The cache folder is `$EDM2_CACHE_DIR` when set, else `~/.cache/edm2` (or the folder a
-caller names); downloads land in its `downloads/` sub-folder under a name derived from the URL, are
-written to a temporary name and renamed, so that several processes may fetch the same URL at once
-and an interrupted download never looks complete.
+caller names); a URL's file lives at `downloads/HOST/PATH` inside it (`cache_path`), so that a file
+fetched elsewhere can be dropped in by hand: e.g. https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl
+is `~/.cache/edm2/downloads/nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl`. Downloads are written
+to a temporary name and renamed, so that several processes may fetch the same URL at once and an
+interrupted download never looks complete. Offline, the error is one line naming that file and the
+command that fetches it on a connected machine:
+
+    python -m edm2.download fetch URL [URL ...] --to CACHE     # then copy CACHE to this machine's cache
+
+(the command line lives in edm2/commands/download.py; this module imports no click).
 """
 
 import hashlib
@@ -20,11 +27,16 @@ from edm2 import distributed
 from edm2.errors import EDM2Error, one_line
 from edm2.fileio import atomic_path, open_temporary, remove_stale_temporaries
 
-__all__ = ['DownloadError', 'cache_root', 'fetch', 'sha256_of', 'is_url']
+__all__ = ['DownloadError', 'cache_root', 'cache_path', 'fetch', 'sha256_of', 'is_url', 'local_file']
 
 
 class DownloadError(EDM2Error):
-    """A file or URL cannot be found, downloaded or verified; the message is one line naming it."""
+    """A file or URL cannot be found, downloaded or verified; the message is one line naming it and, for a
+    failed download, what to do (`remedy`); `reason` is the short cause alone."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def cache_root(cache_dir=None) -> pathlib.Path:
@@ -37,6 +49,48 @@ def cache_root(cache_dir=None) -> pathlib.Path:
 
 def is_url(text) -> bool:
     return isinstance(text, str) and re.match(r'^https?://', text) is not None
+
+
+def _safe(part):
+    return re.sub(r'[^A-Za-z0-9._-]', '_', part) or '_'
+
+
+def cache_path(url, cache_dir=None) -> pathlib.Path:
+    """Where `url`'s file lives in the cache: CACHE/downloads/HOST/PATH (each part reduced to letters,
+    digits and ._-; a query string adds its own folder)."""
+    parsed = urllib.parse.urlparse(url)
+    parts = [_safe(p) for p in parsed.path.split('/') if p not in ('', '.', '..')] or ['download']
+    if parsed.query:
+        parts.insert(-1, _safe('query-' + parsed.query)[:100])
+    return cache_root(cache_dir).joinpath('downloads', _safe(parsed.netloc), *parts)
+
+
+def _legacy_cache_path(url, cache_dir=None) -> pathlib.Path:
+    """The name edm2 0.1.0 cached a URL under (a hash of the URL and its file name), still read."""
+    base = _safe(os.path.basename(urllib.parse.urlparse(url).path) or 'download')
+    return cache_root(cache_dir) / 'downloads' / f'{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}'
+
+
+def remedy(url, cache_dir=None) -> str:
+    """What to do when `url` cannot be downloaded here: the file to place in the cache, or the command that
+    fetches it on a connected machine, or a local path instead of the URL."""
+    return (f'place the file at {cache_path(url, cache_dir)} (on a connected machine: python -m edm2.download '
+            f'fetch {url} --to DIR, then copy DIR/downloads into {cache_root(cache_dir)}/downloads), or give '
+            f'a local path instead of the URL')
+
+
+def _reason(error) -> str:
+    """A short cause of a failed request, instead of requests' nested retry message."""
+    text = str(error)
+    if isinstance(error, requests.Timeout):
+        return 'timed out'
+    if isinstance(error, requests.ConnectionError):
+        if 'NameResolution' in text or 'Name or service not known' in text or 'getaddrinfo' in text:
+            return 'host not found: offline or behind a firewall?'
+        if 'refused' in text.lower():
+            return 'connection refused'
+        return 'no connection: offline or behind a firewall?'
+    return one_line(error)
 
 
 def sha256_of(path) -> str:
@@ -61,7 +115,7 @@ def local_file(path_or_url, error=DownloadError, what='file') -> str:
         try:
             return str(fetch(text))
         except DownloadError as e:
-            raise error(f'cannot fetch {what} {text}: {one_line(e)}') from None
+            raise error(f'{what}: {one_line(e)}') from None
     if not os.path.isfile(text):
         raise error(f'{what} not found: {text}')
     if os.path.getsize(text) == 0:
@@ -87,14 +141,14 @@ def fetch(url_or_path, cache_dir=None, sha256_prefix=None) -> pathlib.Path:
         if sha256_prefix:
             _check_digest(sha256_of(path), sha256_prefix, str(path))
         return path
-    folder = cache_root(cache_dir) / 'downloads'
-    base = re.sub(r'[^A-Za-z0-9._-]', '_', os.path.basename(urllib.parse.urlparse(text).path) or 'download')
-    target = folder / f'{hashlib.sha256(text.encode()).hexdigest()[:16]}-{base}'
-    if target.is_file():
-        if sha256_prefix and not sha256_of(target).startswith(sha256_prefix.lower()):
-            raise DownloadError(f'{text}: cached file {target} does not match SHA-256 prefix {sha256_prefix}; '
-                                f'delete it to retry')
-        return target
+    target = cache_path(text, cache_dir)
+    for cached in (target, _legacy_cache_path(text, cache_dir)):
+        if cached.is_file():
+            if sha256_prefix and not sha256_of(cached).startswith(sha256_prefix.lower()):
+                raise DownloadError(f'{text}: cached file {cached} does not match SHA-256 prefix {sha256_prefix}; '
+                                    f'delete it to retry')
+            return cached
+    folder = target.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -102,19 +156,20 @@ def fetch(url_or_path, cache_dir=None, sha256_prefix=None) -> pathlib.Path:
     remove_stale_temporaries(folder)  # downloads of killed processes
     try:
         with atomic_path(target) as tmp:
-            _check_digest(_download(text, tmp, base), sha256_prefix, f'{text} (downloaded)')
+            _check_digest(_download(text, tmp, target.name, cache_dir), sha256_prefix, f'{text} (downloaded)')
     except OSError as e:
         raise DownloadError(f'{text}: cannot write {target}: {one_line(e)}') from None
     return target
 
 
-def _download(url, dest, label) -> str:
+def _download(url, dest, label, cache_dir=None) -> str:
     """Stream `url` into the file `dest`; return its hex SHA-256."""
     digest = hashlib.sha256()
     try:
         with requests.get(url, stream=True, timeout=60) as response, open_temporary(dest) as f:
             if response.status_code != 200:
-                raise DownloadError(f'{url}: download failed with HTTP status {response.status_code}')
+                reason = f'HTTP status {response.status_code}'
+                raise DownloadError(f'cannot download {url} ({reason}); {remedy(url, cache_dir)}', reason)
             total = int(response.headers.get('content-length', 0)) or None
             with tqdm(total=total, unit='B', unit_scale=True, desc=f'Downloading {label}',
                       disable=not distributed.is_main(), leave=False) as bar:
@@ -125,5 +180,10 @@ def _download(url, dest, label) -> str:
             if total is not None and f.tell() != total:
                 raise DownloadError(f'{url}: download incomplete, {f.tell()} of {total} bytes')
     except requests.RequestException as e:
-        raise DownloadError(f'{url}: download failed: {one_line(e)}') from None
+        raise DownloadError(f'cannot download {url} ({_reason(e)}); {remedy(url, cache_dir)}', _reason(e)) from None
     return digest.hexdigest()
+
+
+if __name__ == '__main__':  # `python -m edm2.download fetch URL --to DIR`: the command line is in edm2.commands
+    from edm2.commands.download import cli
+    cli(prog_name='python -m edm2.download')

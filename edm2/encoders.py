@@ -8,12 +8,22 @@ latents for ImageNet-512 models (the latent set-up of the EDM2 paper's ImageNet-
 
 Every encoder has `spec()` (a JSON-serialisable dict) and `from_spec(spec)` rebuilds it; the native
 checkpoint format stores the spec.
+
+The VAE a file names (a Hugging Face id, `stabilityai/sd-vae-ft-mse` in the published snapshots) can be
+replaced by a local folder: $EDM2_VAE (set by the commands' `--vae PATH`) wins over the file's name.
+Offline, loading fails in one line naming the model and the flag, without the Hugging Face hub's retries.
 """
+
+import contextlib
+import os
+import warnings
 
 import numpy as np
 import torch
 
-__all__ = ['StandardRGBEncoder', 'StabilityVAEEncoder', 'from_spec', 'EncoderError']
+__all__ = ['StandardRGBEncoder', 'StabilityVAEEncoder', 'from_spec', 'EncoderError', 'load_vae', 'VAE_ENV']
+
+VAE_ENV = 'EDM2_VAE'
 
 
 class EncoderError(ValueError):
@@ -90,14 +100,7 @@ class StabilityVAEEncoder:
     def init(self, device):
         """Load the VAE (once) and move it to `device`."""
         if self._vae is None:
-            try:
-                import diffusers
-            except ImportError:
-                raise EncoderError('StabilityVAEEncoder needs diffusers: pip install .[vae]') from None
-            try:
-                self._vae = diffusers.AutoencoderKL.from_pretrained(self.vae_name)
-            except Exception as e:  # noqa: BLE001 -- any loading failure becomes one line
-                raise EncoderError(f'cannot load VAE {self.vae_name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+            self._vae = load_vae(os.environ.get(VAE_ENV) or self.vae_name)
         self._vae.eval().requires_grad_(False).to(device)
 
     def _device(self):
@@ -152,6 +155,69 @@ class StabilityVAEEncoder:
             y = self._vae.decode(chunk)['sample']
             out.append(y.clamp(0, 1).mul(255).to(torch.uint8))
         return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """diffusers and huggingface_hub without their warnings (accelerate, deprecations) and retry messages."""
+    import diffusers
+    import huggingface_hub
+    levels = diffusers.utils.logging.get_verbosity(), huggingface_hub.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            yield
+    finally:
+        diffusers.utils.logging.set_verbosity(levels[0])
+        huggingface_hub.utils.logging.set_verbosity(levels[1])
+
+
+def _hub_reachable(name):
+    """Whether the Hugging Face hub answers for `name` within 10 s (else loading would retry for a minute)."""
+    import requests
+    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
+    try:
+        requests.head(f'{endpoint}/{name}/resolve/main/config.json', timeout=10, allow_redirects=False)
+        return True
+    except requests.RequestException:
+        return False
+
+
+def load_vae(name):
+    """A diffusers AutoencoderKL from a local folder (`save_pretrained`'s) or a Hugging Face id (the local
+    Hugging Face cache first, then the hub). Raises EncoderError in one line naming the model and the
+    `--vae PATH` remedy."""
+    try:
+        import diffusers
+    except ImportError:
+        raise EncoderError('StabilityVAEEncoder needs diffusers: pip install .[vae]') from None
+    remedy = (f'give --vae PATH, a local AutoencoderKL folder (on a connected machine: python -c "import '
+              f'diffusers; diffusers.AutoencoderKL.from_pretrained(\'{name}\').save_pretrained(\'PATH\')")')
+    local = os.path.isdir(os.path.expanduser(str(name)))
+    with _quiet_hub():
+        if local:
+            try:
+                return diffusers.AutoencoderKL.from_pretrained(os.path.expanduser(str(name)), local_files_only=True)
+            except Exception as e:  # noqa: BLE001 -- any loading failure becomes one line
+                raise EncoderError(f'cannot load the VAE folder {name}: {_first_line(e)} (expected an AutoencoderKL '
+                                   f'folder with config.json, as save_pretrained writes)') from None
+        try:  # the Hugging Face cache, without a network
+            return diffusers.AutoencoderKL.from_pretrained(name, local_files_only=True)
+        except Exception:  # noqa: BLE001 -- not cached: try the hub
+            pass
+        if os.environ.get('HF_HUB_OFFLINE') == '1' or not _hub_reachable(name):
+            raise EncoderError(f'cannot load the VAE {name!r}: not in the Hugging Face cache and the hub cannot be '
+                               f'reached (offline?); {remedy}')
+        try:
+            return diffusers.AutoencoderKL.from_pretrained(name)
+        except Exception as e:  # noqa: BLE001 -- any loading failure becomes one line
+            raise EncoderError(f'cannot load the VAE {name!r}: {_first_line(e)}; {remedy}') from None
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def from_spec(spec):

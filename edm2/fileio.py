@@ -181,14 +181,49 @@ def atomic_write(path, mode='wb', fsync=False):
                 os.fsync(f.fileno())
 
 
+# safetensors' dtype names (https://github.com/huggingface/safetensors, "Format").
+_SAFETENSORS_DTYPES = {
+    'float64': 'F64', 'float32': 'F32', 'float16': 'F16', 'bfloat16': 'BF16', 'int64': 'I64', 'int32': 'I32',
+    'int16': 'I16', 'int8': 'I8', 'uint8': 'U8', 'bool': 'BOOL', 'float8_e4m3fn': 'F8_E4M3', 'float8_e5m2': 'F8_E5M2',
+}
+
+
 def save_safetensors(path, tensors, metadata=None, fsync=False):
-    """Write a dict of CPU tensors as a safetensors file, atomically (see atomic_path). The bytes are
-    serialised in memory and written under our temporary name: safetensors' own `save_file` makes a
-    temporary of its own beside the target, which a killed process would leave behind."""
-    from safetensors.torch import save
-    data = save(tensors, metadata=metadata)
+    """Write a dict of CPU tensors as a safetensors file, atomically (see atomic_path), streamed: the JSON
+    header first, then each tensor's bytes straight from its memory, so that writing holds no copy of the
+    file (safetensors' `save` builds the whole file in memory, one network more at the peak; its `save_file`
+    makes a temporary of its own beside the target, which a killed process would leave behind).
+
+    The layout is the safetensors format: an 8-byte little-endian header size, the JSON header (tensor name
+    -> dtype, shape, data_offsets; "__metadata__": string -> string) padded with spaces to a multiple of 8,
+    then the tensors' bytes back to back in the header's order."""
+    import json
+    import struct
+
+    import torch
+    header, order, offset = {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor) or t.device.type != 'cpu':
+            raise ValueError(f'save_safetensors: {name} is not a CPU tensor')
+        dtype = _SAFETENSORS_DTYPES.get(str(t.dtype).removeprefix('torch.'))
+        if dtype is None:
+            raise ValueError(f'save_safetensors: {name} has dtype {t.dtype}, which safetensors cannot store')
+        size = t.numel() * t.element_size()
+        header[name] = {'dtype': dtype, 'shape': list(t.shape), 'data_offsets': [offset, offset + size]}
+        order.append(name)
+        offset += size
+    if metadata:
+        header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(',', ':'), allow_nan=False).encode()
+    text += b' ' * (-len(text) % 8)
     with atomic_write(path, fsync=fsync) as f:
-        f.write(data)
+        f.write(struct.pack('<Q', len(text)))
+        f.write(text)
+        for name in order:
+            t = tensors[name].detach()
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def atomic_write_text(path, text):

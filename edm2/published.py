@@ -54,7 +54,7 @@ def plain(value, path, what):
     raise _error(path, f'{what} holds a {type(value).__name__}, expected plain data')
 
 
-def _collect_tensors(record, prefix, out, path):
+def collect_tensors(record, prefix, out, path):
     """Flatten the parameters and buffers of a module record tree into `out` (a state dict)."""
     if record is None:
         return
@@ -74,7 +74,7 @@ def _collect_tensors(record, prefix, out, path):
     if not isinstance(modules, dict):
         raise _error(path, f'{prefix}_modules is not a dict')
     for name, child in modules.items():
-        _collect_tensors(child, f'{prefix}{name}.', out, path)
+        collect_tensors(child, f'{prefix}{name}.', out, path)
 
 
 def _recorded_arguments(state, path, what):
@@ -140,6 +140,6 @@ def read(path) -> PublishedSnapshot:
         raise _error(path, 'the snapshot has no network ("ema" is not a persistent module)')
     args, kwargs = _recorded_arguments(ema.state, path, 'network')
     state_dict = {}
-    _collect_tensors(ema, '', state_dict, path)
+    collect_tensors(ema, '', state_dict, path)
     return PublishedSnapshot(ema.class_name, args, kwargs, state_dict, _encoder(data.get('encoder'), path),
                              _informational_metadata(data, path))

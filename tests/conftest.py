@@ -1,11 +1,18 @@
 """Shared fixtures: where the parity fixtures live (tests/fixtures, see its README.md), the tiny networks of
-the generating commands, the sweep's inputs, an isolated download cache, one thread for tiny tensors. Plain
-helper functions are in helpers.py."""
+the generating commands, the sweep's inputs, an isolated download cache, one thread for tiny tensors; the CPU
+thread policy of the commands (edm2.threads), applied before any test imports torch. Plain helper functions are
+in helpers.py."""
 
+import http.server
 import pathlib
 import sys
+import threading
 
 import pytest
+
+from edm2 import threads
+
+threads.configure()  # one thread unless $EDM2_THREADS / $OMP_NUM_THREADS say otherwise; waiting threads sleep
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -74,11 +81,39 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope='module')
 def one_thread():
-    """One intra-op thread for tests of tiny tensors (`pytestmark = pytest.mark.usefixtures('one_thread')`):
-    they gain nothing from two, and OpenMP threads waiting for each other slowed tiny forwards from
-    0.05 s to 2-4 s on a busy 2-core machine."""
+    """One intra-op thread for tests of tiny tensors (`pytestmark = pytest.mark.usefixtures('one_thread')`),
+    whatever $EDM2_THREADS says: they gain nothing from two, and OpenMP threads waiting for each other slowed
+    tiny forwards from 0.05 s to 2-4 s on a busy 2-core machine."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / 'www'
+    root.mkdir()
+    requests_seen = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            requests_seen.append(self.path)
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield root, f'http://127.0.0.1:{server.server_address[1]}', requests_seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

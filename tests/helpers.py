@@ -13,6 +13,7 @@ import types
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -333,3 +334,36 @@ def train_inprocess(*args):
 
 def subprocess_env():
     return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(REPO))
+
+
+TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2],
+            attn_resolutions=[4], num_blocks=1, channels_per_head=8)
+
+
+def _tiny_net(seed=0, **overrides):
+    torch.manual_seed(seed)
+    net = build_network(dict(TINY, **overrides)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(0.8)
+    return net
+
+
+def _class_folders(root, sizes=((20, 12), (12, 20), (16, 16))):
+    rnd = np.random.RandomState(0)
+    for c, cls in enumerate(['cat', 'dog']):
+        (root / cls).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            PIL.Image.fromarray(rnd.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f'{i}.png')
+    return root
+
+
+def _tiny_autoencoder():
+    diffusers = pytest.importorskip('diffusers')
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                   down_block_types=('DownEncoderBlock2D',) * 4,
+                                   up_block_types=('UpDecoderBlock2D',) * 4,
+                                   block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                   sample_size=32)

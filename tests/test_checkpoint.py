@@ -2,17 +2,15 @@
 
 import functools
 import hashlib
-import http.server
 import io
 import os
 import pickle
-import threading
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import write_published
+from helpers import _tiny_net, write_published
 
 import edm2
 from edm2 import checkpoint
@@ -20,24 +18,9 @@ from edm2.commands import checkpoint_cli
 from edm2.checkpoint import CheckpointError, load_network, load_snapshot, save_network
 from edm2.download import DownloadError, fetch
 from edm2.encoders import StabilityVAEEncoder, StandardRGBEncoder
-from edm2.networks import build_network
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2],
-            attn_resolutions=[4], num_blocks=1, channels_per_head=8)
-
-
-def _tiny_net(seed=0, **overrides):
-    torch.manual_seed(seed)
-    net = build_network(dict(TINY, **overrides)).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim == 0:
-                p.fill_(0.8)
-    return net
-
 
 def _outputs(net):
     torch.manual_seed(123)
@@ -272,34 +255,6 @@ def test_other_globals_are_refused_by_name(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # URLs: downloads into the cache from a server on 127.0.0.1.
-
-@pytest.fixture
-def http_server(tmp_path):
-    root = tmp_path / 'www'
-    root.mkdir()
-    requests_seen = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            requests_seen.append(self.path)
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield root, f'http://127.0.0.1:{server.server_address[1]}', requests_seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
 
 def test_fetch_downloads_once_and_checks_hash(http_server, tmp_path):
     root, base, seen = http_server

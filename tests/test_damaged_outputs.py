@@ -21,7 +21,7 @@ def test_skip_existing_regenerates_empty_truncated_and_corrupt_pngs(nets, tmp_pa
     (out / '000004.png').write_bytes(b'GIF89a' + first['000004.png'][6:])        # not a PNG
     result = run_cli(*args, '--skip-existing')
     assert result.exit_code == 0, result.output
-    assert 'Done: 3 images written' in result.output
+    assert f'Done: wrote 3 images to "{out}"' in result.output
     assert {p: (out / p).read_bytes() for p in pngs(out)} == first
 
 

@@ -6,6 +6,7 @@ import zipfile
 import numpy as np
 import PIL.Image
 import pytest
+from helpers import _class_folders
 from click.testing import CliRunner
 
 from edm2.commands import dataset_tool
@@ -14,15 +15,6 @@ from edm2.data import ImageFolderDataset
 
 def _run(*args):
     return CliRunner().invoke(dataset_tool.cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def _class_folders(root, sizes=((20, 12), (12, 20), (16, 16))):
-    rnd = np.random.RandomState(0)
-    for c, cls in enumerate(['cat', 'dog']):
-        (root / cls).mkdir(parents=True)
-        for i, (w, h) in enumerate(sizes):
-            PIL.Image.fromarray(rnd.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f'{i}.png')
-    return root
 
 
 @pytest.mark.parametrize('dest_name', ['out.zip', 'out'])

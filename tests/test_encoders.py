@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import _tiny_autoencoder
 import torch
 
 from edm2 import encoders
@@ -97,16 +98,6 @@ def test_vae_pipeline_conventions():
     torch.testing.assert_close(vae.decoded, ((z - bias) / scale)[3:])  # the VAE gets unscaled latents
     y = ((z - bias) / scale)[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3) * 2 - 0.5
     assert torch.equal(out, (y.clamp(0, 1) * 255).to(torch.uint8))
-
-
-def _tiny_autoencoder():
-    diffusers = pytest.importorskip('diffusers')
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                                   down_block_types=('DownEncoderBlock2D',) * 4,
-                                   up_block_types=('UpDecoderBlock2D',) * 4,
-                                   block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                                   sample_size=32)
 
 
 @pytest.mark.slow  # importing diffusers alone takes seconds

@@ -61,3 +61,30 @@ def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path
         p.write_bytes(b'partial')
     assert fileio.remove_stale_temporaries(tmp_path) == [stale]
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, unrelated.name])
+
+
+def test_streamed_safetensors_read_back_by_the_safetensors_library(tmp_path):
+    """save_safetensors writes the format itself (streamed, no copy of the file in memory): safetensors'
+    own reader gets every tensor back bit for bit, whatever its dtype, layout or size, and the metadata."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from edm2.fileio import save_safetensors
+    torch.manual_seed(0)
+    tensors = {'w': torch.randn(3, 5), 'half': torch.randn(7).half(), 'bf16': torch.randn(2, 3).bfloat16(),
+               'double': torch.randn(2).double(), 'ints': torch.arange(-3, 4), 'bytes': torch.arange(9, dtype=torch.uint8),
+               'mask': torch.tensor([True, False, True]), 'scalar': torch.tensor(0.25), 'empty': torch.zeros(0, 4),
+               'transposed': torch.randn(4, 3).t(), 'sliced': torch.randn(6, 6)[::2, 1:4]}
+    path = tmp_path / 'x.safetensors'
+    save_safetensors(path, tensors, metadata={'edm2': '{"a": 1}'})
+    back = load_file(path)
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with safe_open(str(path), framework='pt') as f:
+        assert f.metadata() == {'edm2': '{"a": 1}'}
+    assert (path.stat().st_size - 8) % 8 == sum(t.numel() * t.element_size() for t in tensors.values()) % 8
+    with pytest.raises(ValueError, match='not a CPU tensor'):
+        save_safetensors(tmp_path / 'y.safetensors', {'a': [1, 2]})
+    assert not (tmp_path / 'y.safetensors').exists()

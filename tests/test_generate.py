@@ -257,6 +257,9 @@ def test_subdirs_grid_and_class(nets, tmp_path):
         tile = torch.from_numpy(sheet[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8]).permute(2, 0, 1)
         assert torch.equal(tile, expected[s])
         assert torch.equal(read_png(out / f'{s // 1000 * 1000:06d}' / f'{s:06d}.png'), expected[s])
+    # A grid alone: the closing line says what was written (it said "0 images written").
+    result = run_cli('--net', nets['main'], '--seeds', '0-1', '--steps', 2, '--grid', tmp_path / 'alone.png')
+    assert result.exit_code == 0 and f'Done: wrote a grid of 2 images to "{tmp_path / "alone.png"}".' in result.output
 
 
 def test_skip_existing_resumes(nets, tmp_path):
@@ -268,7 +271,7 @@ def test_skip_existing_resumes(nets, tmp_path):
     shutil.copy(out / '000000.png', out / '000005.png')  # an existing file must be left alone
     result = run_cli(*args, '--skip-existing')
     assert result.exit_code == 0, result.output
-    assert 'Done: 1 images written' in result.output
+    assert f'Done: wrote 1 images to "{out}"' in result.output
     assert (out / '000003.png').read_bytes() == first['000003.png']
     assert (out / '000005.png').read_bytes() == first['000000.png']
 
@@ -422,7 +425,7 @@ def test_balanced_labels_out_whatever_batch_and_skip(nets, tmp_path):
         (tmp_path / 'a' / '000000' / f'{s:06d}.png').unlink()
     result = run_cli(*common, '--batch', 3, '--outdir', tmp_path / 'a', '--skip-existing',
                      '--labels-out', tmp_path / 'a2.json')
-    assert result.exit_code == 0 and 'Done: 3 images written' in result.output, result.output
+    assert result.exit_code == 0 and f'Done: wrote 3 images to "{tmp_path / "a"}"' in result.output, result.output
     assert _labels(tmp_path / 'a2.json') == a
     # The default rule is the published one, and its labels file lists the drawn classes.
     result = run_cli('--net', nets['main'], '--seeds', '10-20', '--steps', 2, '--outdir', tmp_path / 'c',

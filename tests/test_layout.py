@@ -84,13 +84,31 @@ def _library_files():
     return sorted(p for folder in ('edm2', 'training') for p in (ROOT / folder).rglob('*.py'))
 
 
+def _is_main_guard(node):
+    """`if __name__ == '__main__':`: a module's entry point as a program (`python -m edm2.download`), which
+    runs only when the module is the program itself, never when the library imports it."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == '__name__'
+            and len(test.comparators) == 1 and getattr(test.comparators[0], 'value', None) == '__main__')
+
+
+def _library_nodes(tree):
+    """Every node of a module's tree except those of its `__main__` block (see `_is_main_guard`)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(child for child in ast.iter_child_nodes(node) if not _is_main_guard(child))
+
+
 def _import_edges(path, known):
     """{imported name: line} of one file: a module of the graph where the import names one, else the
-    imported name itself (a third-party module, or an unknown edm2 name)."""
+    imported name itself (a third-party module, or an unknown edm2 name). The `__main__` block of a library
+    module (a thin program entry into edm2.commands) is not an import of the library."""
     name = _module_name(path)
     package = name if path.name == '__init__.py' else name.rpartition('.')[0]
     edges = {}
-    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+    for node in _library_nodes(ast.parse(path.read_text(encoding='utf-8'))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 edges.setdefault(alias.name, node.lineno)

@@ -445,6 +445,8 @@ def test_cli_train_eval_plot(tmp_path):
     res = runner.invoke(cli(), ['eval', '--models', d, '--num', '200', '--steps', '4', '--device', 'cpu'])
     assert res.exit_code == 0, res.output
     assert 'autoguidance' in res.output
+    text = ' '.join(res.output.split())  # the legend below the table is wrapped
+    assert 'leaf coverage: leaf branches' in text and 'branch TV: total variation' in text
     data = json.load(open(os.path.join(d, 'eval.json')))
     assert set(data['results']) == set(toy.METHODS)
     res = runner.invoke(cli(), ['plot', '--models', d, '--num', '200', '--steps', '4', '--device', 'cpu',
@@ -600,3 +602,88 @@ def test_cli_rules_tiny_is_seeded_and_lerp_is_eval(tmp_path):
     assert json.load(open(tmp_path / 'e.json'))['results']['autoguidance'] == results['lerp']
     from PIL import Image
     assert Image.open(tmp_path / 'r.png').size[0] > 300
+
+
+# ---- the release's command lines and pickles ---------------------------------------------------------------
+
+def _release_pickle(path, state_dict):
+    """A pickle in the release's persistent-class format holding a toy model with `state_dict`'s weights (its
+    linear layers at the even indices of `layers`, activations between them, and `gain`), written as the
+    published EDM2 pickles are (tests/test_checkpoint.py's stand-in release modules)."""
+    import pickle
+
+    from helpers import _module_state, _Persistent, _release_modules
+    weights = [state_dict[f'layers.{i}.weight'] for i in range(0, 2 * 5, 2) if f'layers.{i}.weight' in state_dict]
+    modules = []
+    for k, w in enumerate(weights):
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        linear.weight.data.copy_(w)
+        modules += [linear] + ([torch.nn.SiLU()] if k < len(weights) - 1 else [])
+
+    class ToyModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(*modules)
+            self.gain = torch.nn.Parameter(state_dict['gain'].clone())
+    with _release_modules() as (reconstruct, EasyDict):
+        net = _Persistent(reconstruct, 'ToyModel', _module_state(ToyModel(), reconstruct, '# source\n'), '# source\n')
+        with open(path, 'wb') as f:
+            pickle.dump(EasyDict(net=net), f, protocol=4)
+
+
+def test_release_format_pickle_is_read_as_data(release, tmp_path):
+    """A release-format pickle loads as the same model (float16 storage, as the published pickles), without
+    running anything from it; a pickle without a toy model is one line naming the file."""
+    sd = release['models']['autoguide']['state_dict']
+    _release_pickle(tmp_path / 'ag.pkl', sd)
+    net, meta = toy.load_model(tmp_path / 'ag.pkl')
+    assert meta == {'format': 'release-pickle'}
+    expected = toy.release_model({k: v.half().float() for k, v in sd.items()})
+    x, sigma = torch.randn(64, 2), torch.full((64,), 0.3)
+    assert torch.equal(net.logp(x, sigma), expected.logp(x, sigma))
+    import pickle
+    (tmp_path / 'other.pkl').write_bytes(pickle.dumps({'a': torch.zeros(2).numpy().tolist()}))
+    with pytest.raises(toy.ToyModelError, match='other.pkl: no toy model'):
+        toy.load_model(tmp_path / 'other.pkl')
+    (tmp_path / 'code.pkl').write_bytes(pickle.dumps({'f': os.system}))
+    with pytest.raises(toy.ToyModelError, match='code.pkl: cannot read the pickle'):
+        toy.load_model(tmp_path / 'code.pkl')
+
+
+@pytest.mark.slow
+def test_release_command_lines(release, tmp_path):
+    """`train --outdir --cls --layers --dim --viz` and `plot --net --gnet --guidance --save` (the release's flags)
+    run: the flags mean ours (--cls = --classes, --dim = --width, --guidance = the autoguidance weight), and
+    plot reads a release-format pickle as --gnet."""
+    runner = CliRunner()
+    d = tmp_path / 'run'
+    args = ['--outdir', str(d), '--layers', '2', '--iterations', '3', '--batch', '64', '--device', 'cpu']
+    res = runner.invoke(cli(), ['train', '--cls', 'AB', '--dim', '8', '--viz', *args])
+    assert res.exit_code == 0, res.output
+    trained, meta = toy.load_model(d / 'toy-AB-2x8-3.safetensors')
+    assert meta['classes'] == 'AB' and trained.init_kwargs['width'] == 8
+    assert (d / 'toy-AB-2x8-3.png').is_file()
+    res = runner.invoke(cli(), ['train', '--classes', 'AB', '--width', '8', *args, '--name', 'ours'])
+    assert res.exit_code == 0, res.output
+    assert toy.load_model(d / 'ours.safetensors')[0].state_dict().keys() == trained.state_dict().keys()
+    for k, v in toy.load_model(d / 'ours.safetensors')[0].state_dict().items():
+        assert torch.equal(v, trained.state_dict()[k]), k  # the same run under the release's flag names
+    _release_pickle(tmp_path / 'guide.pkl', release['models']['autoguide']['state_dict'])
+    res = runner.invoke(cli(), ['plot', '--net', str(d / 'toy-AB-2x8-3.safetensors'), '--gnet', str(tmp_path / 'guide.pkl'),
+                                '--guidance', '3', '--save', str(tmp_path / 'fig.png'), '--num', '200', '--steps', '4',
+                                '--device', 'cpu', '--dpi', '30'])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+    width, height = Image.open(tmp_path / 'fig.png').size
+    assert width > 1.5 * height  # one row of three panels: ground truth, unguided, autoguided
+    res = runner.invoke(cli(), ['plot', '--net', str(tmp_path / 'nope.pkl'), '--save', str(tmp_path / 'x.png')])
+    assert res.exit_code == 1 and 'Error: --net: ' in res.output and 'nope.pkl' in res.output
+
+
+def test_eval_does_not_replace_the_demos_eval_json(tmp_path):
+    (tmp_path / 'eval.json').write_text('{"demo": true}')
+    for name in ('main', 'autoguide', 'cfg-guide'):
+        toy.save_model(tmp_path / f'{name}.safetensors', toy.ToyModel(8, 1))
+    res = CliRunner().invoke(cli(), ['eval', '--models', str(tmp_path), '--num', '10', '--steps', '1'])
+    assert res.exit_code == 2 and 'eval.json exists' in res.output and '--out FILE' in res.output
+    assert (tmp_path / 'eval.json').read_text() == '{"demo": true}'

@@ -152,7 +152,7 @@ def test_bad_input_is_refused_before_any_output(tmp_path):
         np.save(lat / f'img-mean-std-{i:08d}.npy', np.zeros((5, 8, 8), np.float32))
     _fails(tmp_path, '--data', lat, '--cond', '0', '--batch', '2', *common, match='5 channels')
     _fails(tmp_path, '--data', ds, '--preset', 'edm2-img512-huge', match='unknown train preset')
-    _fails(tmp_path, '--data', ds, '--batch', '4', *TINY, match='--duration')
+    _fails(tmp_path, '--data', ds, '--preset', '', '--batch', '4', *TINY, match='--duration')
     _fails(tmp_path, '--data', ds, '--batch', '4', '--duration', '2Xi', *TINY, match='image count')
     _fails(tmp_path, '--data', ds, '--batch', '4', '--ema-stds', '0.5', *common, match='--ema-stds')
     _fails(tmp_path, '--data', ds, '--batch', '4', *common, '--device', 'blah', match='not a torch device')
@@ -172,11 +172,26 @@ def test_dry_run_shows_preset_and_writes_nothing(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
+def test_without_preset_the_release_default_edm2_img512_s_applies(tmp_path):
+    """The release's train_edm2.py defaults to --preset=edm2-img512-s; so does ours (configs/train.toml's row)."""
+    ds = _png_dataset(tmp_path / 'ds')
+    r = _train('--outdir', tmp_path / 'run', '--data', ds, *TINY, '-n')
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output[r.output.index('{'):])
+    row = presets.get('train', 'edm2-img512-s')
+    assert shown['duration'] == 2048 << 20 and row['duration'] in ('2048Mi', 2048 << 20)
+    assert (shown['lr'], shown['decay'], shown['batch'], shown['P_mean']) == (row['lr'], row['decay'], row['batch'],
+                                                                            row['P_mean'])
+
+
 def test_changed_hyperparameter_on_resume_is_refused(tmp_path):
     ds = _png_dataset(tmp_path / 'ds')
     args = ['--outdir', tmp_path / 'run', '--data', ds, '--duration', '4', '--batch', '4', *TINY]
     r = _train(*args)
     assert r.exit_code == 0, r.output
+    # The banner says what runs on this CPU (--fp16 is on by default) and why the loss may be negative.
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert 'precision fp32 (fp16 applies on CUDA only; --precision fp16 runs it here)' in log and 'goes below zero' in log
     assert (tmp_path / 'run' / 'training-state-0000000.pt').is_file()
     state = torch.load(tmp_path / 'run' / 'training-state-0000000.pt', weights_only=True)
     assert state['cur_nimg'] == 4 and state['data']['position'] == 4

@@ -249,13 +249,21 @@ class _Session:
     def _describe(self):
         opts, prep, ds = self.opts, self.prep, self.prep.dataset
         kind = f'conditional, {ds.label_dim} classes' if opts.cond else 'unconditional'
-        cuda_only = ' on CUDA (float32 here)' if opts.precision_scope == 'cuda' and self.device.type != 'cuda' \
-            and opts.precision != 'fp32' else ''
         self.log(f'Training {prep.num_params / 1e6:.2f}M parameters on {len(ds)} images {ds.image_shape} ({kind}); '
                  f'{self.world} process(es) on {self.device.type}, batch {opts.batch} = {self.world} x '
-                 f'{prep.batch_gpu} x {prep.rounds} round(s), precision {opts.precision}{cuda_only}'
+                 f'{prep.batch_gpu} x {prep.rounds} round(s), precision {self._precision_shown()}'
                  f'{", compiled" if opts.compile else ""}; duration '
                  f'{format_nimg(opts.duration)} images')
+        self.log('(loss: the EDM2 loss weighted by the learned uncertainty u(sigma), error / e^u + u, which goes below '
+                 'zero once u has learned that the error is small: lower is better, the sign means nothing)')
+
+    def _precision_shown(self):
+        """The arithmetic that really runs: an explicit --precision on every device; the preset's (or --fp16's)
+        precision on CUDA, float32 elsewhere (the release's rule)."""
+        opts = self.opts
+        if self.device.type == 'cuda' or opts.precision == 'fp32' or opts.precision_scope == 'all':
+            return opts.precision
+        return f'fp32 ({opts.precision} applies on CUDA only; --precision {opts.precision} runs it here)'
 
     def _steps(self, step_callback):
         opts = self.opts

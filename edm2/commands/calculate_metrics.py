@@ -255,6 +255,7 @@ def calc(images, ref_path, metrics, num, seed, repeats, out, **opts):
 
 @cli.command()
 @guidance_setup.guidance_options
+@edm2_cli.vae_option
 @evaluation_options
 @click.option('--seed', help='First seed; evaluation r uses seeds seed + r*num ... seed + (r+1)*num - 1',
               metavar='INT', type=edm2_cli.Int(0), default=0, show_default=True)
@@ -396,6 +397,7 @@ def _sweep_source(folder, kimg, stds, file, flag):
               metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--gnet-batch', help='Guides held at once  [default: all]', metavar='INT', type=click.IntRange(min=1),
               default=None)
+@edm2_cli.vae_option
 @click.option('--outdir', help='Output folder (cells.jsonl, sweep.json, figures); rerun to resume', metavar='DIR',
               required=True)
 @click.option('--save-best', help='Write the best main and guide networks and print the commands that use them',

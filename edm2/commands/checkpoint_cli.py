@@ -1,9 +1,9 @@
 """Command line for network files: `info` describes one, `convert` rewrites one in the native format.
 
-    python -m edm2.checkpoint_cli info FILE_OR_URL
-    python -m edm2.checkpoint_cli convert SRC DST [--half]
+    python -m edm2.commands.checkpoint_cli info FILE_OR_URL
+    python -m edm2.commands.checkpoint_cli convert SRC DST [--half]
 
-(`python -m edm2.checkpoint ...` runs the same commands.)
+(installed as `edm2-checkpoint`.)
 """
 
 import os
@@ -12,12 +12,12 @@ import click
 import torch
 
 from edm2.checkpoint import CheckpointError, load_snapshot, save_network
-from edm2.commands.cli import fail
+from edm2.commands.cli import Group, fail
 from edm2.fileio import NoSpaceError, remove_stale_temporaries
 from edm2 import jsontext
 
 
-@click.group(help='Inspect EDM2 network files (native .safetensors or published .pkl) and convert them '
+@click.group(cls=Group, help='Inspect EDM2 network files (native .safetensors or published .pkl) and convert them '
                   'to the native format.')
 def cli():
     pass
@@ -25,7 +25,7 @@ def cli():
 
 @cli.command(help='Show what a network file holds: its kind, constructor arguments, number of parameters, '
                   'training time, EMA length and encoder.\n\n'
-                  'Example: python -m edm2.checkpoint_cli info network-snapshot-0002147-0.100.pkl')
+                  'Example: python -m edm2.commands.checkpoint_cli info network-snapshot-0002147-0.100.pkl')
 @click.argument('file')
 def info(file):
     try:
@@ -49,7 +49,7 @@ def info(file):
 
 @cli.command(help='Rewrite a published pickle or a native file as a native file; DST appears only once '
                   'it is complete.\n\n'
-                  'Example: python -m edm2.checkpoint_cli convert edm2-img512-xs-2147483-0.135.pkl '
+                  'Example: python -m edm2.commands.checkpoint_cli convert edm2-img512-xs-2147483-0.135.pkl '
                   'edm2-img512-xs-2147483-0.135.safetensors')
 @click.argument('src')
 @click.argument('dst', type=click.Path(dir_okay=False))
@@ -67,4 +67,4 @@ def convert(src, dst, half):
 
 
 if __name__ == '__main__':
-    cli(prog_name='python -m edm2.checkpoint_cli')
+    cli(prog_name='python -m edm2.commands.checkpoint_cli')

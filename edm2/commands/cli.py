@@ -1,5 +1,5 @@
 """Shared pieces of the command lines: validated click parameter types, list parsing, one-line errors,
-the run lock held for the length of a command.
+the run lock held for the length of a command, and the flags every command has (`--threads`, `--version`).
 
 Every numeric flag is checked finite and inside its fixed meaningful range by click while it is parsed,
 so that e.g. `--sigma_max inf` or `--lr nan` is refused with one line naming the flag. Memory is checked
@@ -19,6 +19,7 @@ from decimal import Decimal, InvalidOperation
 
 import click
 
+from edm2 import __version__, threads
 from edm2.errors import EDM2Error, one_line
 from edm2.fileio import NAME_MAX
 from edm2.limits import available_memory, check_range, format_bytes, memory_error, path_problem  # noqa: F401
@@ -116,7 +117,69 @@ class Int(click.ParamType):
         return number
 
 
-class Command(click.Command):
+class OneLineUsageError(click.UsageError):
+    """A usage error (unknown flag, bad or missing value) shown as one line, `Error: ...` and where to find
+    help, instead of click's three (usage, hint, error); exit status 2 as click's."""
+
+    def __init__(self, error, ctx=None):
+        super().__init__(error.format_message())
+        self.exit_code = error.exit_code
+        self.original = error  # the click error it stands for (NoSuchOption, BadParameter, ...)
+        ctx = error.ctx if error.ctx is not None else ctx  # raised in a command's body: the command's context
+        self.command_path = ctx.command_path if ctx is not None else None
+
+    def show(self, file=None):
+        hint = f" (see '{self.command_path} --help')" if self.command_path else ''
+        click.echo(f'Error: {self.format_message().rstrip(".")}{hint}', file=file, err=file is None)
+
+
+def _set_threads(ctx, param, value):
+    if not ctx.resilient_parsing:
+        threads.configure(value)
+    return value
+
+
+def threads_option():
+    """`--threads N`: the CPU thread policy of edm2.threads, applied as soon as the flag is parsed."""
+    return click.Option(['--threads'], type=Int(0), default=None, expose_value=False, callback=_set_threads,
+                        metavar='N', help=f'CPU threads torch computes with [default: $EDM2_THREADS, else '
+                        f'$OMP_NUM_THREADS, else {threads.DEFAULT_THREADS}: more threads stall on a busy machine; '
+                        f'0 = one per core]')
+
+
+def version_option():
+    """`--version`: the edm2 version, then exit."""
+    return click.Option(['--version'], is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+                        help='Print the edm2 version and exit.')
+
+
+def _show_version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(f'{ctx.command_path} (edm2) {__version__}')
+        ctx.exit()
+
+
+class _OneLineUsage:
+    """Mixin of `Command` and `Group`: usage errors become `OneLineUsageError`s."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except (OneLineUsageError, click.exceptions.NoArgsIsHelpError):  # the latter shows the help
+            raise
+        except click.UsageError as e:
+            raise OneLineUsageError(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OneLineUsageError:
+            raise
+        except click.UsageError as e:
+            raise OneLineUsageError(e, ctx) from None
+
+
+class _MemoryChecked(click.Command):
     """A click command that, once every flag is parsed and before the command runs, checks the memory of
     the `Int` flags that declare `item_bytes` (a number, or a function of the parameter values). When
     several flags share the blame (e.g. width, layers and batch of one network), the flag named is one given
@@ -140,9 +203,22 @@ class Command(click.Command):
         return super().invoke(ctx)
 
 
-class Group(click.Group):
-    """A click group whose subcommands are `Command`s."""
+class Command(_OneLineUsage, _MemoryChecked):
+    """The project's click command: memory-checked count flags (`Int(item_bytes=...)`), usage errors in
+    one line, and the common flags `--threads` and `--version`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params += [threads_option(), version_option()]
+
+
+class Group(_OneLineUsage, click.Group):
+    """A click group of `Command`s, with `--version` and usage errors in one line."""
     command_class = Command
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(version_option())
 
 
 def parse_number_list(text, hint, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -244,3 +320,21 @@ def run_settings(precision, compile_unet):
     def report(seconds):
         distributed.print0(f'torch.compile: the first U-Net call took {seconds:.1f} s (compilation included)')
     return runtime.RunSettings(precision=precision, compile=compile_unet, report=report)
+
+
+def _set_vae(ctx, param, value):
+    if value is not None and not ctx.resilient_parsing:
+        from edm2.encoders import VAE_ENV
+        if not os.path.isdir(os.path.expanduser(value)):
+            raise click.BadParameter(f'{value} is not a folder (expected an AutoencoderKL folder, as '
+                                     f'save_pretrained writes)', ctx, param)
+        os.environ[VAE_ENV] = os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def vae_option(fn):
+    """`--vae PATH`: a local AutoencoderKL folder used instead of the VAE a latent network's file names
+    (edm2.encoders reads it from $EDM2_VAE), e.g. offline."""
+    return click.option('--vae', metavar='PATH', default=None, expose_value=False, callback=_set_vae,
+                        help='Local AutoencoderKL folder (save_pretrained) to decode/encode latents with, instead '
+                             'of the Hugging Face model a latent network names (e.g. offline).')(fn)

@@ -364,7 +364,8 @@ def _encode_images(vae, ds, labels_all, out, count, batch, device, workers):
 
 
 @cli.command()
-@click.option('--model-url', help='Stability VAE: a Hugging Face model name or a local diffusers folder',
+@click.option('--model-url', '--vae', 'model_url', help='Stability VAE: a Hugging Face model name or a local '
+              'AutoencoderKL folder (save_pretrained; use one offline)',
               metavar='URL', default='stabilityai/sd-vae-ft-mse', show_default=True)
 @click.option('--source', help='Pixel dataset to encode (folder or ZIP of PNGs)', metavar='PATH', required=True)
 @click.option('--dest', help='Latent dataset to create: a folder, or a .zip (stored uncompressed)', metavar='PATH',
@@ -391,7 +392,7 @@ def encode(model_url, source, dest, max_images, batch, device, workers):
     workers = _started_workers(workers, count)
     try:
         dev = distributed.default_device(device)
-        from edm2.encoders import StabilityVAEEncoder
+        from edm2.encoders import EncoderError, StabilityVAEEncoder
     except EDM2Error as e:
         fail(e)
     except ImportError as e:
@@ -401,6 +402,8 @@ def encode(model_url, source, dest, max_images, batch, device, workers):
     try:
         try:
             vae.init(dev)
+        except EncoderError as e:  # one line naming the model and --vae
+            fail(e)
         except Exception as e:  # diffusers/huggingface_hub raise many types for a missing or broken model
             fail(f'--model-url {model_url}: cannot load the VAE: {one_line(e)}')
         labels, shape = _encode_images(vae, ds, labels_all, out, count, batch, dev, workers)

@@ -143,6 +143,7 @@ def make_grid(images):
 
 @click.command(cls=cli.Command, epilog=EXAMPLES, context_settings=dict(help_option_names=['-h', '--help'], max_content_width=110))
 @guidance_setup.guidance_options
+@cli.vae_option
 @click.option('--outdir', metavar='DIR', help='Folder that receives one PNG per seed.')
 @click.option('--subdirs', is_flag=True, help='Group the PNGs in folders of 1000 seeds (000000/, 001000/, ...).')
 @click.option('--seeds', metavar='LIST', type=SeedsType(), default='0-63', show_default=True,
@@ -249,7 +250,11 @@ def main(preset, net, gnet, guidance, guide_weights, guidance_interval, guidance
         _write_labels(labels_out, labels, subdirs)
     total = torch.tensor([written], dtype=torch.int64, device=device if device.type == 'cuda' else 'cpu')
     distributed.all_reduce_sum(total)
-    distributed.print0(f'Done: {int(total.item())} images written.')
+    outputs = ([f'{int(total.item())} images to "{outdir}"'] if outdir is not None else []) + \
+              ([f'a grid of {len(seeds)} images to "{grid}"'] if grid is not None else []) + \
+              ([f'labels to "{labels_out}"'] if labels_out is not None else []) + \
+              ([f'the sample batch to "{npz}"'] if npz is not None else [])
+    distributed.print0(f'Done: wrote {", ".join(outputs)}.')
     distributed.barrier()
     distributed.shutdown()
 

@@ -17,6 +17,11 @@ Inputs are the files `{prefix}-{kimg:07d}-{std:.3f}.pkl` (published pickles, ope
 them) and native `.safetensors` snapshots in --indir, in any mix. Outputs are native files
 `{outprefix}-{kimg:07d}-{std:.3f}.safetensors`, float32 unless --dtype=float16. Under torchrun the
 outputs are split between the processes.
+
+Note: the release's reconstruct_phema.py writes .pkl files; this one writes .safetensors (weights and a JSON
+header, no code). Every command here reads them (--net FILE), and so does Python:
+edm2.load_network(FILE). Code that unpickles the release's .pkl (its dnnlib/torch_utils classes) cannot
+read them; load them with edm2 and copy the state dict, whose keys are the release's (docs/phema.md).
 """
 
 import os

@@ -71,6 +71,13 @@ METRIC_COLUMNS = [('outlier_rate', 'outliers', '{:.2%}'), ('leaf_coverage', 'lea
                   ('median_loglik', 'median log-lik', '{:.2f}')]
 
 
+LEGEND = ('outliers: samples where the ground truth\'s density is below its 99%-mass level; leaf coverage: leaf '
+          'branches of the tree receiving at least half their expected share of the in-distribution samples; '
+          'branch TV: total '
+          'variation distance between the samples\' and the ground truth\'s histograms over the branches '
+          '(0 = same distribution, 1 = disjoint)')
+
+
 def pick_device(device):
     try:
         return default_device(device)
@@ -127,6 +134,28 @@ def resolve_models(models, net, autoguide, cfg_guide, device):
     return loaded
 
 
+def load_one(path, flag, device):
+    try:
+        return toy.load_model(path, device)[0]
+    except toy.ToyModelError as e:
+        fail(e, flag)
+
+
+def draw_models(out, loaded, weights, num, seed, steps, device, dpi, rule=None):
+    """One row: ground truth, loaded['net'] unguided and, when loaded has an 'autoguide', autoguided."""
+    net = loaded['net']
+    guide = loaded.get('autoguide', net)
+    samples = toy.sample_methods(net, guide, guide, num=num, seed=seed, ag_weight=weights['ag'],
+                                 cfg_weight=weights['cfg'], trunc_weight=weights['trunc'], num_steps=steps,
+                                 device=device, rule=rule)
+    names = ['ground truth', 'unguided'] + (['autoguidance'] if 'autoguide' in loaded else [])
+    mixture = toy.gt('A')
+    level = toy.outlier_level(mixture)
+    samples = {name: samples[name] for name in names}
+    results = {name: toy.evaluate(x, mixture, level) for name, x in samples.items()}
+    draw_figure(out, [(None, samples, results)], level, weights, max_points=num, dpi=dpi)
+
+
 def get_models(ideal, models, net, autoguide, cfg_guide, device):
     """The idealised models (--ideal) or the trained ones."""
     if not ideal:
@@ -156,6 +185,10 @@ def check_finite(samples, what):
         if bad:
             fail(f'{what} {name}: {bad} of {len(x)} samples are not finite (sampling diverged); lower the '
                  f'guidance weight or choose another rule')
+
+
+def echo_legend():
+    click.echo(click.wrap_text(LEGEND, width=110) + '\n')
 
 
 def run_eval(models, num, seed, steps, weights, device, rule=None):
@@ -189,7 +222,8 @@ def cli():
 
 def model_options(f):
     f = click.option('--cfg-guide', metavar='FILE', help='CFG guide (default: DIR/cfg-guide.safetensors).')(f)
-    f = click.option('--autoguide', metavar='FILE', help='Autoguidance guide (default: DIR/autoguide.safetensors).')(f)
+    f = click.option('--autoguide', '--gnet', 'autoguide', metavar='FILE',
+                     help='Autoguidance guide (default: DIR/autoguide.safetensors; --gnet is the release\'s name).')(f)
     f = click.option('--net', metavar='FILE', help='Main model (default: DIR/main.safetensors).')(f)
     f = click.option('--models', metavar='DIR', type=click.Path(file_okay=False),
                      help='Folder with main/autoguide/cfg-guide.safetensors (as written by demo).')(f)
@@ -210,16 +244,18 @@ def sampling_options(f):
     f = click.option('--trunc-weight', default=PUBLISHED_WEIGHTS['trunc'], show_default=True, type=Float(),
                      help='Naive truncation: the score is scaled by this.')(f)
     f = click.option('--cfg-weight', default=PUBLISHED_WEIGHTS['cfg'], show_default=True, type=Float(), help='CFG guidance weight w.')(f)
-    f = click.option('--ag-weight', default=PUBLISHED_WEIGHTS['ag'], show_default=True, type=Float(),
-                     help='Autoguidance weight w.')(f)
+    f = click.option('--ag-weight', '--guidance', 'ag_weight', default=PUBLISHED_WEIGHTS['ag'], show_default=True,
+                     type=Float(), help='Autoguidance weight w (--guidance is the release\'s name).')(f)
     return f
 
 
 @cli.command()
-@click.option('--classes', default='A', show_default=True, help='Training data: A, B, or AB (both trees).')
+@click.option('--classes', '--cls', 'classes', default='A', show_default=True,
+              help='Training data: A, B, or AB (both trees). --cls is the release\'s name.')
 @click.option('--layers', default=4, show_default=True, help='Hidden layers.',
               type=Int(1, item_bytes=lambda p: _training_bytes(p) / p['layers'], item='layer'))
-@click.option('--width', default=64, show_default=True, help='Hidden width.',
+@click.option('--width', '--dim', 'width', default=64, show_default=True,
+              help='Hidden width (--dim is the release\'s name).',
               type=Int(1, item_bytes=lambda p: _training_bytes(p) / p['width'], item='unit of width'))
 @click.option('--iterations', default=4096, show_default=True,
               type=Int(1, item_bytes=toy.ITERATION_BYTES, item='iteration'))
@@ -231,8 +267,10 @@ def sampling_options(f):
 @click.option('--seed', default=0, show_default=True, type=Int(0, SEED_MAX))
 @click.option('--outdir', required=True, type=click.Path(file_okay=False), help='Output folder.')
 @click.option('--name', default=None, help='File name stem [default: toy-CLASSES-LAYERSxWIDTH-ITERATIONS].')
+@click.option('--viz', is_flag=True, help='Also draw the trained model\'s unguided samples over the ground truth: '
+              'OUTDIR/NAME.png (the release shows a live window instead).')
 @click.option('--device', default=None, help='torch device [default: cuda if available, else cpu].')
-def train(classes, layers, width, iterations, batch, lr, ema, seed, outdir, name, device):
+def train(classes, layers, width, iterations, batch, lr, ema, seed, outdir, name, viz, device):
     """Train one toy model by exact score matching; writes OUTDIR/NAME.safetensors."""
     if classes not in toy.CLASSES:
         raise click.BadParameter(f'unknown class {classes!r}; expected one of {", ".join(toy.CLASSES)}',
@@ -241,8 +279,14 @@ def train(classes, layers, width, iterations, batch, lr, ema, seed, outdir, name
     check_file_name(name, '--name', suffix='.safetensors')  # a name, never a path out of --outdir
     check_output(outdir, '--outdir', folder=True)
     device = pick_device(device)
+    if viz:
+        need_matplotlib()
     path = train_one(outdir, name, classes, width, layers, iterations, batch, lr, ema, seed, device)
     click.echo(f'wrote {path}')
+    if viz:
+        png = os.path.splitext(path)[0] + '.png'
+        draw_models(png, {'net': toy.load_model(path, device)[0]}, PUBLISHED_WEIGHTS, 6000, seed, 32, device, 90)
+        click.echo(f'wrote {png}')
 
 
 def default_output(out, models, name):
@@ -265,10 +309,14 @@ def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, tr
     """Outlier rate, leaf-branch coverage and log-likelihood of every method; prints a table, writes JSON."""
     device = pick_device(device)
     loaded = get_models(ideal, models, net, autoguide, cfg_guide, device)
+    if out is None and models is not None and os.path.exists(os.path.join(models, 'eval.json')):
+        raise click.UsageError(f'{os.path.join(models, "eval.json")} exists (written by demo?): give --out FILE '
+                               f'(naming it replaces it)')
     out = default_output(out, models, 'eval.json')
     weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
     _, results, level = run_eval(loaded, num, seed, steps, weights, device, rule)
     click.echo(format_table(results, weights))
+    echo_legend()
     write_json(out, results, level, dict(num=num, seed=seed, steps=steps, weights=weights, ideal=ideal,
                                          guidance_rule=str(rule)))
     click.echo(f'wrote {out}')
@@ -279,16 +327,28 @@ def eval_cmd(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, tr
 @sampling_options
 @click.option('--num', default=6000, show_default=True, type=Int(1, item_bytes=EVAL_SAMPLE_BYTES, item='sample'),
               help='Samples per panel.')
-@click.option('--out', default=None, type=click.Path(dir_okay=False), help='PNG output [default: DIR/toy.png].')
+@click.option('--out', '--save', 'out', default=None, type=click.Path(dir_okay=False),
+              help='PNG output [default: DIR/toy.png] (--save is the release\'s name).')
 @click.option('--dpi', default=90, show_default=True, type=Int(1, item_bytes=_dpi_bytes, item='dot per inch'))
 def plot(ideal, models, net, autoguide, cfg_guide, ag_weight, cfg_weight, trunc_weight, seed, steps, device, rule, num,
          out, dpi):
     """The panels of Figure 1: ground truth, unguided, CFG, autoguidance, naive truncation."""
     device = pick_device(device)
     need_matplotlib()
+    weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
+    if not ideal and models is None and net is not None and cfg_guide is None:
+        # The release's form, `plot --net FILE [--gnet FILE] --guidance W --save PNG`: ground truth, the
+        # network unguided and, with a guide, autoguided.
+        if out is None:
+            raise click.UsageError('give --save FILE (or --out FILE)')
+        loaded = {'net': load_one(net, '--net', device)}
+        if autoguide is not None:
+            loaded['autoguide'] = load_one(autoguide, '--gnet', device)
+        draw_models(out, loaded, weights, num, seed, steps, device, dpi, rule)
+        click.echo(f'wrote {out}')
+        return
     loaded = get_models(ideal, models, net, autoguide, cfg_guide, device)
     out = default_output(out, models, 'toy.png')
-    weights = dict(ag=ag_weight, cfg=cfg_weight, trunc=trunc_weight)
     samples, results, level = run_eval(loaded, num, seed, steps, weights, device, rule)
     label = ' '.join(part for part in (ROW_LABELS[1] if ideal else None,
                                         None if isinstance(rule, Lerp) else f'rule {rule}') if part)
@@ -388,13 +448,23 @@ def demo_rows(loaded, seed, num, weights, device):
     """[(label, samples, results)] of the figure: our trained models, the release procedure's models of
     seed 0 (package data; the row is left out if the file is missing), the idealised models."""
     rows = []
+    release = toy.release_models()
+    steps_total = 3 if release is not None else 2
+    t0 = time.time()
+
+    def step(k, what):
+        click.echo(f'evaluating {k}/{steps_total}: {what}, {num} samples per method x 5 methods '
+                   f'({time.time() - t0:.0f} s so far)', err=True)
+    step(1, 'the trained models')
     samples, results, level = run_eval(loaded, num, seed, 32, weights, device)
     rows.append((ROW_LABELS[0], samples, results))
-    release = toy.release_models()
     if release is not None:
+        step(2, "the release procedure's models")
         release = {k: v.to(device) for k, v in release.items()}
         rows.append((ROW_LABELS[2], *run_eval(release, num, seed, 32, weights, device)[:2]))
+    step(steps_total, 'the idealised models')
     rows.append((ROW_LABELS[1], *run_eval(toy.ideal_models(), num, seed, 32, weights, device)[:2]))
+    click.echo(f'evaluation done ({time.time() - t0:.0f} s); drawing the figure', err=True)
     return rows, level
 
 
@@ -443,7 +513,8 @@ def demo(outdir, main_iterations, guide_iterations, batch, num, seed, seeds, ret
         columns.append((f'release, seed {seed}', dict(release[seed], **{'ground truth': GROUND_TRUTH_RESULT})))
     columns.append(('idealised', {k: as_row(r) for k, r in ideal_results.items()}))
     click.echo(f'comparison:\n{format_comparison(columns, weights)}\n'
-               f'release: reference data, {toy.reference.PROVENANCE} (read from {source})')
+               f'release: reference data, {toy.reference.PROVENANCE} (read from {source})\n')
+    echo_legend()
     extra = dict(ideal=dict(main_blur=toy.IDEAL_MAIN_BLUR, guide_blur=toy.IDEAL_GUIDE_BLUR, results=ideal_results))
     if len(rows) == 3:
         extra['release_models_seed0'] = rows[1][2]
@@ -519,6 +590,7 @@ def rules(models, release, ideal, rules, ag_weight, num, seed, steps, out, dpi, 
     rules = list(dict.fromkeys(rules))  # canonical rule objects; a repeated one is drawn once
     rows, level = rules_rows(models, release, ideal, rules, ag_weight, num, seed, steps, device)
     click.echo(format_rules(rows))
+    echo_legend()
     json_path = os.path.splitext(out)[0] + '.json'
     settings = dict(num=num, seed=seed, steps=steps, ag_weight=ag_weight, rules=[str(r) for r in rules])
     write_json(json_path, {label: results for label, _, results in rows}, level, settings)

@@ -10,7 +10,7 @@ import click
 
 from edm2 import distributed as dist
 from edm2 import presets
-from edm2.commands.cli import Float, Int, fail, parse_number_list, report_rank_error
+from edm2.commands.cli import Command, Float, Int, fail, parse_number_list, report_rank_error
 from edm2.errors import EDM2Error
 from edm2.metrics import evaluate
 from edm2.phema import SIGMA_REL_MAX, SIGMA_REL_MIN
@@ -110,7 +110,7 @@ Every number is checked before anything is written; an error is one line naming 
 """
 
 
-@click.command(epilog=EPILOG)
+@click.command(cls=Command, epilog=EPILOG)
 # Main options (published names).
 @click.option('--outdir', help='Run folder; created if missing, continued if it holds a run', metavar='DIR',
               required=True)
@@ -118,7 +118,8 @@ Every number is checked before anything is written; an error is one line naming 
               metavar='PATH', required=True)
 @click.option('--cond', help='Use the class labels of dataset.json', metavar='BOOL', type=bool, default=True,
               show_default=True)
-@click.option('--preset', help='Named hyper-parameter set from configs/train.toml', metavar='STR')
+@click.option('--preset', help='Named hyper-parameter set from configs/train.toml (the release\'s default too)',
+              metavar='STR', default='edm2-img512-s', show_default=True)
 # Hyper-parameters (published names; default: the preset's value).
 @click.option('--duration', help='Images to train on in total, e.g. 2048Mi', metavar='NIMG',
               type=ImageCount('duration'))
@@ -209,11 +210,11 @@ def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean,
          rampup, workers, snapshot_dtype, channel_mult, num_blocks, attn_res, eval_, **watch):
     """Train an EDM2 model, writing power-function EMA snapshots and resumable checkpoints.
 
-    Hyper-parameters come from --preset when given, else from the EDM2-S ImageNet-512 recipe
-    (then --duration is required); any of them given on the command line wins.
+    Hyper-parameters come from --preset (default edm2-img512-s, as in the release: EDM2-S on ImageNet-512
+    latents); any of them given on the command line wins.
     """
     values = {}
-    if preset is not None:
+    if preset:
         try:
             values.update(presets.get('train', preset))
         except presets.PresetError as e:
@@ -222,7 +223,7 @@ def main(outdir, data, cond, preset, duration, batch, channels, dropout, P_mean,
                  lr=lr, decay=decay)
     values.update({k: v for k, v in given.items() if v is not None})
     if values.get('duration') is None:
-        raise click.UsageError('--duration is required without --preset')
+        raise click.UsageError('--duration is required with --preset ""')
     network = dict(channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_res)
     try:
         opts = TrainingOptions(

@@ -81,7 +81,7 @@ def find_weights(name, path=None, download=True) -> pathlib.Path:
     try:
         return pathlib.Path(fetch(spec['url'], cache_dir=str(cache_dir()), sha256_prefix=spec['sha256_prefix']))
     except Exception as e:  # offline, refused, wrong hash, missing module: all end the same way for users
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = getattr(e, 'reason', None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise DetectorError(f'{spec["title"]} weights unavailable ({reason}); download {spec["url"]} '
                             f'and pass {where}') from None
 

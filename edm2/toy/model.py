@@ -88,11 +88,47 @@ def save_model(path, net, **metadata):
     save_safetensors(path, tensors, metadata=meta)
 
 
+def load_release_pickle(path):
+    """A ToyModel from a pickle in the release's persistent-class format, read as data (edm2.safe_pickle: the
+    embedded source is never run): the first module in it whose tensors are the release's toy model's
+    (layers.{0,2,...}.weight and gain). A pickle that needs any other class to unpickle is refused."""
+    from edm2 import published, safe_pickle
+    try:
+        with open(path, 'rb') as f:
+            data = safe_pickle.load(f, tensors=True)
+    except (OSError, safe_pickle.UnsafePickleError) as e:
+        raise ToyModelError(f'{path}: cannot read the pickle: {e}') from None
+    todo = [data]
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, dict):
+            todo += list(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo += list(item)
+        elif isinstance(item, safe_pickle.PersistentRecord):
+            tensors = {}
+            try:
+                published.collect_tensors(item, '', tensors, path)
+            except published.PublishedSnapshotError:
+                continue
+            if 'gain' in tensors and 'layers.0.weight' in tensors:
+                try:
+                    return release_model({k: v.float() for k, v in tensors.items()})
+                except (RuntimeError, KeyError, ValueError) as e:
+                    raise ToyModelError(f'{path}: toy model tensors of unexpected shapes ({e})') from None
+    raise ToyModelError(f'{path}: no toy model (tensors layers.N.weight and gain) in this pickle')
+
+
 def load_model(path, device='cpu'):
-    """(ToyModel in eval mode, metadata dict) from a file written by `save_model`."""
+    """(ToyModel in eval mode, metadata dict) from a file written by `save_model`, or from a release-format
+    pickle (`load_release_pickle`; metadata {'format': 'release-pickle'})."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ToyModelError(f'{path}: toy model file not found (train one with `toy_example.py train`)')
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if head[:1] == b'\x80' and len(head) == 2 and 2 <= head[1] <= 5:
+        return load_release_pickle(path).to(device), {'format': 'release-pickle'}
     try:
         with safetensors.safe_open(path, framework='pt') as f:
             meta = f.metadata() or {}
