@@ -56,11 +56,17 @@ class RunSettings:
             raise ValueError(f'precision must be one of {", ".join(PRECISIONS)} or None, got {self.precision!r}')
 
 
-_CURRENT = contextvars.ContextVar('edm2_run_settings', default=RunSettings())
+_DEFAULT = RunSettings()
+_CURRENT = contextvars.ContextVar('edm2_run_settings', default=_DEFAULT)
 
 
 def current() -> RunSettings:
-    """The settings in force (the defaults outside `running`)."""
+    """The settings in force (the defaults outside `running`). Inside a graph that torch.compile traces (a
+    `Precond` compiled as a whole by its user) they are the defaults: reading a context variable would break
+    the graph, and a value read while tracing would be baked in unguarded. To compile with settings, name
+    them: `RunSettings(compile=True)` compiles the U-Net under a `Precond` that reads them eagerly."""
+    if torch.compiler.is_compiling():
+        return _DEFAULT
     return _CURRENT.get()
 
 

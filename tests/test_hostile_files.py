@@ -147,7 +147,12 @@ try:
 except CheckpointError as e:
     print('ERROR', e)
 print('SECONDS', time.perf_counter() - t0)
-print('MAXRSS_MIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+try:  # this process's own peak (ru_maxrss would carry the forking parent's peak through fork and exec)
+    with open('/proc/self/status') as f:
+        peak_kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+except OSError:
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print('MAXRSS_MIB', peak_kib / 1024)
 '''
 
 
