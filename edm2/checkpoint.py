@@ -343,3 +343,8 @@ def save_network(path, net, encoder=None, *, dtype=None, **metadata):
     except OSError as e:
         raise _error(path, f'cannot write: {one_line(e)}') from None
     return path
+
+
+if __name__ == '__main__':  # `python -m edm2.checkpoint info|convert`, kept for existing scripts
+    from edm2.commands.checkpoint_cli import cli
+    cli(prog_name='python -m edm2.checkpoint')

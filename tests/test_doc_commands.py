@@ -28,6 +28,7 @@ COMMANDS = {
     'dataset_tool.py': ('dataset_tool', 'cli'), 'edm2-dataset': ('dataset_tool', 'cli'),
     'toy_example.py': ('toy_example', 'cli'), 'edm2-toy': ('toy_example', 'cli'),
     'edm2.commands.checkpoint_cli': ('checkpoint_cli', 'cli'), 'edm2-checkpoint': ('checkpoint_cli', 'cli'),
+    'edm2.checkpoint_cli': ('checkpoint_cli', 'cli'), 'edm2.checkpoint': ('checkpoint_cli', 'cli'),
     'edm2.download': ('download', 'cli'),
 }
 PLACEHOLDERS = ('…', '...')
