@@ -45,6 +45,7 @@ def test_version_threads_and_one_line_usage_errors(module, attr):
         assert res.output == f"Error: No such option '--no-such-flag' (see '{where} --help')\n", res.output
 
 
+@pytest.mark.slow
 def test_a_bad_value_is_one_line_from_the_script_too():
     run = subprocess.run([sys.executable, os.path.join(REPO, 'train_edm2.py'), '--outdir', 'x', '--data', 'y',
                           '--lr', 'nan'], capture_output=True, text=True, timeout=300)

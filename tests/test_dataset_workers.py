@@ -76,6 +76,7 @@ def test_two_workers_write_the_same_archive(tmp_path):
     assert all((tmp_path / 'm1' / n).read_bytes() == data for n, data in m2)
 
 
+@pytest.mark.slow
 def test_bad_image_in_a_worker_is_the_same_one_line_error(tmp_path):
     src = _mixed_folder(tmp_path / 'src', 40)
     (src / 'class1' / '00022.png').write_bytes(b'not a png')
@@ -112,6 +113,7 @@ def _square_or_fail(context, x):
     return x * x
 
 
+@pytest.mark.slow
 def test_ordered_map_keeps_order_bounds_reading_and_raises():
     read = []
 

@@ -156,6 +156,7 @@ print('MAXRSS_MIB', peak_kib / 1024)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('changes, word', [
     (dict(model_channels=1024), 'parameters, above the limit'),        # 8 GB of parameters claimed
     (dict(model_channels=8, num_blocks=20000), 'num_blocks'),          # 100k blocks to construct

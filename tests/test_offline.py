@@ -74,6 +74,7 @@ def test_a_file_dropped_into_the_cache_is_used_offline(closed_port):
     assert fetch(url2) == legacy
 
 
+@pytest.mark.slow
 def test_download_command_fills_a_cache_folder(http_server, tmp_path):  # noqa: F811
     root, base, seen = http_server
     (root / 'refs').mkdir()

@@ -314,6 +314,7 @@ def reference_images(net, gnet, seeds, num_steps, weight, guided, churn=None):
     return torch.stack(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('churn', [None, dict(S_churn=10, S_min=0.05, S_max=50)])
 def test_interval_matches_independent_per_step_reference(official, churn):
     import edm2

@@ -126,6 +126,7 @@ def _tiny_attention_net():
     return net.eval().requires_grad_(False)
 
 
+@pytest.mark.slow
 def test_threads_sharing_one_network_never_see_each_others_perturbation():
     """One thread samples with self:pag, one without, on the same network object, started together at a
     barrier: each thread's samples equal its single-threaded run bit for bit."""
@@ -328,6 +329,7 @@ def test_bad_self_guides_in_both_commands(official, cli_files, tmp_path, net, sp
     assert not out.exists() and not (tmp_path / 'r.json').exists()
 
 
+@pytest.mark.slow
 def test_a_real_guide_and_a_self_guide_together(official, cli_files, tmp_path):
     net_path, gnet_path = official('main-rgb16.pkl'), official('guide-rgb16.pkl')
     flags = ['--net', net_path, '--gnet', gnet_path, '--gnet', 'self:pag', '--guide-weights', '0.5,0.5',
